@@ -1,0 +1,179 @@
+"""The Python API: load a model, then generate (blocking) or stream.
+
+Example::
+
+    import specontext
+    llm = specontext.load()                      # the default model, SmolLM2-135M-Instruct
+    print(llm.generate("What is the capital of France?", max_new_tokens=16).text)
+    for piece in llm.stream("Name three colours.", max_new_tokens=32):
+        print(piece, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import fields
+from typing import Callable, Iterator, Union
+
+import torch
+
+from . import assets
+from .config import ModelConfig
+from .engine import Engine, Generation, GenerationResult
+from .errors import InputError, ModelFileError
+from .model.llama import LlamaForCausalLM
+from .settings import GenerationConfig, RuntimeSettings
+from .tokenizer import Tokenizer
+
+Prompt = Union[str, list[dict], list[int]]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {name!r} requested but no CUDA GPU is available; use --device cpu")
+    return dev
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    return getattr(torch, name)
+
+
+def load_model_files(path: str | None) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+    """Read config, tensors (float32 or checkpoint dtype, CPU) and tokenizer from a path.
+
+    ``path`` is a ``.gguf`` file, a Hugging Face folder, or None for the default model.
+    """
+    from .loaders.gguf_loader import GGUFFile
+    from .loaders.hf import load_hf_config, read_generation_eos, read_safetensors
+
+    path = path or assets.default_model_path()
+    if not os.path.exists(path):
+        raise ModelFileError(f"model path not found: {path} (expected a .gguf file or a Hugging Face model folder)")
+    if os.path.isdir(path):
+        cfg = load_hf_config(path)
+        tensors = read_safetensors(path)
+        extra_eos = read_generation_eos(path)
+        tokenizer = Tokenizer.from_hf_folder(path, eos_token_ids=cfg.eos_token_ids + extra_eos,
+                                             bos_token_id=cfg.bos_token_id)
+        return cfg, tensors, tokenizer
+    if not os.access(path, os.R_OK):
+        raise ModelFileError(f"model file is not readable: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelFileError(
+            f"{path} is not a GGUF file (starts with {magic!r}, expected b'GGUF'); "
+            "pass a .gguf file or a Hugging Face folder with config.json and *.safetensors"
+        )
+    gguf_file = GGUFFile(path)
+    cfg = gguf_file.model_config()
+    tokenizer = Tokenizer.from_gguf_fields(gguf_file.meta)
+    return cfg, gguf_file.hf_tensors(cfg), tokenizer
+
+
+class LLM:
+    """A loaded model ready to generate. Create it with :func:`load`.
+
+    Attributes:
+        config: the model's :class:`ModelConfig`.
+        tokenizer: its :class:`Tokenizer`.
+        engine: the :class:`Engine` running it.
+    """
+
+    def __init__(self, model: LlamaForCausalLM, tokenizer: Tokenizer, settings: RuntimeSettings, path: str):
+        self.model = model
+        self.config = model.config
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.path = path
+        self.engine = Engine(model, tokenizer, settings)
+
+    def encode_prompt(self, prompt: Prompt, chat: bool = True) -> list[int]:
+        """Token ids for a prompt.
+
+        ``prompt`` is a string (wrapped as one user message and rendered with the chat template
+        when ``chat`` is true and the model has one), a list of ``{"role", "content"}`` messages
+        (always rendered with the template), or a list of token ids (used as they are).
+        """
+        if isinstance(prompt, str):
+            if chat and self.tokenizer.chat_template:
+                return self.encode_prompt([{"role": "user", "content": prompt}])
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise InputError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
+            return list(prompt)
+        if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+            text = self.tokenizer.render_chat(prompt, add_generation_prompt=True)
+            return self.tokenizer.encode(text, add_bos=False)
+        raise InputError("prompt must be a string, a list of {'role', 'content'} messages, or a list of token ids")
+
+    def start(self, prompt: Prompt, *, chat: bool = True, progress: Callable[[int, int], None] | None = None,
+              **generation) -> Generation:
+        """Begin generating; returns a :class:`Generation` (iterate it for text pieces)."""
+        gen = _generation_config(generation)
+        return self.engine.generate(self.encode_prompt(prompt, chat), gen, progress=progress)
+
+    def generate(self, prompt: Prompt, *, chat: bool = True, **generation) -> GenerationResult:
+        """Generate to completion and return a :class:`GenerationResult`.
+
+        Keyword arguments are :class:`GenerationConfig` fields: ``max_new_tokens``,
+        ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``, ``ignore_eos``.
+        """
+        g = self.start(prompt, chat=chat, **generation)
+        for _ in g:
+            pass
+        return g.result()
+
+    def stream(self, prompt: Prompt, *, chat: bool = True, **generation) -> Iterator[str]:
+        """Yield text pieces as they are generated (same arguments as :meth:`generate`)."""
+        yield from self.start(prompt, chat=chat, **generation)
+
+
+def _generation_config(kwargs: dict) -> GenerationConfig:
+    names = {f.name for f in fields(GenerationConfig)}
+    unknown = sorted(set(kwargs) - names)
+    if unknown:
+        raise InputError(f"unknown generation option {unknown[0]!r}; valid: {', '.join(sorted(names))}")
+    if isinstance(kwargs.get("stop"), str):
+        kwargs = {**kwargs, "stop": (kwargs["stop"],)}
+    elif "stop" in kwargs and kwargs["stop"] is not None:
+        kwargs = {**kwargs, "stop": tuple(kwargs["stop"])}
+    return GenerationConfig(**kwargs)
+
+
+def load(model: str | None = None, *, device: str = "auto", dtype: str = "auto", threads: int = 0,
+         prefill_chunk_tokens: int = 512, settings: RuntimeSettings | None = None) -> LLM:
+    """Load a model for generation.
+
+    Args:
+        model: a ``.gguf`` file, a Hugging Face folder (config.json, *.safetensors,
+            tokenizer.json), or None for the default SmolLM2-135M-Instruct.
+        device, dtype, threads, prefill_chunk_tokens: see :class:`RuntimeSettings`
+            (ignored when ``settings`` is given).
+    Returns:
+        an :class:`LLM`.
+    Raises:
+        ModelFileError, UnsupportedModelError, InputError (all SpecontextError).
+    """
+    settings = settings or RuntimeSettings(device=device, dtype=dtype, threads=threads,
+                                           prefill_chunk_tokens=prefill_chunk_tokens)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    dev = resolve_device(settings.device)
+    dt = resolve_dtype(settings.dtype, dev)
+    if dev.type == "cpu" and dt != torch.float32:
+        raise InputError(f"dtype {settings.dtype} is for CUDA; on CPU use float32 (or auto)")
+    path = model or assets.default_model_path()
+    cfg, tensors, tokenizer = load_model_files(path)
+    with torch.device("meta"):
+        net = LlamaForCausalLM(cfg)
+    net.load_checkpoint(tensors, dtype=dt, device=dev)
+    del tensors
+    return LLM(net, tokenizer, settings, path)

@@ -1,0 +1,301 @@
+"""The step loop: chunked prefill, decode, sampling, streaming text and stopping.
+
+Shape letters: B batch, T tokens, V vocabulary.
+
+A :class:`Generation` is an iterator of text pieces. Its ``result()`` can be taken at any point,
+including after an interruption, and holds everything generated so far with timings.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from .errors import ContextLengthError
+from .kv.cache import DenseKVCache, KVCache
+from .model.llama import LlamaForCausalLM
+from .settings import GenerationConfig, RuntimeSettings
+from .tokenizer import Tokenizer
+
+
+class Sampler:
+    """Greedy or temperature / top-k / top-p sampling with a seeded generator.
+
+    Example::
+
+        sampler = Sampler(GenerationConfig(temperature=0.7, top_p=0.9, seed=1), device)
+        next_ids = sampler(logits)    # logits [B, V] float32 -> [B] int64
+    """
+
+    def __init__(self, gen: GenerationConfig, device: torch.device):
+        self.gen = gen
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(gen.seed)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        gen = self.gen
+        if gen.temperature == 0:
+            return logits.argmax(dim=-1)
+        logits = logits / gen.temperature
+        if gen.top_k > 0 and gen.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, gen.top_k, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if gen.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+            probs = sorted_logits.softmax(dim=-1)
+            # drop a token when the tokens ranked above it already reach top_p
+            drop = probs.cumsum(dim=-1) - probs >= gen.top_p
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+        probs = logits.softmax(dim=-1)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of ids into text pieces without re-decoding everything each step.
+
+    Decodes a short window of recent ids and holds text back while it ends in an incomplete
+    UTF-8 sequence (shown by the tokenizer as U+FFFD).
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # ids[prefix:read] decode to text already emitted
+        self.read = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        after = self.tokenizer.decode(self.ids[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            piece = after[len(before):]
+            self.prefix, self.read = self.read, len(self.ids)
+            return piece
+        return ""
+
+
+class StopMatcher:
+    """Finds stop strings in streamed text, holding back text that may begin one."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = stops
+        self.text = ""
+        self.emitted = 0
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """Add ``piece``; return (text safe to emit now, whether a stop string was hit)."""
+        self.text += piece
+        if not self.stops:
+            out, self.emitted = self.text[self.emitted:], len(self.text)
+            return out, False
+        window_start = max(0, self.emitted - max(len(s) for s in self.stops))
+        hits = [i for i in (self.text.find(s, window_start) for s in self.stops) if i >= 0]
+        if hits:
+            cut = min(hits)
+            out = self.text[self.emitted:cut]
+            self.text = self.text[:cut]
+            self.emitted = cut
+            return out, True
+        hold = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(s[:n]):
+                    hold = max(hold, n)
+                    break
+        safe = len(self.text) - hold
+        out = self.text[self.emitted:safe] if safe > self.emitted else ""
+        self.emitted = max(self.emitted, safe)
+        return out, False
+
+    def flush(self) -> str:
+        out, self.emitted = self.text[self.emitted:], len(self.text)
+        return out
+
+
+@dataclass
+class GenerationStats:
+    """Timings and memory of one generation. Times in seconds, memory in bytes."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    kv_cache_bytes: int = 0
+    weights_bytes: int = 0
+    peak_host_rss_bytes: int = 0
+    peak_device_bytes: int | None = None
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        # the first generated token comes from prefill logits; decode steps produce the rest
+        steps = max(self.generated_tokens - 1, 0)
+        return steps / self.decode_s if self.decode_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["prefill_tokens_per_s"] = round(self.prefill_tokens_per_s, 3)
+        out["decode_tokens_per_s"] = round(self.decode_tokens_per_s, 3)
+        out["total_s"] = round(self.prefill_s + self.decode_s, 4)
+        return out
+
+
+@dataclass
+class GenerationResult:
+    """Text and ids generated, why generation stopped, and its stats.
+
+    ``stop_reason``: ``eos``, ``stop_string``, ``length`` (max_new_tokens), ``context`` (the
+    model's context is full), ``interrupted``, or ``running`` if taken mid-generation.
+    """
+
+    text: str
+    token_ids: list[int]
+    stop_reason: str
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+class Engine:
+    """Runs a loaded model: owns the cache for each generation and the step loop."""
+
+    def __init__(self, model: LlamaForCausalLM, tokenizer: Tokenizer, settings: RuntimeSettings):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = settings
+
+    @property
+    def context_tokens(self) -> int:
+        return self.model.config.max_position_embeddings
+
+    def check_prompt_fits(self, num_prompt_tokens: int) -> None:
+        limit = self.context_tokens
+        if num_prompt_tokens >= limit:
+            raise ContextLengthError(
+                f"prompt is {num_prompt_tokens} tokens, {num_prompt_tokens - limit + 1} more than fit in the "
+                f"model's context of {limit} tokens (leaving room for at least one generated token); shorten the document"
+            )
+        if num_prompt_tokens == 0:
+            raise ContextLengthError("prompt is empty (0 tokens)")
+
+    def new_cache(self, capacity_tokens: int, batch_size: int = 1) -> KVCache:
+        cfg = self.model.config
+        return DenseKVCache(cfg.num_layers, batch_size, cfg.num_kv_heads, cfg.head_dim, capacity_tokens,
+                            self.model.dtype, self.model.device, sliding_window=cfg.sliding_window)
+
+    def prefill(self, ids: list[int], cache: KVCache, logits_for: str = "last",
+                progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Run the prompt through the model in chunks; returns logits of the last chunk."""
+        chunk = self.settings.prefill_chunk_tokens
+        device = self.model.device
+        pieces = []
+        for start in range(0, len(ids), chunk):
+            part = ids[start:start + chunk]
+            is_last = start + chunk >= len(ids)
+            want = logits_for if (is_last or logits_for == "all") else "none"
+            x = torch.tensor([part], dtype=torch.int64, device=device)
+            out = self.model(x, cache.plan_step([len(part)]), cache, logits_for=want)
+            if want != "none":
+                pieces.append(out)
+            if progress is not None:
+                progress(min(start + chunk, len(ids)), len(ids))
+        return torch.cat(pieces, dim=1) if logits_for == "all" else pieces[-1]
+
+    def generate(self, prompt_ids: list[int], gen: GenerationConfig,
+                 progress: Callable[[int, int], None] | None = None) -> "Generation":
+        self.check_prompt_fits(len(prompt_ids))
+        return Generation(self, list(prompt_ids), gen, progress)
+
+
+class Generation:
+    """An in-progress generation: iterate it for text pieces; ``result()`` at any time.
+
+    Example::
+
+        g = engine.generate(ids, GenerationConfig(max_new_tokens=32))
+        for piece in g:
+            print(piece, end="", flush=True)
+        print(g.result().stats.decode_tokens_per_s)
+    """
+
+    def __init__(self, engine: Engine, prompt_ids: list[int], gen: GenerationConfig,
+                 progress: Callable[[int, int], None] | None):
+        self.engine, self.prompt_ids, self.gen, self.progress = engine, prompt_ids, gen, progress
+        self.token_ids: list[int] = []
+        self.stop_reason = "running"
+        self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        self._detok = IncrementalDetokenizer(engine.tokenizer)
+        self._stops = StopMatcher(gen.stop)
+        self._iter = self._run()
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._iter)
+
+    def interrupt(self) -> None:
+        """Mark the generation as stopped by the user; what was generated is kept."""
+        if self.stop_reason == "running":
+            self.stop_reason = "interrupted"
+        self._iter.close()
+
+    def result(self) -> GenerationResult:
+        self._record_memory()
+        return GenerationResult(text=self._stops.text, token_ids=list(self.token_ids),
+                                stop_reason=self.stop_reason, stats=self.stats)
+
+    def _record_memory(self) -> None:
+        self.stats.peak_host_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if self.engine.model.device.type == "cuda":
+            self.stats.peak_device_bytes = torch.cuda.max_memory_allocated(self.engine.model.device)
+
+    def _run(self) -> Iterator[str]:
+        engine, gen, model = self.engine, self.gen, self.engine.model
+        eos = set() if gen.ignore_eos else set(engine.tokenizer.eos_token_ids) | set(model.config.eos_token_ids)
+        capacity = min(len(self.prompt_ids) + gen.max_new_tokens, engine.context_tokens)
+        cache = engine.new_cache(capacity)
+        self.stats.kv_cache_bytes = cache.allocated_bytes()
+        self.stats.weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        sampler = Sampler(gen, model.device)
+
+        t0 = time.perf_counter()
+        logits = engine.prefill(self.prompt_ids, cache, progress=self.progress)
+        token = int(sampler(logits)[0])  # int() waits for the device
+        self.stats.prefill_s = time.perf_counter() - t0
+
+        num_prompt = len(self.prompt_ids)
+        try:
+            while True:
+                if token in eos:
+                    self.stop_reason = "eos"
+                    break
+                self.token_ids.append(token)
+                self.stats.generated_tokens = len(self.token_ids)
+                piece, hit = self._stops.feed(self._detok.push(token))
+                if piece:
+                    yield piece
+                if hit:
+                    self.stop_reason = "stop_string"
+                    break
+                if len(self.token_ids) >= gen.max_new_tokens:
+                    self.stop_reason = "length"
+                    break
+                if num_prompt + len(self.token_ids) >= capacity:
+                    self.stop_reason = "context"
+                    break
+                t0 = time.perf_counter()
+                x = torch.tensor([[token]], dtype=torch.int64, device=model.device)
+                token = int(sampler(model(x, cache.plan_step([1]), cache))[0])
+                self.stats.decode_s += time.perf_counter() - t0
+            tail = self._stops.flush() if self.stop_reason != "stop_string" else ""
+            if tail:
+                yield tail
+        finally:
+            self._record_memory()

@@ -1,0 +1,157 @@
+"""KV storage behind one small interface, and the per-step plan every layer receives.
+
+Shape letters: B batch, T new tokens this step, G KV heads, S cached positions, D head dim.
+
+A cache strategy (dense now; sparse and offloaded later) implements two calls:
+
+* ``plan_step(input_lens)``: once per step, on the host, decide where this step's tokens go and
+  what each layer will attend to; returns a :class:`StepPlan`.
+* ``update(layer, k, v, plan)``: store the layer's new K/V and return (keys, values, mask) to
+  attend over. Layers call only this, so they never branch on the cache type.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ContextLengthError
+
+
+@dataclass
+class StepPlan:
+    """Metadata for one forward step, planned once and passed to every layer.
+
+    Attributes:
+        positions: [B, T] int64 on the compute device; absolute position of each new token.
+        input_lens: number of real (non-padding) new tokens per row, host ints.
+        write_start: the common start position when every row writes all T tokens at the same
+            offset (the fast path: one slice assignment); None otherwise.
+        kv_len: number of cache positions the step attends over (max over rows).
+        attn_mask: [B, 1, T, kv_len] bool (True = attend) or None when every query may see every
+            key in range (decode of equal-length rows without a sliding window).
+        valid_index: ([N] batch index, [N] position) of the real tokens when rows differ.
+        cos, sin: [B, T, D] rotary tables, filled in by the model.
+    """
+
+    positions: torch.Tensor
+    input_lens: list[int]
+    write_start: int | None
+    kv_len: int
+    attn_mask: torch.Tensor | None
+    valid_index: tuple[torch.Tensor, torch.Tensor] | None = None
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+
+
+class KVCache(abc.ABC):
+    """Interface shared by every cache strategy (see module docstring)."""
+
+    num_layers: int
+    batch_size: int
+    capacity_tokens: int
+
+    @abc.abstractmethod
+    def plan_step(self, input_lens: list[int]) -> StepPlan:
+        """Reserve room for this step's tokens; return the plan every layer receives."""
+
+    @abc.abstractmethod
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: StepPlan):
+        """Store k, v [B, G, T, D] of ``layer``; return (keys, values, attn_mask) to attend over."""
+
+    @abc.abstractmethod
+    def allocated_bytes(self) -> int:
+        """Bytes of all buffers this cache owns."""
+
+
+class DenseKVCache(KVCache):
+    """Every layer's full K and V, preallocated on the compute device.
+
+    Buffers ``k_device[layer]`` / ``v_device[layer]`` are [B, G, capacity, D] and are never
+    reallocated or concatenated; attention reads a narrowed view of the first ``kv_len``
+    positions.
+
+    Args:
+        num_layers, batch_size, num_kv_heads, head_dim: shape.
+        capacity_tokens: positions per row (prompt plus tokens to generate).
+        dtype, device: storage.
+        sliding_window: if set, a query at position p sees keys in (p - window, p].
+
+    Example::
+
+        cache = DenseKVCache(cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim, 1024, torch.float32, "cpu")
+        plan = cache.plan_step([prompt_len])
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int,
+                 capacity_tokens: int, dtype: torch.dtype, device: torch.device | str,
+                 sliding_window: int | None = None):
+        self.num_layers = num_layers
+        self.batch_size = batch_size
+        self.capacity_tokens = capacity_tokens
+        self.device = torch.device(device)
+        self.sliding_window = sliding_window
+        shape = (batch_size, num_kv_heads, capacity_tokens, head_dim)
+        self.k_device = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.v_device = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.seq_lens = [0] * batch_size  # cached tokens per row, host side
+
+    def allocated_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k_device + self.v_device)
+
+    def reset(self) -> None:
+        self.seq_lens = [0] * self.batch_size
+
+    def plan_step(self, input_lens: list[int]) -> StepPlan:
+        """Reserve positions for ``input_lens[b]`` new tokens of each row and build the mask."""
+        if len(input_lens) != self.batch_size:
+            raise ValueError(f"input_lens has {len(input_lens)} rows, cache has {self.batch_size}")
+        num_new = max(input_lens)
+        new_lens = [s + n for s, n in zip(self.seq_lens, input_lens)]
+        if max(new_lens) > self.capacity_tokens:
+            raise ContextLengthError(
+                f"KV cache holds {self.capacity_tokens} tokens, step needs {max(new_lens)}"
+            )
+        dev = self.device
+        starts = torch.tensor(self.seq_lens, dtype=torch.int64, device=dev)
+        positions = starts[:, None] + torch.arange(num_new, device=dev)[None, :]  # [B, T]
+        kv_len = max(new_lens)
+        uniform = len(set(self.seq_lens)) == 1 and all(n == num_new for n in input_lens)
+
+        attn_mask = None
+        if not (uniform and num_new == 1 and self.sliding_window is None):
+            key_pos = torch.arange(kv_len, device=dev)
+            lens = torch.tensor(new_lens, dtype=torch.int64, device=dev)
+            mask = key_pos[None, None, :] <= positions[:, :, None]  # causal
+            mask &= key_pos[None, None, :] < lens[:, None, None]  # rows shorter than kv_len
+            if self.sliding_window is not None:
+                mask &= key_pos[None, None, :] > positions[:, :, None] - self.sliding_window
+            attn_mask = mask[:, None]
+
+        valid_index = None
+        if not uniform:
+            valid = torch.arange(num_new, device=dev)[None, :] < torch.tensor(input_lens, device=dev)[:, None]
+            b_idx, t_idx = valid.nonzero(as_tuple=True)
+            valid_index = (b_idx, positions[b_idx, t_idx])
+        plan = StepPlan(positions=positions, input_lens=list(input_lens),
+                        write_start=self.seq_lens[0] if uniform else None, kv_len=kv_len,
+                        attn_mask=attn_mask, valid_index=valid_index)
+        self.seq_lens = new_lens
+        return plan
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: StepPlan):
+        """Store k, v [B, G, T, D]; return keys/values [B, G, kv_len, D] and the mask."""
+        k_buf, v_buf = self.k_device[layer], self.v_device[layer]
+        if plan.write_start is not None:
+            end = plan.write_start + k.shape[2]
+            k_buf[:, :, plan.write_start:end] = k
+            v_buf[:, :, plan.write_start:end] = v
+        else:
+            b_idx, pos = plan.valid_index
+            t_idx = pos - plan.positions[b_idx, 0]
+            # Advanced indices around a slice put the selected axis first: [N, G, D].
+            k_buf[b_idx, :, pos] = k[b_idx, :, t_idx]
+            v_buf[b_idx, :, pos] = v[b_idx, :, t_idx]
+        return k_buf[:, :, :plan.kv_len], v_buf[:, :, :plan.kv_len], plan.attn_mask

@@ -1,0 +1,170 @@
+"""GGUF files: metadata -> ModelConfig, tensors -> dequantized Hugging Face-named tensors.
+
+Tensors are dequantized with the ``gguf`` package (Q4_0, Q4_1, Q8_0, K-quants and the other
+types it implements). GGUF stores Llama-architecture q/k projections with rows permuted for
+interleaved RoPE; they are permuted back here so one model implementation serves both formats.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..config import ModelConfig, RopeConfig
+from ..errors import ModelFileError, UnsupportedModelError
+
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+# GGUF tensor name (after "blk.N.") -> Hugging Face name (after "model.layers.N.")
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+class GGUFFile:
+    """An opened GGUF file: decoded metadata and lazily dequantized tensors.
+
+    Example::
+
+        f = GGUFFile(path)
+        cfg = f.model_config()
+        tensors = f.hf_tensors(cfg)   # {"model.embed_tokens.weight": float32 tensor, ...}
+    """
+
+    def __init__(self, path: str):
+        import gguf
+
+        self.path = path
+        try:
+            self.reader = gguf.GGUFReader(path, "r")
+        except FileNotFoundError:
+            raise ModelFileError(f"model file not found: {path}") from None
+        except PermissionError:
+            raise ModelFileError(f"model file is not readable: {path}") from None
+        except IsADirectoryError:
+            raise ModelFileError(f"{path} is a directory, expected a .gguf file") from None
+        except Exception as exc:  # gguf raises ValueError/IndexError/struct errors on bad bytes
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ModelFileError(f"{path} is not a valid GGUF file (truncated or corrupt: {msg})") from None
+        self.meta = {}
+        for key, fld in self.reader.fields.items():
+            try:
+                self.meta[key] = fld.contents()
+            except Exception:  # a field we cannot decode is reported only if we need it
+                self.meta[key] = None
+        arch = self.meta.get("general.architecture")
+        if arch not in GGUF_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"GGUF architecture {arch!r} is not supported; supported: {', '.join(GGUF_ARCHITECTURES)}"
+            )
+        self.arch = arch
+
+    def _get(self, key: str, required: bool = True, default=None):
+        value = self.meta.get(f"{self.arch}.{key}")
+        if value is None:
+            if required:
+                raise ModelFileError(f"GGUF file {self.path} lacks metadata field {self.arch}.{key}")
+            return default
+        return value
+
+    def model_config(self) -> ModelConfig:
+        names = {t.name for t in self.reader.tensors}
+        num_heads = int(self._get("attention.head_count"))
+        hidden = int(self._get("embedding_length"))
+        head_dim = int(self._get("attention.key_length", required=False, default=hidden // num_heads))
+        tokens = self.meta.get("tokenizer.ggml.tokens") or []
+        vocab = int(self._get("vocab_size", required=False, default=len(tokens)))
+        if not vocab:
+            raise ModelFileError(f"GGUF file {self.path} gives no vocabulary size")
+        scaling = self._get("rope.scaling.type", required=False, default="none")
+        kind = {"none": "default", "linear": "linear", "yarn": "yarn"}.get(scaling)
+        if kind is None:
+            raise UnsupportedModelError(f"GGUF rope scaling {scaling!r} is not supported; supported: none, linear, yarn")
+        freq_factors = None
+        if "rope_freqs.weight" in names:  # Llama 3.1 style scaling, precomputed per frequency
+            freq_factors = tuple(float(x) for x in self._tensor_f32("rope_freqs.weight").reshape(-1))
+        eos = self.meta.get("tokenizer.ggml.eos_token_id")
+        return ModelConfig(
+            architecture=GGUF_ARCHITECTURES[self.arch],
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=int(self._get("feed_forward_length")),
+            num_layers=int(self._get("block_count")),
+            num_heads=num_heads,
+            num_kv_heads=int(self._get("attention.head_count_kv", required=False, default=num_heads)),
+            head_dim=head_dim,
+            rms_norm_eps=float(self._get("attention.layer_norm_rms_epsilon")),
+            max_position_embeddings=int(self._get("context_length")),
+            rope=RopeConfig(
+                theta=float(self._get("rope.freq_base", required=False, default=10000.0)),
+                kind=kind,
+                factor=float(self._get("rope.scaling.factor", required=False, default=1.0)),
+                original_max_position_embeddings=self._get("rope.scaling.original_context_length", required=False),
+                freq_factors=freq_factors,
+            ),
+            tie_word_embeddings="output.weight" not in names,
+            qkv_bias="blk.0.attn_q.bias" in names,
+            o_bias="blk.0.attn_output.bias" in names,
+            mlp_bias="blk.0.ffn_up.bias" in names,
+            qk_norm="blk.0.attn_q_norm.weight" in names,
+            bos_token_id=self.meta.get("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=(int(eos),) if eos is not None else (),
+            name=str(self.meta.get("general.name") or ""),
+        )
+
+    def _tensor_f32(self, name: str) -> np.ndarray:
+        import gguf
+
+        tensor = next(t for t in self.reader.tensors if t.name == name)
+        qtype = tensor.tensor_type
+        try:
+            if qtype == gguf.GGMLQuantizationType.F32:
+                arr = np.asarray(tensor.data, dtype=np.float32)
+            else:
+                arr = gguf.quants.dequantize(tensor.data, qtype)
+        except NotImplementedError:
+            raise UnsupportedModelError(
+                f"tensor {name} has GGUF type {qtype.name}, which the gguf package cannot dequantize"
+            ) from None
+        except (ValueError, IndexError) as exc:
+            raise ModelFileError(f"tensor {name} in {self.path} is corrupt: {exc}") from None
+        shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists the fastest dim first
+        if arr.size != int(np.prod(shape)):
+            raise ModelFileError(f"tensor {name} in {self.path} has {arr.size} values, expected {np.prod(shape)}")
+        return arr.reshape(shape)
+
+    def hf_tensors(self, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+        """All weights as float32 CPU tensors under Hugging Face names."""
+        out = {}
+        for tensor in self.reader.tensors:
+            name = tensor.name
+            stem, _, kind = name.rpartition(".")  # kind: weight / bias
+            if stem.startswith("blk."):
+                _, layer, part = stem.split(".", 2)
+                hf = _LAYER_NAMES.get(part)
+                if hf is None:
+                    raise UnsupportedModelError(f"GGUF tensor {name} has no counterpart in a {cfg.architecture} model")
+                hf_name = f"model.layers.{layer}.{hf}.{kind}"
+            elif stem in _GLOBAL_NAMES:
+                hf_name = f"{_GLOBAL_NAMES[stem]}.{kind}"
+            elif stem == "rope_freqs":
+                continue  # folded into the RoPE config
+            else:
+                raise UnsupportedModelError(f"GGUF tensor {name} is not part of a {cfg.architecture} model")
+            arr = self._tensor_f32(name)
+            if self.arch == "llama" and hf_name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
+                heads = cfg.num_heads if ".q_proj." in hf_name else cfg.num_kv_heads
+                arr = _unpermute_rope_rows(arr, heads)
+            out[hf_name] = torch.from_numpy(np.array(arr, dtype=np.float32, order="C"))  # own, writable copy
+        return out
+
+
+def _unpermute_rope_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
+    # GGUF conversion reorders each head's rows from [first half | second half] to interleaved
+    # pairs (x0, x_half, x1, x_half+1, ...); undo it to get the half-split layout back.
+    rows = w.shape[0]
+    return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

@@ -1,0 +1,209 @@
+"""Llama-family decoder: Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3, SmolLM2.
+
+Shape letters: B batch, T tokens this step, H query heads, G KV heads, R = H / G (queries per KV
+head), D head dim, S attended positions, E hidden size, V vocabulary.
+
+Module names follow Hugging Face checkpoint keys, except two projections fused at load time for
+fewer kernel launches per layer (see FUSED_WEIGHTS): q/k/v -> ``qkv_proj`` and gate/up ->
+``gate_up_proj``. Attention never allocates KV: it hands its new K/V to the cache strategy and
+attends over what the cache returns.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..kv.cache import KVCache, StepPlan
+from .rope import RotaryEmbedding, apply_rotary
+
+# our parameter name suffix -> the checkpoint suffixes concatenated (along dim 0) to make it
+FUSED_WEIGHTS = {
+    "self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "self_attn.qkv_proj.bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+    "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    "mlp.gate_up_proj.bias": ("mlp.gate_proj.bias", "mlp.up_proj.bias"),
+}
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32, as the reference implementations do."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.split = (q_out, kv_out, kv_out)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, q_out + 2 * kv_out, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q_out, cfg.hidden_size, bias=cfg.o_bias)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, plan: StepPlan, cache: KVCache) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, G, D = self.num_heads, self.num_kv_heads, self.head_dim
+        R = H // G
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q, k, v = q.view(B, T, H, D), k.view(B, T, G, D), v.view(B, T, G, D)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rotary(q.transpose(1, 2), plan.cos, plan.sin)  # [B, H, T, D]
+        k = apply_rotary(k.transpose(1, 2), plan.cos, plan.sin)  # [B, G, T, D]
+        keys, values, mask = cache.update(self.layer_idx, k, v.transpose(1, 2), plan)  # [B, G, S, D]
+        # Fold the R query heads of each KV group into the query axis so attention runs per KV
+        # head without materialising repeated K/V (query head h uses KV head h // R).
+        q = q.reshape(B, G, R * T, D)
+        if mask is not None and R > 1:
+            mask = mask.repeat(1, 1, R, 1)  # [B, 1, R*T, S]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [B, G, R*T, D]
+        out = out.view(B, G, R, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.intermediate_size = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, plan: StepPlan, cache: KVCache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), plan, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderStack(nn.Module):
+    """Embeddings, layers and final norm (HF's ``model.`` prefix)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """The decoder with its LM head.
+
+    Build it on the ``meta`` device and fill it with :meth:`load_checkpoint`, so weights are
+    materialised once, in their final dtype and device.
+
+    Example::
+
+        with torch.device("meta"):
+            model = LlamaForCausalLM(cfg)
+        model.load_checkpoint(tensors, dtype=torch.float32, device="cpu")
+        cache = DenseKVCache(cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim, 64, torch.float32, "cpu")
+        logits = model(ids, cache.plan_step([ids.shape[1]]), cache)   # [1, V]
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderStack(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary: RotaryEmbedding | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def load_checkpoint(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device) -> None:
+        """Load Hugging Face-named tensors, fusing projections per FUSED_WEIGHTS.
+
+        Every parameter must be provided (missing ones are named in the error); extra
+        checkpoint entries such as rotary buffers are ignored.
+        """
+        from ..errors import ModelFileError
+
+        device = torch.device(device)
+        tied = self.config.tie_word_embeddings and "lm_head.weight" not in tensors
+        state = {}
+        for name, param in self.named_parameters(remove_duplicate=False):
+            if name == "lm_head.weight" and tied:
+                continue
+            prefix, _, suffix = name.partition(".layers.")
+            layer_no, _, rest = suffix.partition(".")
+            parts = FUSED_WEIGHTS.get(rest)
+            keys = [f"{prefix}.layers.{layer_no}.{p}" for p in parts] if parts else [name]
+            missing = [k for k in keys if k not in tensors]
+            if missing:
+                raise ModelFileError(f"checkpoint is missing tensor {missing[0]!r}")
+            value = torch.cat([tensors[k] for k in keys], dim=0) if len(keys) > 1 else tensors[keys[0]]
+            if tuple(value.shape) != tuple(param.shape):
+                raise ModelFileError(
+                    f"tensor {keys[0]!r} has shape {tuple(value.shape)}, the config implies {tuple(param.shape)}"
+                )
+            state[name] = nn.Parameter(value.to(device=device, dtype=dtype), requires_grad=False)
+        if tied:  # the same Parameter object under both names keeps them tied after assign
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        self.load_state_dict(state, assign=True, strict=True)
+        cfg = self.config
+        self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, device)
+        self.eval()
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, plan: StepPlan, cache: KVCache, logits_for: str = "last",
+                capture_layers: tuple[int, ...] = (), captured: dict | None = None) -> torch.Tensor:
+        """Run one step (a prefill chunk or a decode token) through every layer.
+
+        Args:
+            input_ids: [B, T] int64 on the model's device (rows padded on the right).
+            plan: from ``cache.plan_step(input_lens)``; this fills in cos/sin.
+            cache: the strategy holding K/V.
+            logits_for: ``"last"`` -> [B, V] at each row's last real token; ``"all"`` -> [B, T, V];
+                ``"none"`` -> an empty tensor (prefill chunks that are not the last).
+            capture_layers / captured: hidden states [B, T, E] after these layers are stored in
+                ``captured[layer]`` (the retrieval head reads them).
+        Returns:
+            float32 logits.
+        """
+        plan.cos, plan.sin = self.rotary(plan.positions, self.dtype)
+        x = self.model.embed_tokens(input_ids)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, plan, cache)
+            if i in capture_layers and captured is not None:
+                captured[i] = x
+        if logits_for == "none":
+            return x.new_empty(0)
+        if logits_for == "last":
+            last = torch.tensor([n - 1 for n in plan.input_lens], device=x.device)
+            x = x[torch.arange(x.shape[0], device=x.device), last]  # [B, E]
+        elif logits_for != "all":
+            raise ValueError(f"logits_for must be 'last', 'all' or 'none', got {logits_for!r}")
+        return self.lm_head(self.model.norm(x)).float()

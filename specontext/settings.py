@@ -1,0 +1,71 @@
+"""Runtime and generation settings: the single source of every user-facing option.
+
+The CLI is generated from these fields (their ``metadata`` carries the help text), so an option
+exists in exactly one place. Values derived from them (cache capacity, chunk counts) live in
+plan or state objects and are never written back here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import InputError
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def _opt(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """How the engine runs: device, precision, threads, prefill chunking."""
+
+    device: str = _opt("auto", "compute device: auto (CUDA if present, else CPU), cpu, cuda, or cuda:N")
+    dtype: str = _opt("auto", "weight and KV precision: auto (float32 on CPU, bfloat16 on CUDA), float32, float16, bfloat16",
+                      choices=DTYPES)
+    threads: int = _opt(0, "CPU threads for compute; 0 keeps PyTorch's default (one per core)")
+    prefill_chunk_tokens: int = _opt(512, "prompt tokens processed per prefill step; bounds activation memory")
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        dev = self.device
+        if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+            raise InputError(f"device must be auto, cpu, cuda or cuda:N, got {dev!r}")
+        if self.threads < 0:
+            raise InputError(f"threads must be >= 0, got {self.threads}")
+        if self.prefill_chunk_tokens < 1:
+            raise InputError(f"prefill_chunk_tokens must be >= 1, got {self.prefill_chunk_tokens}")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """What to generate: length, sampling and stopping.
+
+    ``temperature`` 0 means greedy decoding (the default, so results reproduce exactly).
+    """
+
+    max_new_tokens: int = _opt(256, "maximum number of tokens to generate")
+    temperature: float = _opt(0.0, "sampling temperature; 0 = greedy")
+    top_p: float = _opt(1.0, "nucleus sampling: keep the smallest set of tokens with this total probability (0 < p <= 1)")
+    top_k: int = _opt(0, "sample only from the k most likely tokens; 0 = no limit")
+    seed: int = _opt(0, "random seed for sampling (results reproduce for a given seed)")
+    stop: tuple[str, ...] = _opt((), "stop when this string is generated (repeatable); it is not included in the output",
+                                 repeatable=True)
+    ignore_eos: bool = _opt(False, "keep generating past the end-of-sequence token")
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise InputError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InputError(f"top_k must be >= 0 (0 = no limit), got {self.top_k}")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise InputError("stop strings must be non-empty strings")
