@@ -122,8 +122,9 @@ class GGUFFile:
         tensor = next(t for t in self.reader.tensors if t.name == name)
         qtype = tensor.tensor_type
         try:
-            if qtype == gguf.GGMLQuantizationType.F32:
-                arr = np.asarray(tensor.data, dtype=np.float32)
+            if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
+                         gguf.GGMLQuantizationType.F64):
+                arr = np.asarray(tensor.data).astype(np.float32)
             else:
                 arr = gguf.quants.dequantize(tensor.data, qtype)
         except NotImplementedError:

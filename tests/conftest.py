@@ -1,0 +1,143 @@
+"""Shared fixtures: tiny random-weight checkpoints in Hugging Face layout, and the default model."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+
+def write_tiny_tokenizer(folder: str, vocab_size: int, chat_template: str | None = None) -> None:
+    """A word-level tokenizer over ``vocab_size`` made-up words, enough to drive generation."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"w{i}": i for i in range(3, vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    cfg = {"bos_token": "<s>", "eos_token": "</s>"}
+    if chat_template:
+        cfg["chat_template"] = chat_template
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f)
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Weights large enough that attention patterns and norms actually matter."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.15 * torch.randn(p.shape, generator=g))
+
+
+def make_hf_model(family: str, folder: str, seed: int = 0, **overrides):
+    """Write a tiny random model of ``family`` with transformers; return the HF model (fp32)."""
+    transformers = pytest.importorskip("transformers")
+    base = dict(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+                num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128,
+                rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+    base.update(overrides)
+    cls_name = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[family]
+    config = getattr(transformers, f"{cls_name}Config")(**base)
+    torch.manual_seed(seed)
+    model = getattr(transformers, f"{cls_name}ForCausalLM")(config).eval()
+    randomize(model, seed)
+    model.save_pretrained(folder)
+    write_tiny_tokenizer(folder, base["vocab_size"])
+    return model
+
+
+@pytest.fixture(scope="session")
+def default_llm():
+    """The real default model (SmolLM2-135M-Instruct), loaded once per test session."""
+    import specontext
+
+    return specontext.load(device="cpu")
+
+
+def _byte_symbols() -> list[str]:
+    # GPT-2 byte-level BPE shows each byte as a printable character: printable Latin-1 bytes stand
+    # for themselves, the rest are shifted above U+0100 in byte order.
+    keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    symbols, shift = {}, 0
+    for b in range(256):
+        if b in keep:
+            symbols[b] = chr(b)
+        else:
+            symbols[b] = chr(256 + shift)
+            shift += 1
+    return [symbols[b] for b in range(256)]
+
+
+def write_tiny_gguf(hf_model, path: str, arch: str = "llama", tensor_type=None, chat_template: str | None = None):
+    """Convert a tiny transformers model to GGUF the way llama.cpp's converter lays it out.
+
+    Vocabulary: 3 control tokens, 256 byte symbols, then merged pieces up to the model's vocab.
+    ``tensor_type``: a GGMLQuantizationType for the 2-D weight matrices (default F32).
+    """
+    import gguf
+    import numpy as np
+
+    cfg = hf_model.config
+    w = gguf.GGUFWriter(path, arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    symbols = _byte_symbols()
+    merged = ["Ġt", "he", "Ġthe", "in", "Ġa", "er", "on", "Ġo"]
+    tokens = (specials + symbols + merged)[: cfg.vocab_size]
+    tokens += [f"<extra_{i}>" for i in range(cfg.vocab_size - len(tokens))]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types([3] * len(specials) + [1] * (len(tokens) - len(specials)))
+    w.add_token_merges(["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r", "o n", "Ġ o"])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    if chat_template:
+        w.add_chat_template(chat_template)
+
+    def permute(t, heads):
+        return t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+             "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for name, t in hf_model.state_dict().items():
+        arr = t.detach().float().numpy().copy()
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        if name.startswith("model.layers."):
+            _, _, layer, rest = name.split(".", 3)
+            stem, kind = rest.rsplit(".", 1)
+            gname = f"blk.{layer}.{names[stem]}.{kind}"
+            if arch == "llama" and stem in ("self_attn.q_proj", "self_attn.k_proj"):
+                arr = permute(arr, cfg.num_attention_heads if "q_proj" in stem else cfg.num_key_value_heads)
+        else:
+            gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                     "lm_head.weight": "output.weight"}[name]
+        if tensor_type is not None and arr.ndim == 2:
+            w.add_tensor(gname, gguf.quants.quantize(arr, tensor_type), raw_dtype=tensor_type)
+        else:
+            w.add_tensor(gname, np.ascontiguousarray(arr, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

@@ -1,0 +1,121 @@
+"""GGUF loading: layout, q/k un-permutation, dequantization and the GGUF-built tokenizer."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+import specontext
+from specontext.kv.cache import DenseKVCache
+from specontext.loaders.gguf_loader import GGUFFile
+
+from conftest import make_hf_model, write_tiny_gguf
+
+TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}" \
+           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+
+
+def _logits(llm, ids):
+    cfg = llm.config
+    cache = DenseKVCache(cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim, len(ids), torch.float32, "cpu")
+    return llm.engine.prefill(ids, cache, logits_for="all")[0]
+
+
+@pytest.mark.parametrize("family,arch,overrides", [
+    ("llama", "llama", dict(vocab_size=288, tie_word_embeddings=True, hidden_size=64, num_attention_heads=4,
+                            num_key_value_heads=2)),
+    ("qwen3", "qwen3", dict(vocab_size=288, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32)),
+    ("qwen2", "qwen2", dict(vocab_size=288, hidden_size=64, num_attention_heads=4, num_key_value_heads=1)),
+])
+def test_gguf_float_logits_match_transformers(family, arch, overrides, tmp_path):
+    hf = make_hf_model(family, str(tmp_path / "hf"), **overrides)
+    path = str(tmp_path / "m.gguf")
+    write_tiny_gguf(hf, path, arch=arch)
+    ids = torch.randint(3, 288, (1, 33), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = hf(ids).logits[0]
+    llm = specontext.load(path, device="cpu")
+    assert llm.config.architecture == family
+    assert (_logits(llm, ids[0].tolist()) - expected).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("qtype,max_rel_err", [
+    (gguf.GGMLQuantizationType.Q8_0, 0.01), (gguf.GGMLQuantizationType.Q4_0, 0.15),
+    (gguf.GGMLQuantizationType.Q4_1, 0.12), (gguf.GGMLQuantizationType.Q5_1, 0.06),
+])
+def test_quantized_tensors_dequantize_to_the_original(qtype, max_rel_err, tmp_path):
+    hf = make_hf_model("llama", str(tmp_path / "hf"), vocab_size=288, hidden_size=64, intermediate_size=96,
+                       num_attention_heads=4, num_key_value_heads=2)
+    path = str(tmp_path / "q.gguf")
+    write_tiny_gguf(hf, path, tensor_type=qtype)
+    f = GGUFFile(path)
+    got = f.hf_tensors(f.model_config())
+    for name, ref in hf.state_dict().items():
+        if ref.ndim != 2:
+            continue
+        err = (got[name] - ref).norm() / ref.norm()
+        assert err.item() < max_rel_err, f"{name}: relative error {err.item():.3f}"
+    # and the model built from them still follows the reference closely
+    llm = specontext.load(path, device="cpu")
+    ids = list(range(3, 40))
+    with torch.no_grad():
+        expected = hf(torch.tensor([ids])).logits[0].softmax(-1)
+    got_p = _logits(llm, ids).softmax(-1)
+    assert (got_p - expected).abs().max().item() < 4 * max_rel_err
+
+
+def test_gguf_tokenizer_special_tokens_and_roundtrip(tmp_path):
+    hf = make_hf_model("llama", str(tmp_path / "hf"), vocab_size=288, hidden_size=64, num_attention_heads=4,
+                       num_key_value_heads=2)
+    path = str(tmp_path / "t.gguf")
+    write_tiny_gguf(hf, path, chat_template=TEMPLATE)
+    llm = specontext.load(path, device="cpu")
+    tok = llm.tokenizer
+    ids = tok.encode("<|im_start|>user\nthe tea<|im_end|>")
+    assert ids[0] == 1 and ids[-1] == 2  # control tokens are single ids
+    assert tok.decode(ids, skip_special=False) == "<|im_start|>user\nthe tea<|im_end|>"
+    # merges apply: " the" is one token (Ġ t -> Ġt, then Ġt he -> Ġthe)
+    the = tok.backend.token_to_id("Ġthe")
+    assert the in tok.encode("a the")
+    # untrusted text can keep special markers as plain text
+    assert 1 not in tok.encode("<|im_start|>", parse_special=False)
+    assert tok.render_chat([{"role": "user", "content": "hi"}]) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.eos_token_ids == (2,)
+
+
+def test_unsupported_tensor_type_is_named(tmp_path):
+    hf = make_hf_model("llama", str(tmp_path / "hf"), vocab_size=288, hidden_size=256, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=256, num_hidden_layers=1)
+    path = str(tmp_path / "bad.gguf")
+    # Q8_K has no dequantizer in the gguf package: a block of 256 values takes 292 bytes
+    write_tiny_gguf(hf, path)
+    w = gguf.GGUFReader(path)
+    path2 = str(tmp_path / "bad2.gguf")
+    raw = np.zeros((256, 292), dtype=np.uint8)
+    writer = gguf.GGUFWriter(path2, "llama")
+    _copy_fields(w, writer)
+    for t in w.tensors:
+        if t.name == "blk.0.ffn_up.weight":
+            writer.add_tensor(t.name, raw, raw_dtype=gguf.GGMLQuantizationType.Q8_K)
+        else:
+            writer.add_tensor(t.name, np.array(t.data, dtype=np.float32).reshape(tuple(reversed(t.shape.tolist()))))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(specontext.UnsupportedModelError, match=r"blk\.0\.ffn_up\.weight.*Q8_K"):
+        specontext.load(path2, device="cpu")
+
+
+def _copy_fields(reader, writer):
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        value = field.contents()
+        vtype = field.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            writer.add_key_value(key, value, vtype, sub_type=field.types[-1])
+        else:
+            writer.add_key_value(key, value, vtype)
