@@ -178,8 +178,9 @@ class Engine:
         limit = self.context_tokens
         if num_prompt_tokens >= limit:
             raise ContextLengthError(
-                f"prompt is {num_prompt_tokens} tokens, {num_prompt_tokens - limit + 1} more than fit in the "
-                f"model's context of {limit} tokens (leaving room for at least one generated token); shorten the document"
+                f"prompt is {num_prompt_tokens} tokens, {num_prompt_tokens - limit + 1} more than the model's "
+                f"context of {limit} tokens allows (it must leave room for at least one generated token); "
+                "shorten the document"
             )
         if num_prompt_tokens == 0:
             raise ContextLengthError("prompt is empty (0 tokens)")

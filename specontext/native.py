@@ -71,7 +71,7 @@ def read_cdef(header_path: Path) -> str:
 
 def load_library(package_dir: Path = _PACKAGE_DIR,
                  environ: Mapping[str, str] = os.environ) -> NativeLibrary:
-    """Find, load and bind the library; uncached (the wrappers share one via ``_native()``).
+    """Find, load and bind the library; uncached (the wrappers share one via ``library()``).
 
     Args:
         package_dir: directory holding ``libspecontext_native.so`` and ``include/``
@@ -124,7 +124,12 @@ _loaded: NativeLibrary | None = None
 _load_lock = threading.Lock()
 
 
-def _native() -> NativeLibrary:
+def library() -> NativeLibrary:
+    """The shared, lazily loaded library (``.lib.SPC_ERR_INDEX`` etc. give the status codes).
+
+    Raises:
+        NativeLibraryError: on the first call, if it cannot be loaded (see ``load_library``).
+    """
     global _loaded
     if _loaded is None:
         with _load_lock:
@@ -135,17 +140,17 @@ def _native() -> NativeLibrary:
 
 def library_path() -> str:
     """Path of the loaded native library (loads it on first call)."""
-    return str(_native().path)
+    return str(library().path)
 
 
 def cuda_available() -> bool:
     """True if the library was built with CUDA and a device is usable; never raises for lack of a GPU."""
-    return bool(_native().lib.spc_cuda_available())
+    return bool(library().lib.spc_cuda_available())
 
 
 def _raise_for(status: int) -> None:
     if status != 0:
-        native = _native()
+        native = library()
         raise NativeError(status, native.ffi.string(native.lib.spc_status_string(status)).decode(),
                           native.ffi.string(native.lib.spc_last_error()).decode())
 
@@ -254,7 +259,7 @@ def gather_rows(src: torch.Tensor, indices: torch.Tensor, out: torch.Tensor | No
                          f"src.dtype {src.dtype}, got {list(out.shape)} of {out.dtype}")
     _, out_stride_bytes = _row_layout("out", out)
     device = _launch_device("gather_rows", src=src, indices=indices, out=out)
-    native = _native()
+    native = library()
     args = (_ptr(native, "void *", src), src_stride_bytes, src.shape[0],
             _ptr(native, "int64_t *", indices), indices.shape[0],
             _ptr(native, "void *", out), out_stride_bytes, src_row_bytes)
@@ -306,7 +311,7 @@ def scatter_rows(src: torch.Tensor, indices: torch.Tensor, dst: torch.Tensor,
         raise ValueError(f"dst must be [N, *src.shape[1:]] = [N{''.join(f', {s}' for s in src.shape[1:])}] "
                          f"of src.dtype {src.dtype}, got {list(dst.shape)} of {dst.dtype}")
     device = _launch_device("scatter_rows", src=src, indices=indices, dst=dst)
-    native = _native()
+    native = library()
     args = (_ptr(native, "void *", src), src_stride_bytes, _ptr(native, "int64_t *", indices),
             indices.shape[0], _ptr(native, "void *", dst), dst_stride_bytes, dst.shape[0],
             src_row_bytes)

