@@ -22,13 +22,15 @@ from typing import Any, Mapping
 import cffi
 import torch
 
+from .errors import SpecontextError
+
 LIBRARY_NAME = "libspecontext_native.so"
 LIBRARY_ENV_VAR = "SPECONTEXT_NATIVE_LIB"
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _CDEF_BEGIN, _CDEF_END = "/* SPC_CDEF_BEGIN */", "/* SPC_CDEF_END */"
 
 
-class NativeLibraryError(RuntimeError):
+class NativeLibraryError(SpecontextError, RuntimeError):
     """The native library or its header could not be found, loaded or matched."""
 
 

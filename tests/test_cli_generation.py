@@ -135,4 +135,4 @@ def test_ctrl_c_keeps_the_partial_answer(tiny_gguf, tmp_path):
     assert proc.returncode == 130
     assert "Traceback" not in stderr and "interrupted after" in stderr
     kept = out.read_text(encoding="utf-8")
-    assert len(kept) >= 50 and stdout.startswith(kept[:50])
+    assert len(kept) >= 20 and stdout.startswith(kept[:20])

@@ -81,3 +81,15 @@ def test_needle_in_2000_tokens_of_essays(default_llm):
     result = default_llm.generate(prompt, max_new_tokens=40)
     answer = result.text.lower()
     assert "sandwich" in answer and "dolores park" in answer, result.text
+
+
+def test_readme_api_example_runs_as_written():
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Python API", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert "Paris" in namespace["result"].text
