@@ -9,6 +9,19 @@ import pytest
 import torch
 
 
+CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_tiny_chat_model(root, max_position_embeddings: int) -> dict:
+    """A tiny llama as a Hugging Face folder and as a GGUF with a ChatML template."""
+    hf = make_hf_model("llama", str(root / "hf"), vocab_size=288, hidden_size=64, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=max_position_embeddings)
+    gguf_path = str(root / "tiny.gguf")
+    write_tiny_gguf(hf, gguf_path, chat_template=CHATML_TEMPLATE)
+    return {"hf": str(root / "hf"), "gguf": gguf_path}
+
+
 def write_tiny_tokenizer(folder: str, vocab_size: int, chat_template: str | None = None) -> None:
     """A word-level tokenizer over ``vocab_size`` made-up words, enough to drive generation."""
     from tokenizers import Tokenizer, models, pre_tokenizers

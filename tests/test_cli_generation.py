@@ -18,20 +18,12 @@ from specontext.cli import main
 from specontext.engine import Sampler, StopMatcher
 from specontext.settings import GenerationConfig
 
-from conftest import make_hf_model, write_tiny_gguf
-
-TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}" \
-           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+from conftest import make_tiny_chat_model
 
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gen")
-    hf = make_hf_model("llama", str(root / "hf"), vocab_size=288, hidden_size=64, num_attention_heads=4,
-                       num_key_value_heads=2, max_position_embeddings=200_000)
-    path = str(root / "tiny.gguf")
-    write_tiny_gguf(hf, path, chat_template=TEMPLATE)
-    return path
+    return make_tiny_chat_model(tmp_path_factory.mktemp("gen"), max_position_embeddings=200_000)["gguf"]
 
 
 @pytest.fixture(scope="module")

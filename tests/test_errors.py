@@ -12,20 +12,12 @@ import pytest
 
 from specontext.cli import main
 
-from conftest import make_hf_model, write_tiny_gguf
-
-TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}" \
-           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+from conftest import make_tiny_chat_model
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    hf = make_hf_model("llama", str(root / "hf"), vocab_size=288, hidden_size=64, num_attention_heads=4,
-                       num_key_value_heads=2, max_position_embeddings=128)
-    gguf_path = str(root / "tiny.gguf")
-    write_tiny_gguf(hf, gguf_path, chat_template=TEMPLATE)
-    return {"hf": str(root / "hf"), "gguf": gguf_path, "root": root}
+    return make_tiny_chat_model(tmp_path_factory.mktemp("tiny"), max_position_embeddings=128)
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

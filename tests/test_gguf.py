@@ -11,10 +11,8 @@ import specontext
 from specontext.kv.cache import DenseKVCache
 from specontext.loaders.gguf_loader import GGUFFile
 
-from conftest import make_hf_model, write_tiny_gguf
+from conftest import CHATML_TEMPLATE, make_hf_model, write_tiny_gguf
 
-TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}" \
-           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 
 
 def _logits(llm, ids):
@@ -70,7 +68,7 @@ def test_gguf_tokenizer_special_tokens_and_roundtrip(tmp_path):
     hf = make_hf_model("llama", str(tmp_path / "hf"), vocab_size=288, hidden_size=64, num_attention_heads=4,
                        num_key_value_heads=2)
     path = str(tmp_path / "t.gguf")
-    write_tiny_gguf(hf, path, chat_template=TEMPLATE)
+    write_tiny_gguf(hf, path, chat_template=CHATML_TEMPLATE)
     llm = specontext.load(path, device="cpu")
     tok = llm.tokenizer
     ids = tok.encode("<|im_start|>user\nthe tea<|im_end|>")

@@ -1,0 +1,148 @@
+"""Dense prefill and decode throughput of the default model at 1k-8k context, next to llama.cpp.
+
+Each (engine, context) pair runs in a fresh subprocess so peak RSS belongs to that run alone.
+The prompt is essay text cut to ``context - decode_tokens`` tokens; decoding is greedy with EOS
+ignored, so both engines do the same work. Warm-up runs outside the timed region.
+
+    python bench_edge/bench_dense.py                       # all contexts, both engines
+    python bench_edge/bench_dense.py --contexts 1024 2048 --decode-tokens 32
+
+Writes bench_edge/results/dense_cpu.json (or --out) with the machine's description and prints a
+Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _prompt_ids(num_tokens: int) -> list[int]:
+    from specontext import assets
+    from specontext.api import load_model_files
+
+    # tokenize with our tokenizer (identical to llama.cpp's; tested) from the essays
+    _, _, tok = load_model_files(None)
+    ids = tok.encode(assets.essay_text()[: num_tokens * 8], add_bos=False)
+    assert len(ids) >= num_tokens, "not enough essay text"
+    return ids[:num_tokens]
+
+
+def worker_ours(context: int, decode_tokens: int, threads: int) -> dict:
+    import torch
+
+    import specontext
+
+    llm = specontext.load(device="cpu", threads=threads)
+    ids = _prompt_ids(context - decode_tokens)
+    engine = llm.engine
+    warm = engine.generate(ids[:64], specontext.GenerationConfig(max_new_tokens=8, ignore_eos=True))
+    for _ in warm:
+        pass
+    g = engine.generate(ids, specontext.GenerationConfig(max_new_tokens=decode_tokens, ignore_eos=True))
+    for _ in g:
+        pass
+    r = g.result()
+    s = r.stats
+    return {"engine": "specontext-dense", "context": context, "prompt_tokens": s.prompt_tokens,
+            "decode_tokens": s.generated_tokens, "prefill_s": s.prefill_s,
+            "prefill_tokens_per_s": s.prefill_tokens_per_s, "decode_s": s.decode_s,
+            "decode_tokens_per_s": s.decode_tokens_per_s, "kv_cache_bytes": s.kv_cache_bytes,
+            "weights_bytes": s.weights_bytes, "peak_rss_bytes": s.peak_host_rss_bytes,
+            "threads": torch.get_num_threads()}
+
+
+def worker_llamacpp(context: int, decode_tokens: int, threads: int) -> dict:
+    import llama_cpp
+    import numpy as np
+
+    from specontext import assets
+
+    ids = _prompt_ids(context - decode_tokens)
+    m = llama_cpp.Llama(model_path=assets.default_model_path(), n_ctx=context, n_threads=threads,
+                        n_threads_batch=threads, n_batch=512, verbose=False)
+    m.eval(ids[:64])  # warm-up
+    m.reset()
+    t0 = time.perf_counter()
+    m.eval(ids)
+    prefill_s = time.perf_counter() - t0
+    token = int(np.argmax(m.scores[m.n_tokens - 1]))
+    t0 = time.perf_counter()
+    for _ in range(decode_tokens - 1):
+        m.eval([token])
+        token = int(np.argmax(m.scores[m.n_tokens - 1]))
+    decode_s = time.perf_counter() - t0
+    return {"engine": "llama.cpp", "context": context, "prompt_tokens": len(ids), "decode_tokens": decode_tokens,
+            "prefill_s": prefill_s, "prefill_tokens_per_s": len(ids) / prefill_s, "decode_s": decode_s,
+            "decode_tokens_per_s": (decode_tokens - 1) / decode_s,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "threads": threads}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--engines", nargs="+", default=["ours", "llamacpp"], choices=["ours", "llamacpp"])
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "dense_cpu.json"))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        fn = {"ours": worker_ours, "llamacpp": worker_llamacpp}[args.worker]
+        print(json.dumps(fn(args.contexts[0], args.decode_tokens, args.threads)))
+        return
+
+    sys.path.insert(0, HERE)
+    from machine import describe
+
+    engines = list(args.engines)
+    if "llamacpp" in engines:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            print("llama-cpp-python is not installed; skipping llama.cpp (pip install '.[llamacpp]')", file=sys.stderr)
+            engines.remove("llamacpp")
+    rows = []
+    for context in args.contexts:
+        for engine in engines:
+            cmd = [sys.executable, __file__, "--worker", engine, "--contexts", str(context),
+                   "--decode-tokens", str(args.decode_tokens), "--threads", str(args.threads)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"{engine} at {context}: failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+                continue
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(f"{engine:18s} ctx {context:5d}: prefill {row['prefill_tokens_per_s']:7.1f} tok/s, "
+                  f"decode {row['decode_tokens_per_s']:6.1f} tok/s, peak RSS {row['peak_rss_bytes'] / 2**20:6.0f} MiB",
+                  file=sys.stderr, flush=True)
+    result = {"benchmark": "dense prefill/decode, default model (SmolLM2-135M-Instruct Q4_1 GGUF)",
+              "machine": describe(), "decode_tokens": args.decode_tokens, "threads": args.threads,
+              "note": "specontext dequantizes the GGUF to float32; llama.cpp computes on the quantized weights",
+              "rows": rows}
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    os.replace(tmp, args.out)
+    print(table(rows))
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| context | engine | prefill tok/s | decode tok/s | peak RSS MiB |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['context']} | {r['engine']} | {r['prefill_tokens_per_s']:.0f} | "
+                     f"{r['decode_tokens_per_s']:.1f} | {r['peak_rss_bytes'] / 2**20:.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
