@@ -73,11 +73,17 @@ def worker_llamacpp(context: int, decode_tokens: int, threads: int) -> dict:
     t0 = time.perf_counter()
     m.eval(ids)
     prefill_s = time.perf_counter() - t0
-    token = int(np.argmax(m.scores[m.n_tokens - 1]))
+    n_vocab = m.n_vocab()
+
+    def last_logits():
+        # without logits_all, llama.cpp keeps one row: the last evaluated token's logits
+        return np.ctypeslib.as_array(m._ctx.get_logits(), shape=(n_vocab,))
+
+    token = int(np.argmax(last_logits()))
     t0 = time.perf_counter()
     for _ in range(decode_tokens - 1):
         m.eval([token])
-        token = int(np.argmax(m.scores[m.n_tokens - 1]))
+        token = int(np.argmax(last_logits()))
     decode_s = time.perf_counter() - t0
     return {"engine": "llama.cpp", "context": context, "prompt_tokens": len(ids), "decode_tokens": decode_tokens,
             "prefill_s": prefill_s, "prefill_tokens_per_s": len(ids) / prefill_s, "decode_s": decode_s,
@@ -137,10 +143,12 @@ def main() -> None:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| context | engine | prefill tok/s | decode tok/s | peak RSS MiB |", "|---|---|---|---|---|"]
+    lines = ["| context | engine | prefill tok/s | decode tok/s | peak RSS MiB | KV cache MiB |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
+        kv = f"{r['kv_cache_bytes'] / 2**20:.0f}" if "kv_cache_bytes" in r else "n/a"
         lines.append(f"| {r['context']} | {r['engine']} | {r['prefill_tokens_per_s']:.0f} | "
-                     f"{r['decode_tokens_per_s']:.1f} | {r['peak_rss_bytes'] / 2**20:.0f} |")
+                     f"{r['decode_tokens_per_s']:.1f} | {r['peak_rss_bytes'] / 2**20:.0f} | {kv} |")
     return "\n".join(lines)
 
 

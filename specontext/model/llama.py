@@ -147,7 +147,8 @@ class LlamaForCausalLM(nn.Module):
         """Load Hugging Face-named tensors, fusing projections per FUSED_WEIGHTS.
 
         Every parameter must be provided (missing ones are named in the error); extra
-        checkpoint entries such as rotary buffers are ignored.
+        checkpoint entries such as rotary buffers are ignored. Entries are popped from
+        ``tensors`` as they are used, so peak memory stays near one copy of the weights.
         """
         from ..errors import ModelFileError
 
@@ -159,12 +160,14 @@ class LlamaForCausalLM(nn.Module):
                 continue
             prefix, _, suffix = name.partition(".layers.")
             layer_no, _, rest = suffix.partition(".")
-            parts = FUSED_WEIGHTS.get(rest)
-            keys = [f"{prefix}.layers.{layer_no}.{p}" for p in parts] if parts else [name]
+            fused = FUSED_WEIGHTS.get(rest)
+            keys = [f"{prefix}.layers.{layer_no}.{p}" for p in fused] if fused else [name]
             missing = [k for k in keys if k not in tensors]
             if missing:
                 raise ModelFileError(f"checkpoint is missing tensor {missing[0]!r}")
-            value = torch.cat([tensors[k] for k in keys], dim=0) if len(keys) > 1 else tensors[keys[0]]
+            parts = [tensors.pop(k) for k in keys]
+            value = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+            del parts
             if tuple(value.shape) != tuple(param.shape):
                 raise ModelFileError(
                     f"tensor {keys[0]!r} has shape {tuple(value.shape)}, the config implies {tuple(param.shape)}"
