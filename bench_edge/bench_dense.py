@@ -24,12 +24,10 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _prompt_ids(num_tokens: int) -> list[int]:
+def _prompt_ids(tok, num_tokens: int) -> list[int]:
     from specontext import assets
-    from specontext.api import load_model_files
 
-    # tokenize with our tokenizer (identical to llama.cpp's; tested) from the essays
-    _, _, tok = load_model_files(None)
+    # our tokenizer gives llama.cpp's ids (tested), so both engines see the same prompt
     ids = tok.encode(assets.essay_text()[: num_tokens * 8], add_bos=False)
     assert len(ids) >= num_tokens, "not enough essay text"
     return ids[:num_tokens]
@@ -41,7 +39,7 @@ def worker_ours(context: int, decode_tokens: int, threads: int) -> dict:
     import specontext
 
     llm = specontext.load(device="cpu", threads=threads)
-    ids = _prompt_ids(context - decode_tokens)
+    ids = _prompt_ids(llm.tokenizer, context - decode_tokens)
     engine = llm.engine
     warm = engine.generate(ids[:64], specontext.GenerationConfig(max_new_tokens=8, ignore_eos=True))
     for _ in warm:
@@ -64,8 +62,11 @@ def worker_llamacpp(context: int, decode_tokens: int, threads: int) -> dict:
     import numpy as np
 
     from specontext import assets
+    from specontext.loaders.gguf_loader import GGUFFile
+    from specontext.tokenizer import Tokenizer
 
-    ids = _prompt_ids(context - decode_tokens)
+    tok = Tokenizer.from_gguf_fields(GGUFFile(assets.default_model_path()).meta)
+    ids = _prompt_ids(tok, context - decode_tokens)
     m = llama_cpp.Llama(model_path=assets.default_model_path(), n_ctx=context, n_threads=threads,
                         n_threads_batch=threads, n_batch=512, verbose=False)
     m.eval(ids[:64])  # warm-up
