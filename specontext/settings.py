@@ -7,6 +7,7 @@ plan or state objects and are never written back here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from .errors import InputError
@@ -59,6 +60,10 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not math.isfinite(self.temperature) or not math.isfinite(self.top_p):
+            raise InputError(f"temperature and top_p must be finite numbers, got {self.temperature} and {self.top_p}")
+        if not -2**63 <= self.seed < 2**63:
+            raise InputError(f"seed must fit in a signed 64-bit integer, got {self.seed}")
         if self.temperature < 0:
             raise InputError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:

@@ -197,3 +197,24 @@ def test_real_entry_point_prints_no_traceback(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert "model path not found" in proc.stderr
+
+
+def test_failure_during_generation_removes_the_output_file(capsys, tmp_path, tiny, monkeypatch):
+    from specontext.model.llama import LlamaForCausalLM
+
+    def broken_forward(self, *args, **kwargs):
+        raise RuntimeError("simulated device failure\nsecond line of a long backend message")
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", broken_forward)
+    out = tmp_path / "answer.txt"
+    out.write_text("previous answer")
+    code, _, err = run_cli(capsys, "--model", tiny["gguf"], "-q", "hi", "--output", str(out))
+    assert_one_line_error(code, err, "internal error", "simulated device failure")
+    assert out.read_text() == "previous answer"  # untouched
+    assert not (tmp_path / "answer.txt.partial").exists()
+
+
+@pytest.mark.parametrize("option,value", [("--temperature", "nan"), ("--top-p", "nan"), ("--seed", str(2**70))])
+def test_non_finite_or_overflowing_numbers(capsys, option, value):
+    code = main(["-q", "hi", "--quiet", option, value])
+    assert_one_line_error(code, capsys.readouterr().err, "must")
