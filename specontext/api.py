@@ -34,6 +34,8 @@ def resolve_device(name: str) -> torch.device:
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device {name!r} requested but no CUDA GPU is available; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
     return dev
 
 

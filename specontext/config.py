@@ -127,6 +127,8 @@ class ModelConfig:
         try:
             hidden = _req(cfg, "hidden_size", int)
             num_heads = _req(cfg, "num_attention_heads", int)
+            if num_heads <= 0:
+                raise ModelFileError(f"config.json field 'num_attention_heads' must be > 0, got {num_heads}")
             num_kv_heads = cfg.get("num_key_value_heads") or num_heads
             head_dim = cfg.get("head_dim") or hidden // num_heads
             act = cfg.get("hidden_act", "silu")

@@ -54,8 +54,11 @@ def read_chat_template(folder: str) -> str | None:
     """Chat template from ``chat_template.jinja`` or ``tokenizer_config.json``, if any."""
     jinja = os.path.join(folder, "chat_template.jinja")
     if os.path.exists(jinja):
-        with open(jinja, encoding="utf-8") as f:
-            return f.read()
+        try:
+            with open(jinja, encoding="utf-8") as f:
+                return f.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ModelFileError(f"cannot read chat template {jinja}: {exc}") from None
     cfg = read_tokenizer_config(folder)
     template = cfg.get("chat_template")
     if isinstance(template, list):  # named templates: use the default one
