@@ -219,6 +219,18 @@ def _ptr(native: NativeLibrary, ctype: str, t: torch.Tensor):
     return native.ffi.cast(ctype, t.data_ptr())
 
 
+
+def _call(native: NativeLibrary, op: str, args: tuple, device: torch.device | None, num_threads: int) -> None:
+    """Run ``spc_<op>`` on the host (last argument: threads) or ``spc_cuda_<op>`` on the
+    current stream of ``device`` (last argument: the stream), and raise on a bad status."""
+    if device is None:
+        status = getattr(native.lib, f"spc_{op}")(*args, num_threads)
+    else:
+        with torch.cuda.device(device):
+            stream = native.ffi.cast("void *", torch.cuda.current_stream(device).cuda_stream)
+            status = getattr(native.lib, f"spc_cuda_{op}")(*args, stream)
+    _raise_for(status)
+
 def gather_rows(src: torch.Tensor, indices: torch.Tensor, out: torch.Tensor | None = None,
                 num_threads: int = 0) -> torch.Tensor:
     """Gather rows by index: ``out[i] = src[indices[i]]``, a byte copy (any dtype).
@@ -265,13 +277,7 @@ def gather_rows(src: torch.Tensor, indices: torch.Tensor, out: torch.Tensor | No
     args = (_ptr(native, "void *", src), src_stride_bytes, src.shape[0],
             _ptr(native, "int64_t *", indices), indices.shape[0],
             _ptr(native, "void *", out), out_stride_bytes, src_row_bytes)
-    if device is None:
-        status = native.lib.spc_gather_rows(*args, num_threads)
-    else:
-        with torch.cuda.device(device):
-            stream = native.ffi.cast("void *", torch.cuda.current_stream(device).cuda_stream)
-            status = native.lib.spc_cuda_gather_rows(*args, stream)
-    _raise_for(status)
+    _call(native, "gather_rows", args, device, num_threads)
     return out
 
 
@@ -317,13 +323,7 @@ def scatter_rows(src: torch.Tensor, indices: torch.Tensor, dst: torch.Tensor,
     args = (_ptr(native, "void *", src), src_stride_bytes, _ptr(native, "int64_t *", indices),
             indices.shape[0], _ptr(native, "void *", dst), dst_stride_bytes, dst.shape[0],
             src_row_bytes)
-    if device is None:
-        status = native.lib.spc_scatter_rows(*args, num_threads)
-    else:
-        with torch.cuda.device(device):
-            stream = native.ffi.cast("void *", torch.cuda.current_stream(device).cuda_stream)
-            status = native.lib.spc_cuda_scatter_rows(*args, stream)
-    _raise_for(status)
+    _call(native, "scatter_rows", args, device, num_threads)
     return dst
 
 

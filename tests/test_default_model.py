@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from specontext import assets
-from specontext.kv.cache import DenseKVCache
 
 TOKENIZER_CASES = [
     "Hello, world!",
@@ -43,8 +42,7 @@ def test_next_token_distributions_agree_with_llama_cpp(default_llm, llama_cpp_mo
     llama_cpp_model.reset()
     llama_cpp_model.eval(ids)
     theirs = torch.tensor(llama_cpp_model.scores[: len(ids)], dtype=torch.float32)
-    cfg = default_llm.config
-    cache = DenseKVCache(cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim, len(ids), torch.float32, "cpu")
+    cache = default_llm.engine.new_cache(len(ids))
     ours = default_llm.engine.prefill(ids, cache, logits_for="all")[0]
     top1 = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
     log_p, log_q = theirs.log_softmax(-1), ours.log_softmax(-1)

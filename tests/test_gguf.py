@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import specontext
-from specontext.kv.cache import DenseKVCache
 from specontext.loaders.gguf_loader import GGUFFile
 
 from conftest import CHATML_TEMPLATE, make_hf_model, write_tiny_gguf
@@ -16,8 +15,7 @@ from conftest import CHATML_TEMPLATE, make_hf_model, write_tiny_gguf
 
 
 def _logits(llm, ids):
-    cfg = llm.config
-    cache = DenseKVCache(cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim, len(ids), torch.float32, "cpu")
+    cache = llm.engine.new_cache(len(ids))
     return llm.engine.prefill(ids, cache, logits_for="all")[0]
 
 

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import specontext
-from specontext.kv.cache import DenseKVCache
 
 from conftest import make_hf_model
 
@@ -47,9 +46,7 @@ def test_logits_match_transformers(case, tmp_path):
         expected = hf(ids).logits[0]
 
     llm = specontext.load(str(tmp_path), device="cpu", prefill_chunk_tokens=16)
-    cfg = llm.config
-    cache = DenseKVCache(cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim, 64, torch.float32, "cpu",
-                         sliding_window=cfg.sliding_window)
+    cache = llm.engine.new_cache(64)
     got = llm.engine.prefill(ids[0].tolist(), cache, logits_for="all")[0]
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() <= 1e-4
@@ -64,9 +61,7 @@ def test_decode_steps_match_full_forward(case, tmp_path):
     with torch.no_grad():
         expected = hf(ids).logits[0]
     llm = specontext.load(str(tmp_path), device="cpu", prefill_chunk_tokens=7)
-    cfg = llm.config
-    cache = DenseKVCache(cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim, 30, torch.float32, "cpu",
-                         sliding_window=cfg.sliding_window)
+    cache = llm.engine.new_cache(30)
     prompt = ids[0, :20].tolist()
     last = llm.engine.prefill(prompt, cache)
     assert (last[0] - expected[19]).abs().max().item() <= 1e-4
@@ -84,7 +79,7 @@ def test_batch_rows_of_different_lengths_match_single_rows(tmp_path):
     a, b = _ids(11, cfg.vocab_size, 3)[0], _ids(6, cfg.vocab_size, 4)[0]
     with torch.no_grad():
         want_a, want_b = hf(a[None]).logits[0, -1], hf(b[None]).logits[0, -1]
-    cache = DenseKVCache(cfg.num_layers, 2, cfg.num_kv_heads, cfg.head_dim, 16, torch.float32, "cpu")
+    cache = llm.engine.new_cache(16, batch_size=2)
     batch = torch.zeros(2, 11, dtype=torch.int64)
     batch[0], batch[1, :6] = a, b
     got = llm.model(batch, cache.plan_step([11, 6]), cache)

@@ -13,7 +13,7 @@ A cache strategy (dense now; sparse and offloaded later) implements two calls:
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -44,6 +44,18 @@ class StepPlan:
     valid_index: tuple[torch.Tensor, torch.Tensor] | None = None
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
+    _grouped: dict = field(default_factory=dict, repr=False)
+
+    def grouped_mask(self, mask: torch.Tensor, num_queries_per_kv: int) -> torch.Tensor:
+        """``mask`` [B, 1, T, S] repeated to [B, 1, R*T, S] for queries folded per KV head.
+
+        Built once per step and mask, not once per layer: every layer of a dense step gets the
+        same mask object from the cache.
+        """
+        key = (id(mask), num_queries_per_kv)
+        if key not in self._grouped:
+            self._grouped[key] = (mask, mask.repeat(1, 1, num_queries_per_kv, 1))
+        return self._grouped[key][1]
 
 
 class KVCache(abc.ABC):

@@ -72,7 +72,7 @@ class Attention(nn.Module):
         # head without materialising repeated K/V (query head h uses KV head h // R).
         q = q.reshape(B, G, R * T, D)
         if mask is not None and R > 1:
-            mask = mask.repeat(1, 1, R, 1)  # [B, 1, R*T, S]
+            mask = plan.grouped_mask(mask, R)  # [B, 1, R*T, S]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [B, G, R*T, D]
         out = out.view(B, G, R, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D)
         return self.o_proj(out)
