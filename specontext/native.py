@@ -2,8 +2,10 @@
 
 The cffi declarations are read at load time from the one public header,
 ``specontext.h`` (the region between its SPC_CDEF markers), never retyped here.
-The library is loaded lazily on first use, from the package directory first and
-then from the ``SPECONTEXT_NATIVE_LIB`` override.
+The library is loaded lazily on first use, from the package directory first,
+then from the installed ``specontext`` distribution (when Python imported a
+source checkout that shadows it, e.g. ``python -c`` run from the repository
+root), then from the ``SPECONTEXT_NATIVE_LIB`` override.
 
 Shape letters: N rows of the indexed buffer, M selected rows (``len(indices)``),
 ``*R`` the row shape (any trailing dims; each row must be contiguous, while
@@ -12,6 +14,7 @@ rows may be strided along dim 0, e.g. a slice of a larger buffer).
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 import os
 import threading
@@ -62,6 +65,15 @@ def header_candidates(package_dir: Path = _PACKAGE_DIR) -> tuple[Path, Path]:
             package_dir.parent / "csrc" / "include" / "specontext.h")
 
 
+def installed_package_dir() -> Path | None:
+    """The installed distribution's package folder, if it is not the one imported (else None)."""
+    try:
+        located = Path(importlib.metadata.distribution("specontext").locate_file("specontext"))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return located if located.is_dir() and located.resolve() != _PACKAGE_DIR else None
+
+
 def read_cdef(header_path: Path) -> str:
     """The declarations between the SPC_CDEF markers of ``header_path``, for ``ffi.cdef``."""
     text = header_path.read_text()
@@ -87,6 +99,7 @@ def load_library(package_dir: Path = _PACKAGE_DIR,
         >>> load_library().lib.spc_abi_version()
         1
     """
+    installed = installed_package_dir() if package_dir == _PACKAGE_DIR else None
     headers = header_candidates(package_dir)
     header = next((h for h in headers if h.is_file()), None)
     if header is None:
@@ -97,6 +110,8 @@ def load_library(package_dir: Path = _PACKAGE_DIR,
 
     env_value = environ.get(LIBRARY_ENV_VAR, "")
     candidates = [("package", package_dir / LIBRARY_NAME)]
+    if installed is not None:
+        candidates.append(("installed package", installed / LIBRARY_NAME))
     if env_value:
         env_path = Path(env_value)
         candidates.append((f"${LIBRARY_ENV_VAR}", env_path / LIBRARY_NAME if env_path.is_dir() else env_path))
