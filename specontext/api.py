@@ -12,7 +12,7 @@ Example::
 from __future__ import annotations
 
 import os
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Callable, Iterator, Union
 
 import torch
@@ -22,6 +22,7 @@ from .config import ModelConfig
 from .engine import Engine, Generation, GenerationResult
 from .errors import InputError, ModelFileError
 from .model.llama import LlamaForCausalLM
+from .retrieval.head import RetrievalHead, TargetInfo, resolve_head, target_fingerprint
 from .settings import GenerationConfig, RuntimeSettings
 from .tokenizer import Tokenizer
 
@@ -84,16 +85,43 @@ class LLM:
     Attributes:
         config: the model's :class:`ModelConfig`.
         tokenizer: its :class:`Tokenizer`.
+        target: :class:`TargetInfo` (shape and weight fingerprint) a retrieval head must match.
+        retrieval_head: the loaded head when ``sparsity`` is ``specontext``, else None.
         engine: the :class:`Engine` running it.
     """
 
-    def __init__(self, model: LlamaForCausalLM, tokenizer: Tokenizer, settings: RuntimeSettings, path: str):
+    def __init__(self, model: LlamaForCausalLM, tokenizer: Tokenizer, settings: RuntimeSettings, path: str,
+                 target: TargetInfo):
         self.model = model
         self.config = model.config
         self.tokenizer = tokenizer
-        self.settings = settings
         self.path = path
+        self.target = target
+        self.retrieval_head: RetrievalHead | None = None
         self.engine = Engine(model, tokenizer, settings)
+        self.settings = settings
+        self.set_sparsity()
+
+    def set_sparsity(self, **changes) -> None:
+        """Change how later generations select tokens; keywords are :class:`RuntimeSettings` sparsity fields.
+
+        Example::
+
+            llm.set_sparsity(sparsity="specontext", budget_tokens=512)   # loads the head on first use
+            llm.set_sparsity(sparsity="dense")
+        """
+        allowed = {"sparsity", "budget_tokens", "sink_tokens", "window_tokens", "retrieval_head",
+                   "fallback_threshold", "quest_page_tokens", "measure_recall"}
+        unknown = sorted(set(changes) - allowed)
+        if unknown:
+            raise InputError(f"unknown sparsity option {unknown[0]!r}; valid: {', '.join(sorted(allowed))}")
+        settings = replace(self.settings, **changes)
+        opts = settings.sparsity_options()
+        head = self.retrieval_head
+        if opts.method == "specontext" and (head is None or settings.retrieval_head != self.settings.retrieval_head):
+            head = resolve_head(settings.retrieval_head, self.target, device=self.model.device, dtype=self.model.dtype)
+        self.settings, self.retrieval_head = settings, head
+        self.engine.settings, self.engine.sparsity, self.engine.retrieval_head = settings, opts, head
 
     def encode_prompt(self, prompt: Prompt, chat: bool = True) -> list[int]:
         """Token ids for a prompt.
@@ -150,7 +178,7 @@ def _generation_config(kwargs: dict) -> GenerationConfig:
 
 
 def load(model: str | None = None, *, device: str = "auto", dtype: str = "auto", threads: int = 0,
-         prefill_chunk_tokens: int = 512, settings: RuntimeSettings | None = None) -> LLM:
+         prefill_chunk_tokens: int = 512, settings: RuntimeSettings | None = None, **sparsity) -> LLM:
     """Load a model for generation.
 
     Args:
@@ -158,6 +186,8 @@ def load(model: str | None = None, *, device: str = "auto", dtype: str = "auto",
             tokenizer.json), or None for the default SmolLM2-135M-Instruct.
         device, dtype, threads, prefill_chunk_tokens: see :class:`RuntimeSettings`
             (ignored when ``settings`` is given).
+        sparsity: :class:`RuntimeSettings` sparsity fields, e.g. ``sparsity="specontext",
+            budget_tokens=1024, retrieval_head="auto"`` (applied over ``settings``).
     Returns:
         an :class:`LLM`.
     Raises:
@@ -172,9 +202,15 @@ def load(model: str | None = None, *, device: str = "auto", dtype: str = "auto",
     if dev.type == "cpu" and dt != torch.float32:
         raise InputError(f"dtype {settings.dtype} is for CUDA; on CPU use float32 (or auto)")
     path = model or assets.default_model_path()
+    if sparsity:
+        try:
+            settings = replace(settings, **sparsity)
+        except TypeError:
+            raise InputError(f"unknown load option(s) {', '.join(sorted(sparsity))}") from None
     cfg, tensors, tokenizer = load_model_files(path)
+    target = TargetInfo.of(cfg, target_fingerprint(tensors), name=os.path.basename(os.path.normpath(path)))
     with torch.device("meta"):
         net = LlamaForCausalLM(cfg)
     net.load_checkpoint(tensors, dtype=dt, device=dev)
     del tensors
-    return LLM(net, tokenizer, settings, path)
+    return LLM(net, tokenizer, settings, path, target)

@@ -45,16 +45,16 @@ class _Parser(argparse.ArgumentParser):
 def _add_dataclass_options(parser: argparse.ArgumentParser, cls, title: str) -> None:
     group = parser.add_argument_group(title)
     for f in fields(cls):
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-"), *f.metadata.get("flags", ())]
         default = f.default if f.default is not MISSING else None
         meta = f.metadata
         help_text = meta["help"] if default is False or default == () else f"{meta['help']} (default: {default!r})"
         if isinstance(default, bool):
-            group.add_argument(flag, action="store_true", default=default, help=meta["help"])
+            group.add_argument(*flags, dest=f.name, action="store_true", default=default, help=meta["help"])
         elif meta.get("repeatable"):
-            group.add_argument(flag, action="append", default=None, metavar="TEXT", help=meta["help"])
+            group.add_argument(*flags, dest=f.name, action="append", default=None, metavar="TEXT", help=meta["help"])
         else:
-            group.add_argument(flag, type=type(default), default=default, choices=meta.get("choices"),
+            group.add_argument(*flags, dest=f.name, type=type(default), default=default, choices=meta.get("choices"),
                                metavar=None if meta.get("choices") else type(default).__name__.upper(),
                                help=help_text)
 

@@ -18,6 +18,8 @@ import torch
 from .errors import ContextLengthError
 from .kv.cache import DenseKVCache, KVCache
 from .model.llama import LlamaForCausalLM
+from .retrieval.head import RetrievalHead
+from .retrieval.selection import Selector, SparsityOptions, make_selector
 from .settings import GenerationConfig, RuntimeSettings
 from .tokenizer import Tokenizer
 
@@ -130,6 +132,8 @@ class GenerationStats:
     weights_bytes: int = 0
     peak_host_rss_bytes: int = 0
     peak_device_bytes: int | None = None
+    selector_bytes: int = 0
+    sparsity: dict = field(default_factory=dict)
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -163,12 +167,19 @@ class GenerationResult:
 
 
 class Engine:
-    """Runs a loaded model: owns the cache for each generation and the step loop."""
+    """Runs a loaded model: owns the cache and the selector for each generation, and the step loop.
 
-    def __init__(self, model: LlamaForCausalLM, tokenizer: Tokenizer, settings: RuntimeSettings):
+    ``sparsity`` chooses what decode steps attend to (see ``retrieval.selection``); the
+    ``specontext`` method needs ``retrieval_head`` (already checked against this model).
+    """
+
+    def __init__(self, model: LlamaForCausalLM, tokenizer: Tokenizer, settings: RuntimeSettings,
+                 sparsity: SparsityOptions | None = None, retrieval_head: RetrievalHead | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.settings = settings
+        self.sparsity = sparsity or SparsityOptions()
+        self.retrieval_head = retrieval_head
 
     @property
     def context_tokens(self) -> int:
@@ -190,23 +201,66 @@ class Engine:
         return DenseKVCache(cfg.num_layers, batch_size, cfg.num_kv_heads, cfg.head_dim, capacity_tokens,
                             self.model.dtype, self.model.device, sliding_window=cfg.sliding_window)
 
+    def new_selector(self, capacity_tokens: int, batch_size: int = 1,
+                     sparsity: SparsityOptions | None = None) -> Selector:
+        """A fresh selector (with its own K cache for ``specontext``) for one generation."""
+        return make_selector(sparsity or self.sparsity, self.model.config.num_kv_heads, self.retrieval_head,
+                             self.model.model.embed_tokens, batch_size, capacity_tokens)
+
     def prefill(self, ids: list[int], cache: KVCache, logits_for: str = "last",
-                progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """Run the prompt through the model in chunks; returns logits of the last chunk."""
+                progress: Callable[[int, int], None] | None = None,
+                selector: Selector | None = None) -> torch.Tensor:
+        """Run the prompt through the model in chunks (always dense); returns logits of the last chunk.
+
+        ``selector`` sees every chunk, so a retrieval head builds its K cache from the same inputs.
+        """
         chunk = self.settings.prefill_chunk_tokens
         device = self.model.device
+        capture = selector.capture_layers if selector is not None else ()
         pieces = []
         for start in range(0, len(ids), chunk):
             part = ids[start:start + chunk]
             is_last = start + chunk >= len(ids)
             want = logits_for if (is_last or logits_for == "all") else "none"
             x = torch.tensor([part], dtype=torch.int64, device=device)
-            out = self.model(x, cache.plan_step([len(part)]), cache, logits_for=want)
+            plan = cache.plan_step([len(part)])
+            captured: dict = {}
+            out = self.model(x, plan, cache, logits_for=want, capture_layers=capture, captured=captured)
+            if selector is not None:
+                selector.observe(x, plan, captured)
             if want != "none":
                 pieces.append(out)
             if progress is not None:
                 progress(min(start + chunk, len(ids)), len(ids))
         return torch.cat(pieces, dim=1) if logits_for == "all" else pieces[-1]
+
+    @torch.inference_mode()
+    def teacher_forced(self, prefix_ids: list[int], continuation_ids: list[int],
+                       sparsity: SparsityOptions | None = None) -> tuple[torch.Tensor, Selector]:
+        """Score a known continuation step by step, as decode would, for accuracy measurement.
+
+        The prefix is prefilled (dense); each continuation token is then fed as one decode step
+        under ``sparsity`` (default: the engine's), so selection sees exactly what it would
+        during generation.
+
+        Returns:
+            (logits [N, V] float32 on CPU, where row i predicts ``continuation_ids[i]``; the
+            selector, whose ``stats`` hold sparse/dense step counts and recall if measured).
+        """
+        self.check_prompt_fits(len(prefix_ids) + len(continuation_ids) - 1)
+        model = self.model
+        capacity = len(prefix_ids) + len(continuation_ids)
+        cache = self.new_cache(capacity)
+        selector = self.new_selector(capacity, sparsity=sparsity)
+        rows = [self.prefill(prefix_ids, cache, selector=selector).float().cpu()]
+        for token in continuation_ids[:-1]:
+            x = torch.tensor([[token]], dtype=torch.int64, device=model.device)
+            plan = cache.plan_step([1])
+            plan.selection = selector.select(x, plan)
+            captured: dict = {}
+            rows.append(model(x, plan, cache, capture_layers=selector.capture_layers, captured=captured).float().cpu())
+            selector.observe(x, plan, captured)
+        return torch.cat(rows, dim=0), selector
 
     def generate(self, prompt_ids: list[int], gen: GenerationConfig,
                  progress: Callable[[int, int], None] | None = None) -> "Generation":
@@ -252,7 +306,26 @@ class Generation:
         return GenerationResult(text=self._stops.text, token_ids=list(self.token_ids),
                                 stop_reason=self.stop_reason, stats=self.stats)
 
+    def _record_sparsity(self) -> None:
+        selector = getattr(self, "_selector", None)
+        if selector is None:
+            return
+        opts = self.engine.sparsity
+        info = {"method": opts.method}
+        if opts.method != "dense":
+            info["budget_tokens"] = opts.budget_tokens
+            if opts.method in ("specontext", "streaming"):
+                info["sink_tokens"] = opts.sink_tokens
+            if opts.method == "specontext":
+                info["window_tokens"] = opts.window_tokens
+                info["fallback_threshold"] = opts.fallback_threshold
+            if opts.method == "quest":
+                info["page_tokens"] = opts.page_tokens
+            info.update(selector.stats.to_dict())
+        self.stats.sparsity = info
+
     def _record_memory(self) -> None:
+        self._record_sparsity()
         self.stats.peak_host_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         if self.engine.model.device.type == "cuda":
             self.stats.peak_device_bytes = torch.cuda.max_memory_allocated(self.engine.model.device)
@@ -262,12 +335,15 @@ class Generation:
         eos = set() if gen.ignore_eos else set(engine.tokenizer.eos_token_ids) | set(model.config.eos_token_ids)
         capacity = min(len(self.prompt_ids) + gen.max_new_tokens, engine.context_tokens)
         cache = engine.new_cache(capacity)
+        selector = engine.new_selector(capacity)
+        self._selector = selector
         self.stats.kv_cache_bytes = cache.allocated_bytes()
+        self.stats.selector_bytes = selector.allocated_bytes()
         self.stats.weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         sampler = Sampler(gen, model.device)
 
         t0 = time.perf_counter()
-        logits = engine.prefill(self.prompt_ids, cache, progress=self.progress)
+        logits = engine.prefill(self.prompt_ids, cache, progress=self.progress, selector=selector)
         token = int(sampler(logits)[0])  # int() waits for the device
         self.stats.prefill_s = time.perf_counter() - t0
 
@@ -293,7 +369,12 @@ class Generation:
                     break
                 t0 = time.perf_counter()
                 x = torch.tensor([[token]], dtype=torch.int64, device=model.device)
-                token = int(sampler(model(x, cache.plan_step([1]), cache))[0])
+                plan = cache.plan_step([1])
+                plan.selection = selector.select(x, plan)
+                captured: dict = {}
+                logits = model(x, plan, cache, capture_layers=selector.capture_layers, captured=captured)
+                selector.observe(x, plan, captured)
+                token = int(sampler(logits)[0])
                 self.stats.decode_s += time.perf_counter() - t0
                 self.stats.decode_steps += 1
             tail = self._stops.flush() if self.stop_reason != "stop_string" else ""

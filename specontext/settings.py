@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 from .errors import InputError
+from .retrieval.selection import METHODS, SparsityOptions
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -21,13 +22,34 @@ def _opt(default, help: str, **extra):
 
 @dataclass(frozen=True)
 class RuntimeSettings:
-    """How the engine runs: device, precision, threads, prefill chunking."""
+    """How the engine runs: device, precision, threads, prefill chunking, and decode sparsity."""
 
     device: str = _opt("auto", "compute device: auto (CUDA if present, else CPU), cpu, cuda, or cuda:N")
     dtype: str = _opt("auto", "weight and KV precision: auto (float32 on CPU, bfloat16 on CUDA), float32, float16, bfloat16",
                       choices=DTYPES)
     threads: int = _opt(0, "CPU threads for compute; 0 keeps PyTorch's default (one per core)")
     prefill_chunk_tokens: int = _opt(512, "prompt tokens processed per prefill step; bounds activation memory")
+    sparsity: str = _opt("dense", "what each decode step attends to: dense (every past token); specontext (the retrieval "
+                         "head's choice, one set per KV head for all layers); oracle (per layer, the top of the model's own "
+                         "attention: an upper bound); quest (per layer, pages ranked by key bounds); streaming (sinks plus "
+                         "the most recent tokens). Prefill is always dense", choices=METHODS)
+    budget_tokens: int = _opt(1024, "past tokens attended per KV head on a sparse decode step, sinks and window included; "
+                              "while the context fits in the budget, steps run dense", flags=("--budget",))
+    sink_tokens: int = _opt(4, "first tokens always kept (specontext, streaming)")
+    window_tokens: int = _opt(60, "most recent tokens always kept (specontext)")
+    retrieval_head: str = _opt("auto", "retrieval head for --sparsity specontext: a NAME.json / NAME.safetensors artefact, "
+                               "or auto (a shipped or trained head whose target matches this model)")
+    fallback_threshold: float = _opt(0.0, "run a decode step dense when the retrieval head's attention mass on its "
+                                     "chosen tokens is below this (0 = never)")
+    quest_page_tokens: int = _opt(16, "page size for --sparsity quest")
+    measure_recall: bool = _opt(False, "on sparse steps also compute dense attention and report the fraction of its "
+                                "mass on the chosen tokens (slower; for evaluation)")
+
+    def sparsity_options(self) -> SparsityOptions:
+        """The validated sparsity choice (raises InputError naming the bad value)."""
+        return SparsityOptions(method=self.sparsity, budget_tokens=self.budget_tokens, sink_tokens=self.sink_tokens,
+                               window_tokens=self.window_tokens, page_tokens=self.quest_page_tokens,
+                               fallback_threshold=self.fallback_threshold, measure_recall=self.measure_recall)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -39,6 +61,9 @@ class RuntimeSettings:
             raise InputError(f"threads must be >= 0, got {self.threads}")
         if self.prefill_chunk_tokens < 1:
             raise InputError(f"prefill_chunk_tokens must be >= 1, got {self.prefill_chunk_tokens}")
+        if not math.isfinite(self.fallback_threshold):
+            raise InputError(f"fallback_threshold must be a finite number, got {self.fallback_threshold}")
+        self.sparsity_options()
 
 
 @dataclass(frozen=True)

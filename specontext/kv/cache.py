@@ -6,8 +6,9 @@ A cache strategy (dense now; sparse and offloaded later) implements two calls:
 
 * ``plan_step(input_lens)``: once per step, on the host, decide where this step's tokens go and
   what each layer will attend to; returns a :class:`StepPlan`.
-* ``update(layer, k, v, plan)``: store the layer's new K/V and return (keys, values, mask) to
-  attend over. Layers call only this, so they never branch on the cache type.
+* ``update(layer, k, v, plan, queries)``: store the layer's new K/V and return (keys, values,
+  mask) to attend over. Layers call only this, so they never branch on the cache type or on the
+  sparsity method: a decode step whose plan carries a ``selection`` gets only the chosen rows.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class StepPlan:
             key in range (decode of equal-length rows without a sliding window).
         valid_index: ([N] batch index, [N] position) of the real tokens when rows differ.
         cos, sin: [B, T, D] rotary tables, filled in by the model.
+        selection: a ``retrieval.selection.Selection`` for sparse decode steps, else None.
     """
 
     positions: torch.Tensor
@@ -44,6 +46,7 @@ class StepPlan:
     valid_index: tuple[torch.Tensor, torch.Tensor] | None = None
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
+    selection: object | None = None
     _grouped: dict = field(default_factory=dict, repr=False)
 
     def grouped_mask(self, mask: torch.Tensor, num_queries_per_kv: int) -> torch.Tensor:
@@ -70,8 +73,12 @@ class KVCache(abc.ABC):
         """Reserve room for this step's tokens; return the plan every layer receives."""
 
     @abc.abstractmethod
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: StepPlan):
-        """Store k, v [B, G, T, D] of ``layer``; return (keys, values, attn_mask) to attend over."""
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: StepPlan,
+               queries: torch.Tensor | None = None):
+        """Store k, v [B, G, T, D] of ``layer``; return (keys, values, attn_mask) to attend over.
+
+        ``queries`` [B, H, T, D] (roped) let per-layer selection methods choose inside the layer.
+        """
 
     @abc.abstractmethod
     def allocated_bytes(self) -> int:
@@ -109,9 +116,14 @@ class DenseKVCache(KVCache):
         self.k_device = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
         self.v_device = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
         self.seq_lens = [0] * batch_size  # cached tokens per row, host side
+        # gathered rows of a sparse step, [B, G, K + 1, D]; sized on the first sparse step
+        self.k_selected_device: torch.Tensor | None = None
+        self.v_selected_device: torch.Tensor | None = None
 
     def allocated_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k_device + self.v_device)
+        bufs = self.k_device + self.v_device + [t for t in (self.k_selected_device, self.v_selected_device)
+                                                if t is not None]
+        return sum(t.numel() * t.element_size() for t in bufs)
 
     def reset(self) -> None:
         self.seq_lens = [0] * self.batch_size
@@ -153,8 +165,10 @@ class DenseKVCache(KVCache):
         self.seq_lens = new_lens
         return plan
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: StepPlan):
-        """Store k, v [B, G, T, D]; return keys/values [B, G, kv_len, D] and the mask."""
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: StepPlan,
+               queries: torch.Tensor | None = None):
+        """Store k, v [B, G, T, D]; return keys/values [B, G, kv_len, D] (or the selected
+        [B, G, K + 1, D] on a sparse step) and the mask."""
         k_buf, v_buf = self.k_device[layer], self.v_device[layer]
         if plan.write_start is not None:
             end = plan.write_start + k.shape[2]
@@ -166,4 +180,36 @@ class DenseKVCache(KVCache):
             # Advanced indices around a slice put the selected axis first: [N, G, D].
             k_buf[b_idx, :, pos] = k[b_idx, :, t_idx]
             v_buf[b_idx, :, pos] = v[b_idx, :, t_idx]
+        if plan.selection is not None:
+            return self._gather_selected(layer, plan, queries)
         return k_buf[:, :, :plan.kv_len], v_buf[:, :, :plan.kv_len], plan.attn_mask
+
+    def _gather_selected(self, layer: int, plan: StepPlan, queries: torch.Tensor | None):
+        """Rows chosen by ``plan.selection`` (plus the current token) for a decode step."""
+        from ..retrieval.selection import append_current, past_attention, record_recall
+
+        sel = plan.selection
+        k_buf, v_buf = self.k_device[layer], self.v_device[layer]
+        past_lens = plan.positions[:, 0]
+        num_past = plan.kv_len - 1
+        past_keys = k_buf[:, :, :num_past]  # [B, G, P, D]
+        past_valid = None
+        if len(set(self.seq_lens)) > 1:
+            past_valid = torch.arange(num_past, device=k_buf.device)[None, :] < past_lens[:, None]
+        if sel.indices is not None:
+            indices, valid = sel.indices, sel.valid
+        else:
+            chosen, chosen_valid = sel.per_layer(layer, queries, past_keys, past_valid)
+            indices, valid = append_current(chosen, chosen_valid, plan.positions)
+        if sel.measure_recall:
+            probs = past_attention(queries, past_keys, past_valid)
+            record_recall(sel.stats, probs, indices[..., :-1], None if valid is None else valid[..., :-1])
+        shape = (*indices.shape, k_buf.shape[-1])  # [B, G, K + 1, D]
+        if self.k_selected_device is None or self.k_selected_device.shape != shape:
+            self.k_selected_device = torch.empty(shape, dtype=k_buf.dtype, device=k_buf.device)
+            self.v_selected_device = torch.empty(shape, dtype=v_buf.dtype, device=v_buf.device)
+        rows = indices[..., None].expand(shape)
+        torch.gather(k_buf, 2, rows, out=self.k_selected_device)
+        torch.gather(v_buf, 2, rows, out=self.v_selected_device)
+        mask = None if valid is None else valid[:, :, None, :]  # [B, G, 1, K + 1]
+        return self.k_selected_device, self.v_selected_device, mask

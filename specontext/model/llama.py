@@ -67,7 +67,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rotary(q.transpose(1, 2), plan.cos, plan.sin)  # [B, H, T, D]
         k = apply_rotary(k.transpose(1, 2), plan.cos, plan.sin)  # [B, G, T, D]
-        keys, values, mask = cache.update(self.layer_idx, k, v.transpose(1, 2), plan)  # [B, G, S, D]
+        keys, values, mask = cache.update(self.layer_idx, k, v.transpose(1, 2), plan, queries=q)  # [B, G, S, D]
         # Fold the R query heads of each KV group into the query axis so attention runs per KV
         # head without materialising repeated K/V (query head h uses KV head h // R).
         q = q.reshape(B, G, R * T, D)

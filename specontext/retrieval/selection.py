@@ -1,0 +1,421 @@
+"""Which cached tokens each decode step attends to: SpeContext selection and the baselines.
+
+Shape letters: B batch, H target query heads, G target KV heads, R = H / G, D head dim,
+P past positions (cached before the current token), K budget (past tokens attended per KV head).
+
+Every method lives behind one interface, :class:`Selector`, so comparisons run in the same engine:
+
+* ``dense``: everything, every step.
+* ``specontext``: the retrieval head scores all past positions once per step, before the target
+  runs; per KV head the max over its query heads, then the top ``K - sinks - window`` plus the
+  always-kept sinks and recent window. One index set [B, G, K] serves every layer.
+* ``oracle``: per layer, the top-K of that layer's own attention (group max over its query heads),
+  the upper bound of any per-KV-head selection.
+* ``quest``: per layer, pages of ``page_tokens`` ranked by the upper bound sum_d max(q_d min_d,
+  q_d max_d) of their keys; the current (partial) page is always kept.
+* ``streaming``: StreamingLLM, sinks plus the most recent ``K - sinks`` tokens.
+
+The budget counts every past token attended per KV head; the current token always attends to
+itself on top. When every row has at most K past tokens the step runs dense, so a budget at or
+above the context gives exactly the dense result. Prefill is always dense.
+
+A selector fills ``plan.selection`` (a :class:`Selection`) for decode steps; the cache gathers the
+chosen rows (see ``DenseKVCache.update``), so attention code never branches on the method.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..errors import InputError
+from .head import RetrievalHead
+
+METHODS = ("dense", "specontext", "oracle", "quest", "streaming")
+
+
+@dataclass
+class SelectionStats:
+    """Counters a selector keeps over one generation."""
+
+    sparse_steps: int = 0
+    dense_steps: int = 0  # decode steps that ran dense because the context fit in the budget
+    fallback_steps: int = 0  # decode steps that ran dense because the head was not confident
+    selection_s: float = 0.0  # time spent scoring and choosing (host clock, synchronised)
+    recall_sum: float = 0.0
+    recall_count: int = 0
+    confidence_sum: float = 0.0
+
+    @property
+    def recall(self) -> float | None:
+        return self.recall_sum / self.recall_count if self.recall_count else None
+
+    def to_dict(self) -> dict:
+        out = {"sparse_steps": self.sparse_steps, "dense_steps": self.dense_steps,
+               "fallback_steps": self.fallback_steps, "selection_s": round(self.selection_s, 4)}
+        if self.recall is not None:
+            out["recall"] = round(self.recall, 4)
+        if self.sparse_steps + self.fallback_steps and self.confidence_sum:
+            out["mean_head_confidence"] = round(self.confidence_sum / (self.sparse_steps + self.fallback_steps), 4)
+        return out
+
+
+@dataclass
+class Selection:
+    """One decode step's choice, carried in ``StepPlan.selection``.
+
+    Attributes:
+        indices: [B, G, K + 1] int64 positions to attend, the current token's last; None for
+            per-layer methods, which fill it per layer through ``per_layer``.
+        valid: [B, G, K + 1] bool where rows hold fewer than K real choices (padding is False);
+            None when every entry is real.
+        per_layer: ``f(layer, queries [B, H, 1, D], past_keys [B, G, P, D], past_valid [B, P] or
+            None) -> (indices [B, G, K], valid or None)`` for methods that choose inside each layer.
+        measure_recall: accumulate the dense attention mass on the chosen set into ``stats``.
+        stats: where recall is accumulated.
+    """
+
+    indices: torch.Tensor | None
+    valid: torch.Tensor | None = None
+    per_layer: Callable | None = None
+    measure_recall: bool = False
+    stats: SelectionStats | None = None
+
+
+def past_attention(queries: torch.Tensor, past_keys: torch.Tensor,
+                   past_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense attention probabilities of the current token over past positions only.
+
+    Args:
+        queries: [B, H, 1, D] roped queries of the current token; past_keys: [B, G, P, D];
+        past_valid: [B, P] bool, False past a shorter row's end (None: all real).
+    Returns:
+        [B, G, R, P] float32, softmax over the P past positions (the current token excluded, so
+        recall measures how much of the mass on the past the chosen set holds).
+    """
+    B, H, _, D = queries.shape
+    G = past_keys.shape[1]
+    q = queries.reshape(B, G, H // G, D).float()
+    logits = torch.matmul(q, past_keys.float().transpose(-1, -2)) * D ** -0.5
+    if past_valid is not None:
+        logits = logits.masked_fill(~past_valid[:, None, None, :], float("-inf"))
+    return logits.softmax(dim=-1)
+
+
+def record_recall(stats: SelectionStats, probs: torch.Tensor, indices: torch.Tensor,
+                  valid: torch.Tensor | None) -> None:
+    """Add the mass of ``probs`` [B, G, R, P] on ``indices`` [B, G, K] (past positions) to ``stats``."""
+    R = probs.shape[2]
+    idx = indices[:, :, None, :].expand(-1, -1, R, -1)
+    mass = probs.gather(-1, idx)
+    if valid is not None:
+        mass = mass * valid[:, :, None, :]
+    stats.recall_sum += float(mass.sum(-1).mean())
+    stats.recall_count += 1
+
+
+class Selector:
+    """Base: dense. Subclasses override :meth:`choose` (global) or :meth:`choose_in_layer`.
+
+    Lifecycle per generation: ``observe(ids, plan, captured)`` after every target call (prefill
+    chunks and decode steps); ``select(ids, plan)`` before every decode step, returning a
+    :class:`Selection` or None (dense).
+    """
+
+    method = "dense"
+    capture_layers: tuple[int, ...] = ()
+
+    def __init__(self, budget_tokens: int = 0, sink_tokens: int = 0, window_tokens: int = 0,
+                 measure_recall: bool = False, num_kv_heads: int = 1):
+        self.num_kv_heads = num_kv_heads
+        self.budget_tokens = budget_tokens
+        self.sink_tokens = sink_tokens
+        self.window_tokens = window_tokens
+        self.measure_recall = measure_recall
+        self.stats = SelectionStats()
+
+    def allocated_bytes(self) -> int:
+        return 0
+
+    def observe(self, ids: torch.Tensor, plan, captured: dict) -> None:
+        """Called after the target ran ``ids`` [B, T]; ``captured`` holds ``capture_layers`` outputs."""
+
+    def select(self, ids: torch.Tensor, plan) -> Selection | None:
+        """Choose for the decode step about to run ``ids`` [B, 1] at ``plan.positions``."""
+        if self.method == "dense":
+            return None
+        past_lens = [int(p) for p in plan.positions[:, 0].tolist()]
+        if max(past_lens) <= self.budget_tokens:
+            self.stats.dense_steps += 1
+            return None
+        t0 = time.perf_counter()
+        sel = self.choose(ids, plan, past_lens)
+        if sel is not None and sel.indices is not None and sel.indices.device.type == "cuda":
+            torch.cuda.synchronize(sel.indices.device)
+        self.stats.selection_s += time.perf_counter() - t0
+        if sel is None:
+            self.stats.fallback_steps += 1
+            return None
+        self.stats.sparse_steps += 1
+        sel.measure_recall, sel.stats = self.measure_recall, self.stats
+        return sel
+
+    def choose(self, ids: torch.Tensor, plan, past_lens: list[int]) -> Selection | None:
+        return Selection(indices=None, per_layer=self.choose_in_layer)
+
+    def choose_in_layer(self, layer: int, queries: torch.Tensor, past_keys: torch.Tensor,
+                        past_valid: torch.Tensor | None):
+        raise NotImplementedError(f"{type(self).__name__} chooses globally")
+
+
+def append_current(indices: torch.Tensor, valid: torch.Tensor | None, positions: torch.Tensor):
+    """indices [B, G, K] -> [B, G, K + 1] with each row's current position last (always valid)."""
+    B, G, _ = indices.shape
+    cur = positions[:, :1, None].expand(B, G, 1).to(indices.dtype)
+    full = torch.cat([indices, cur], dim=-1)
+    if valid is not None:
+        valid = torch.cat([valid, valid.new_ones(B, G, 1)], dim=-1)
+    return full, valid
+
+
+def _pad_rows(per_row: list[torch.Tensor], budget: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stack per-row [G, k_b] index sets (k_b <= budget) into [B, G, budget] plus a valid mask."""
+    if all(r.shape[-1] == budget for r in per_row):
+        return torch.stack(per_row), None
+    G = per_row[0].shape[0]
+    out = torch.zeros(len(per_row), G, budget, dtype=torch.int64, device=device)
+    valid = torch.zeros(len(per_row), G, budget, dtype=torch.bool, device=device)
+    for b, r in enumerate(per_row):
+        out[b, :, :r.shape[-1]] = r
+        valid[b, :, :r.shape[-1]] = True
+    return out, valid
+
+
+class StreamingSelector(Selector):
+    """StreamingLLM: the first ``sink_tokens`` plus the most recent ``budget - sinks`` tokens."""
+
+    method = "streaming"
+
+    def choose(self, ids, plan, past_lens):
+        G = self.num_kv_heads
+        rows = []
+        for p in past_lens:
+            sinks = torch.arange(min(self.sink_tokens, p), device=plan.positions.device)
+            recent_from = max(p - (self.budget_tokens - self.sink_tokens), len(sinks))
+            recent = torch.arange(recent_from, p, device=plan.positions.device)
+            rows.append(torch.cat([sinks, recent])[None].expand(G, -1))
+        indices, valid = _pad_rows(rows, self.budget_tokens, plan.positions.device)
+        indices, valid = append_current(indices, valid, plan.positions)
+        return Selection(indices=indices, valid=valid)
+
+
+class OracleSelector(Selector):
+    """Per layer, the top-K positions of the target's own attention (max over each group's heads)."""
+
+    method = "oracle"
+
+    def choose_in_layer(self, layer, queries, past_keys, past_valid):
+        scores = past_attention(queries, past_keys, past_valid).amax(dim=2)  # [B, G, P]
+        if past_valid is None:
+            return scores.topk(self.budget_tokens, dim=-1).indices, None
+        top = scores.masked_fill(~past_valid[:, None], -1.0).topk(self.budget_tokens, dim=-1)
+        return top.indices, top.values >= 0
+
+
+class QuestSelector(Selector):
+    """Quest-style pages: per layer, rank ``page_tokens`` pages by their key bound; keep the last page."""
+
+    method = "quest"
+
+    def __init__(self, *args, page_tokens: int = 16, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.page_tokens = page_tokens
+
+    def choose_in_layer(self, layer, queries, past_keys, past_valid):
+        if past_valid is not None:
+            raise InputError("quest selection supports rows of equal length only")
+        B, G, P, D = past_keys.shape
+        H = queries.shape[1]
+        page = self.page_tokens
+        num_full = P // page
+        last_len = P - num_full * page
+        if last_len == 0:  # the newest full page plays the part of the current page
+            num_full, last_len = num_full - 1, page
+        full = past_keys[:, :, :num_full * page].reshape(B, G, num_full, page, D).float()
+        kmin, kmax = full.amin(dim=3), full.amax(dim=3)  # [B, G, N, D]
+        q = queries.reshape(B, G, H // G, 1, D).float()
+        bound = torch.maximum(q * kmin[:, :, None], q * kmax[:, :, None]).sum(-1)  # [B, G, R, N]
+        bound = bound.amax(dim=2)
+        num_pages = min(max((self.budget_tokens - last_len) // page, 0), num_full)
+        top = bound.topk(num_pages, dim=-1).indices  # [B, G, n]
+        tokens = (top[..., None] * page + torch.arange(page, device=past_keys.device)).flatten(2)
+        last = torch.arange(P - last_len, P, device=past_keys.device).expand(B, G, last_len)
+        indices = torch.cat([tokens, last], dim=-1)
+        pad = self.budget_tokens - indices.shape[-1]
+        if pad <= 0:
+            return indices[..., :self.budget_tokens], None
+        valid = torch.cat([torch.ones_like(indices, dtype=torch.bool),
+                           torch.zeros(B, G, pad, dtype=torch.bool, device=indices.device)], dim=-1)
+        return torch.cat([indices, indices.new_zeros(B, G, pad)], dim=-1), valid
+
+
+class HeadSelector(Selector):
+    """SpeContext: the retrieval head chooses one index set per KV head for every layer.
+
+    Args:
+        head: a loaded :class:`RetrievalHead` (its target already checked).
+        embed: the target's token embedding module.
+        batch_size, capacity_tokens: the head's K cache shape.
+        fallback_threshold: run the step dense when the head's own attention mass on its chosen
+            set, averaged over its query heads and rows, is below this (0 disables).
+    """
+
+    method = "specontext"
+
+    def __init__(self, head: RetrievalHead, embed: torch.nn.Module, batch_size: int, capacity_tokens: int,
+                 budget_tokens: int, sink_tokens: int, window_tokens: int, fallback_threshold: float = 0.0,
+                 measure_recall: bool = False):
+        super().__init__(budget_tokens, sink_tokens, window_tokens, measure_recall,
+                         num_kv_heads=head.config.target.num_kv_heads)
+        self.head, self.embed = head, embed
+        cfg = head.config
+        self.capture_layers = tuple(cfg.hidden_layers) if cfg.input_kind == "embedding+hidden" else ()
+        self.fallback_threshold = fallback_threshold
+        p = next(head.parameters())
+        self.k_device = torch.zeros(batch_size, cfg.num_kv_heads, capacity_tokens, cfg.head_dim,
+                                    dtype=p.dtype, device=p.device)
+        e = cfg.target.hidden_size
+        # target outputs at the position before the next one the head will see: [B, L*E]
+        self.carry_hidden = torch.zeros(batch_size, len(self.capture_layers) * e, dtype=p.dtype, device=p.device)
+
+    def allocated_bytes(self) -> int:
+        return self.k_device.numel() * self.k_device.element_size()
+
+    def _hidden(self, captured: dict) -> torch.Tensor | None:
+        if not self.capture_layers:
+            return None
+        return torch.cat([captured[i] for i in self.capture_layers], dim=-1)  # [B, T, L*E]
+
+    @torch.inference_mode()
+    def observe(self, ids, plan, captured):
+        hidden = self._hidden(captured)
+        B, T = ids.shape
+        if T > 1:  # a prefill chunk: keys for every position of it
+            if hidden is not None:
+                shifted = torch.cat([self.carry_hidden[:, None].to(hidden.dtype), hidden[:, :-1]], dim=1)
+            else:
+                shifted = None
+            x = self.head.inputs(self.embed(ids).to(self.k_device.dtype),
+                                 None if shifted is None else shifted.to(self.k_device.dtype))
+            _, k = self.head.project(x, plan.positions)
+            if plan.write_start is None:
+                raise InputError("the retrieval head supports prefill of equal-length rows only")
+            self.k_device[:, :, plan.write_start:plan.write_start + T] = k
+        if hidden is not None:
+            last = torch.tensor([n - 1 for n in plan.input_lens], device=hidden.device)
+            self.carry_hidden = hidden[torch.arange(B, device=hidden.device), last].to(self.k_device.dtype)
+
+    @torch.inference_mode()
+    def choose(self, ids, plan, past_lens):
+        cfg = self.head.config
+        B = ids.shape[0]
+        dev = self.k_device.device
+        hidden = self.carry_hidden[:, None] if self.capture_layers else None
+        x = self.head.inputs(self.embed(ids).to(self.k_device.dtype), hidden)
+        q, k = self.head.project(x, plan.positions)  # [B, H, 1, Dh], [B, Gh, 1, Dh]
+        pos = plan.positions[:, 0]
+        self.k_device[torch.arange(B, device=dev), :, pos] = k[:, :, 0]
+        P = max(past_lens)
+        lens = torch.tensor(past_lens, device=dev)
+        valid = (torch.arange(P, device=dev)[None, :] < lens[:, None])[:, None]  # [B, 1, P]
+        probs = self.head.group_probs(q, self.k_device[:, :, :P], valid)[:, :, 0]  # [B, G, P]
+        # Sinks and the recent window are always kept: give them a score above any probability.
+        pinned = torch.arange(P, device=dev)[None, :]
+        pinned = (pinned < self.sink_tokens) | (pinned >= (lens[:, None] - self.window_tokens))
+        scores = probs.masked_fill(pinned[:, None], 2.0).masked_fill(~valid, -1.0)
+        K = self.budget_tokens
+        top = scores.topk(K, dim=-1)
+        indices, chosen_valid = top.indices, None
+        if min(past_lens) < K:
+            chosen_valid = top.values >= 0
+        if self.fallback_threshold > 0:
+            confidence = self._confidence(q, P, valid, indices, chosen_valid)
+            self.stats.confidence_sum += confidence
+            if confidence < self.fallback_threshold:
+                return None
+        indices, chosen_valid = append_current(indices.sort(dim=-1).values if chosen_valid is None else indices,
+                                                chosen_valid, plan.positions)
+        return Selection(indices=indices, valid=chosen_valid)
+
+    def _confidence(self, q, P, valid, indices, chosen_valid) -> float:
+        """The head's mean (over its query heads and rows) probability mass on the chosen set."""
+        cfg = self.head.config
+        B, H, _, D = q.shape
+        Gh = cfg.num_kv_heads
+        qf = q.reshape(B, Gh, H // Gh, D).float()
+        logits = torch.matmul(qf, self.k_device[:, :, :P].float().transpose(-1, -2)) * D ** -0.5
+        probs = logits.view(B, H, P).masked_fill(~valid, float("-inf")).softmax(-1)  # [B, H, P]
+        G = cfg.target.num_kv_heads
+        idx = indices.repeat_interleave(H // G, dim=1)  # [B, H, K]
+        mass = probs.gather(-1, idx)
+        if chosen_valid is not None:
+            mass = mass * chosen_valid.repeat_interleave(H // G, dim=1)
+        return float(mass.sum(-1).mean())
+
+
+@dataclass(frozen=True)
+class SparsityOptions:
+    """The user's sparsity choice, validated (built from RuntimeSettings)."""
+
+    method: str = "dense"
+    budget_tokens: int = 1024
+    sink_tokens: int = 4
+    window_tokens: int = 60
+    page_tokens: int = 16
+    fallback_threshold: float = 0.0
+    measure_recall: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise InputError(f"sparsity must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.sink_tokens < 0 or self.window_tokens < 0:
+            raise InputError(f"sink and window tokens must be >= 0, got {self.sink_tokens} and {self.window_tokens}")
+        if self.method == "specontext":
+            minimum = self.sink_tokens + self.window_tokens + 1
+            if self.budget_tokens < minimum:
+                raise InputError(f"budget must be > sinks + window (= {minimum - 1}) so the head chooses at least one "
+                                 f"token; got {self.budget_tokens}, use at least {minimum}")
+        if self.method == "streaming" and self.budget_tokens <= self.sink_tokens:
+            raise InputError(f"budget must be > sinks (= {self.sink_tokens}) for streaming; got {self.budget_tokens}, "
+                             f"use at least {self.sink_tokens + 1}")
+        if self.method == "quest":
+            if self.page_tokens < 1:
+                raise InputError(f"page_tokens must be >= 1, got {self.page_tokens}")
+            if self.budget_tokens < self.page_tokens:
+                raise InputError(f"budget must be >= one page ({self.page_tokens} tokens) for quest; "
+                                 f"got {self.budget_tokens}")
+        if self.method != "dense" and self.budget_tokens < 1:
+            raise InputError(f"budget must be >= 1, got {self.budget_tokens}")
+        if not 0 <= self.fallback_threshold <= 1:
+            raise InputError(f"fallback_threshold must be in [0, 1] (0 = off), got {self.fallback_threshold}")
+
+
+def make_selector(opts: SparsityOptions, num_kv_heads: int, head: RetrievalHead | None = None, embed=None,
+                  batch_size: int = 1, capacity_tokens: int = 0) -> Selector:
+    """The selector for ``opts``; ``specontext`` needs the loaded ``head`` and the target's ``embed``."""
+    common = dict(budget_tokens=opts.budget_tokens, measure_recall=opts.measure_recall, num_kv_heads=num_kv_heads)
+    if opts.method == "dense":
+        return Selector()
+    if opts.method == "streaming":
+        return StreamingSelector(sink_tokens=opts.sink_tokens, **common)
+    if opts.method == "oracle":
+        return OracleSelector(**common)
+    if opts.method == "quest":
+        return QuestSelector(page_tokens=opts.page_tokens, **common)
+    if head is None:
+        raise InputError("sparsity 'specontext' needs a retrieval head (--retrieval-head PATH or auto)")
+    return HeadSelector(head, embed, batch_size, capacity_tokens, opts.budget_tokens, opts.sink_tokens,
+                        opts.window_tokens, opts.fallback_threshold, opts.measure_recall)
