@@ -15,11 +15,11 @@ from typing import Callable, Iterator
 
 import torch
 
-from .errors import ContextLengthError
+from .errors import ContextLengthError, InputError
 from .kv.cache import DenseKVCache, KVCache
 from .model.llama import LlamaForCausalLM
 from .retrieval.head import RetrievalHead
-from .retrieval.selection import Selector, SparsityOptions, make_selector
+from .retrieval.selection import HeadSelector, Selector, SparsityOptions, make_selector
 from .settings import GenerationConfig, RuntimeSettings
 from .tokenizer import Tokenizer
 
@@ -234,25 +234,58 @@ class Engine:
                 progress(min(start + chunk, len(ids)), len(ids))
         return torch.cat(pieces, dim=1) if logits_for == "all" else pieces[-1]
 
+    def prefill_state(self, prompt_ids: list[int], capacity_tokens: int,
+                      progress: Callable[[int, int], None] | None = None) -> "PrefillState":
+        """Prefill once and keep the state, so several methods can decode from the same prompt.
+
+        Prefill is dense whatever the method, so its KV (and the retrieval head's K cache, when
+        the engine has a head) is shared: each later use rewinds the cache to the prompt and
+        decode overwrites the positions after it.
+        """
+        self.check_prompt_fits(len(prompt_ids))
+        cache = self.new_cache(capacity_tokens)
+        head_opts = SparsityOptions(method="specontext", budget_tokens=capacity_tokens + 1, sink_tokens=0,
+                                    window_tokens=0)
+        selector = self.new_selector(capacity_tokens, sparsity=head_opts) if self.retrieval_head else None
+        logits = self.prefill(prompt_ids, cache, progress=progress, selector=selector)
+        return PrefillState(list(prompt_ids), cache, logits, selector)
+
+    def _decoder(self, state: "PrefillState", sparsity: SparsityOptions | None) -> tuple[KVCache, Selector]:
+        """Rewind ``state`` to its prompt and give a fresh selector for ``sparsity`` over it."""
+        state.cache.seq_lens = [len(state.prompt_ids)] * state.cache.batch_size
+        selector = self.new_selector(state.cache.capacity_tokens, sparsity=sparsity)
+        if isinstance(selector, HeadSelector):
+            if state.head_selector is None:
+                raise InputError("this prefill state was made without a retrieval head")
+            selector.k_device, selector.carry_hidden = state.head_selector.k_device, state.head_selector.carry_hidden
+        return state.cache, selector
+
     @torch.inference_mode()
     def teacher_forced(self, prefix_ids: list[int], continuation_ids: list[int],
-                       sparsity: SparsityOptions | None = None) -> tuple[torch.Tensor, Selector]:
+                       sparsity: SparsityOptions | None = None,
+                       state: "PrefillState | None" = None) -> tuple[torch.Tensor, Selector]:
         """Score a known continuation step by step, as decode would, for accuracy measurement.
 
-        The prefix is prefilled (dense); each continuation token is then fed as one decode step
-        under ``sparsity`` (default: the engine's), so selection sees exactly what it would
-        during generation.
+        The prefix is prefilled (dense), or taken from ``state`` (made by :meth:`prefill_state`
+        for the same prefix, with room for the continuation); each continuation token is then fed
+        as one decode step under ``sparsity`` (default: the engine's), so selection sees exactly
+        what it would during generation.
 
         Returns:
             (logits [N, V] float32 on CPU, where row i predicts ``continuation_ids[i]``; the
             selector, whose ``stats`` hold sparse/dense step counts and recall if measured).
         """
+        if state is None:
+            state = self.prefill_state(prefix_ids, len(prefix_ids) + len(continuation_ids))
+        elif state.prompt_ids != list(prefix_ids):
+            raise InputError("teacher_forced: the prefill state was made for a different prefix")
         self.check_prompt_fits(len(prefix_ids) + len(continuation_ids) - 1)
+        if len(prefix_ids) + len(continuation_ids) > state.cache.capacity_tokens:
+            raise InputError(f"the prefill state holds {state.cache.capacity_tokens} tokens, prefix plus "
+                             f"continuation need {len(prefix_ids) + len(continuation_ids)}")
         model = self.model
-        capacity = len(prefix_ids) + len(continuation_ids)
-        cache = self.new_cache(capacity)
-        selector = self.new_selector(capacity, sparsity=sparsity)
-        rows = [self.prefill(prefix_ids, cache, selector=selector).float().cpu()]
+        cache, selector = self._decoder(state, sparsity)
+        rows = [state.logits.float().cpu()]
         for token in continuation_ids[:-1]:
             x = torch.tensor([[token]], dtype=torch.int64, device=model.device)
             plan = cache.plan_step([1])
@@ -263,9 +296,23 @@ class Engine:
         return torch.cat(rows, dim=0), selector
 
     def generate(self, prompt_ids: list[int], gen: GenerationConfig,
-                 progress: Callable[[int, int], None] | None = None) -> "Generation":
+                 progress: Callable[[int, int], None] | None = None,
+                 state: "PrefillState | None" = None, sparsity: SparsityOptions | None = None) -> "Generation":
+        """Start generating; with ``state`` (from :meth:`prefill_state` for the same prompt), skip prefill."""
         self.check_prompt_fits(len(prompt_ids))
-        return Generation(self, list(prompt_ids), gen, progress)
+        if state is not None and state.prompt_ids != list(prompt_ids):
+            raise InputError("generate: the prefill state was made for a different prompt")
+        return Generation(self, list(prompt_ids), gen, progress, state=state, sparsity=sparsity)
+
+
+@dataclass
+class PrefillState:
+    """A prefilled prompt that several decodes can start from (see :meth:`Engine.prefill_state`)."""
+
+    prompt_ids: list[int]
+    cache: KVCache
+    logits: torch.Tensor  # [1, V] at the prompt's last token
+    head_selector: Selector | None
 
 
 class Generation:
@@ -280,8 +327,10 @@ class Generation:
     """
 
     def __init__(self, engine: Engine, prompt_ids: list[int], gen: GenerationConfig,
-                 progress: Callable[[int, int], None] | None):
+                 progress: Callable[[int, int], None] | None, state: PrefillState | None = None,
+                 sparsity: SparsityOptions | None = None):
         self.engine, self.prompt_ids, self.gen, self.progress = engine, prompt_ids, gen, progress
+        self.state, self.sparsity = state, sparsity or engine.sparsity
         self.token_ids: list[int] = []
         self.stop_reason = "running"
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
@@ -310,7 +359,7 @@ class Generation:
         selector = getattr(self, "_selector", None)
         if selector is None:
             return
-        opts = self.engine.sparsity
+        opts = self.sparsity
         info = {"method": opts.method}
         if opts.method != "dense":
             info["budget_tokens"] = opts.budget_tokens
@@ -334,8 +383,12 @@ class Generation:
         engine, gen, model = self.engine, self.gen, self.engine.model
         eos = set() if gen.ignore_eos else set(engine.tokenizer.eos_token_ids) | set(model.config.eos_token_ids)
         capacity = min(len(self.prompt_ids) + gen.max_new_tokens, engine.context_tokens)
-        cache = engine.new_cache(capacity)
-        selector = engine.new_selector(capacity)
+        if self.state is not None:
+            capacity = min(capacity, self.state.cache.capacity_tokens)
+            cache, selector = engine._decoder(self.state, self.sparsity)
+        else:
+            cache = engine.new_cache(capacity)
+            selector = engine.new_selector(capacity, sparsity=self.sparsity)
         self._selector = selector
         self.stats.kv_cache_bytes = cache.allocated_bytes()
         self.stats.selector_bytes = selector.allocated_bytes()
@@ -343,7 +396,10 @@ class Generation:
         sampler = Sampler(gen, model.device)
 
         t0 = time.perf_counter()
-        logits = engine.prefill(self.prompt_ids, cache, progress=self.progress, selector=selector)
+        if self.state is not None:
+            logits = self.state.logits
+        else:
+            logits = engine.prefill(self.prompt_ids, cache, progress=self.progress, selector=selector)
         token = int(sampler(logits)[0])  # int() waits for the device
         self.stats.prefill_s = time.perf_counter() - t0
 
