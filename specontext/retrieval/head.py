@@ -242,7 +242,7 @@ class RetrievalHead(nn.Module):
         logits = logits.view(B, H, Tq, -1)
         if valid is not None:
             logits = logits.masked_fill(~valid[:, None], float("-inf"))
-        probs = logits.softmax(dim=-1).nan_to_num_(0.0)
+        probs = logits.softmax(dim=-1).nan_to_num(0.0)
         G = cfg.target.num_kv_heads
         return probs.view(B, G, H // G, Tq, -1).amax(dim=2)
 
@@ -256,17 +256,24 @@ def head_paths(path: str) -> tuple[str, str]:
     return stem + ".safetensors", stem + ".json"
 
 
-def save_head(head: RetrievalHead, path: str) -> tuple[str, str]:
-    """Write ``head`` as ``STEM.safetensors`` + ``STEM.json`` atomically; returns both paths."""
+def save_head(head: RetrievalHead, path: str, dtype: torch.dtype = torch.float32) -> tuple[str, str]:
+    """Write ``head`` as ``STEM.safetensors`` (weights in ``dtype``) + ``STEM.json``; returns both paths.
+
+    Each file is written to ``.partial`` first and renamed, so an interrupted save leaves no torn file.
+    """
     from safetensors.torch import save_file
 
     weights_path, config_path = head_paths(path)
     os.makedirs(os.path.dirname(os.path.abspath(weights_path)), exist_ok=True)
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in head.state_dict().items()}
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in head.state_dict().items()}
     save_file(state, weights_path + ".partial", metadata={"format": "specontext-retrieval-head"})
     with open(config_path + ".partial", "w") as f:
         json.dump(head.config.to_dict(), f, indent=2, sort_keys=True)
         f.write("\n")
+    umask = os.umask(0)
+    os.umask(umask)
+    for partial in (weights_path + ".partial", config_path + ".partial"):
+        os.chmod(partial, 0o666 & ~umask)  # safetensors creates 0600; give the user's usual mode
     os.replace(weights_path + ".partial", weights_path)
     os.replace(config_path + ".partial", config_path)
     return weights_path, config_path

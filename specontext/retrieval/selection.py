@@ -147,11 +147,12 @@ class Selector:
         """Choose for the decode step about to run ``ids`` [B, 1] at ``plan.positions``."""
         if self.method == "dense":
             return None
+        t0 = time.perf_counter()
+        self.prepare(ids, plan)
         past_lens = [int(p) for p in plan.positions[:, 0].tolist()]
         if max(past_lens) <= self.budget_tokens:
             self.stats.dense_steps += 1
             return None
-        t0 = time.perf_counter()
         sel = self.choose(ids, plan, past_lens)
         if sel is not None and sel.indices is not None and sel.indices.device.type == "cuda":
             torch.cuda.synchronize(sel.indices.device)
@@ -162,6 +163,9 @@ class Selector:
         self.stats.sparse_steps += 1
         sel.measure_recall, sel.stats = self.measure_recall, self.stats
         return sel
+
+    def prepare(self, ids: torch.Tensor, plan) -> None:
+        """Work every decode step needs, sparse or not (the head caches the new token's key)."""
 
     def choose(self, ids: torch.Tensor, plan, past_lens: list[int]) -> Selection | None:
         return Selection(indices=None, per_layer=self.choose_in_layer)
@@ -319,15 +323,20 @@ class HeadSelector(Selector):
             self.carry_hidden = hidden[torch.arange(B, device=hidden.device), last].to(self.k_device.dtype)
 
     @torch.inference_mode()
-    def choose(self, ids, plan, past_lens):
-        cfg = self.head.config
+    def prepare(self, ids, plan):
+        # The new token's key enters the head's cache on every step, dense ones included, so
+        # it competes for the budget once the context outgrows it.
         B = ids.shape[0]
-        dev = self.k_device.device
         hidden = self.carry_hidden[:, None] if self.capture_layers else None
         x = self.head.inputs(self.embed(ids).to(self.k_device.dtype), hidden)
-        q, k = self.head.project(x, plan.positions)  # [B, H, 1, Dh], [B, Gh, 1, Dh]
+        self._q, k = self.head.project(x, plan.positions)  # [B, H, 1, Dh], [B, Gh, 1, Dh]
         pos = plan.positions[:, 0]
-        self.k_device[torch.arange(B, device=dev), :, pos] = k[:, :, 0]
+        self.k_device[torch.arange(B, device=self.k_device.device), :, pos] = k[:, :, 0]
+
+    @torch.inference_mode()
+    def choose(self, ids, plan, past_lens):
+        dev = self.k_device.device
+        q = self._q
         P = max(past_lens)
         lens = torch.tensor(past_lens, device=dev)
         valid = (torch.arange(P, device=dev)[None, :] < lens[:, None])[:, None]  # [B, 1, P]

@@ -1,0 +1,337 @@
+"""Sparse decode against independent references.
+
+* End to end: a decode step that attends only to chosen tokens must equal Hugging Face
+  transformers run over the whole sequence with an attention mask allowing exactly those tokens
+  (per query head, SDPA), for SpeContext's per-KV-head choice and for StreamingLLM.
+* The retrieval head's K cache and scores must equal the head applied to hidden states that
+  transformers reports (``output_hidden_states``), prompt and generated tokens alike.
+* A budget at or above the context gives exactly the dense result for every method.
+* Oracle, Quest and selection bookkeeping are checked by what matters: attention mass captured.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import specontext
+from specontext.errors import InputError
+from specontext.retrieval.head import RetrievalHead, RetrievalHeadConfig, save_head
+from specontext.retrieval.selection import METHODS, SparsityOptions, past_attention
+
+from conftest import make_hf_model
+
+PREFIX, TOTAL = 80, 120
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny GQA llama (6 query heads, 2 KV heads), its transformers twin, and a random head."""
+    root = tmp_path_factory.mktemp("sparse")
+    hf = make_hf_model("llama", str(root / "m"), max_position_embeddings=256)
+    llm = specontext.load(str(root / "m"), device="cpu", prefill_chunk_tokens=32)
+    cfg = RetrievalHeadConfig(target=llm.target, input_kind="embedding+hidden", hidden_layers=(0, 1), num_heads=4,
+                              num_kv_heads=2, head_dim=8, kv_group_of_head=(0, 0, 1, 1))
+    torch.manual_seed(0)
+    head = RetrievalHead(cfg)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.3)
+    save_head(head, str(root / "head" / "tiny"))
+    ids = torch.randint(3, 96, (TOTAL,), generator=torch.Generator().manual_seed(3)).tolist()
+    return {"hf": hf, "llm": llm, "head_path": str(root / "head" / "tiny"), "ids": ids, "root": root}
+
+
+def _recording(llm):
+    """Wrap the engine's selector factory so each step's global selection is recorded."""
+    record, original = [], llm.engine.new_selector
+
+    def factory(*args, **kwargs):
+        selector = original(*args, **kwargs)
+        select = selector.select
+
+        def recorded(x, plan):
+            sel = select(x, plan)
+            record.append(None if sel is None else sel.indices.clone())
+            return sel
+        selector.select = recorded
+        return selector
+    llm.engine.new_selector = factory
+    return record, lambda: setattr(llm.engine, "new_selector", original)
+
+
+def _mask_from_record(record, prefix_len, n, num_heads, num_kv_heads):
+    """[H, n, n] bool: causal for the prompt; each decode row allows what that step chose."""
+    mask = torch.tril(torch.ones(n, n, dtype=torch.bool))[None].repeat(num_heads, 1, 1)
+    for step, chosen in enumerate(record):
+        if chosen is None:
+            continue
+        p = prefix_len + step
+        for h in range(num_heads):
+            row = torch.zeros(n, dtype=torch.bool)
+            row[chosen[0, h // (num_heads // num_kv_heads)]] = True
+            mask[h, p] = row
+    return mask
+
+
+def _hf_logits(hf, ids, mask):
+    hf.config._attn_implementation = "sdpa"
+    with torch.no_grad():
+        return hf(torch.tensor([ids]), attention_mask=mask[None]).logits[0]
+
+
+@pytest.mark.parametrize("method", ["specontext", "streaming"])
+def test_sparse_decode_equals_transformers_with_the_same_tokens_masked_in(tiny, method):
+    llm, hf, ids = tiny["llm"], tiny["hf"], tiny["ids"]
+    llm.set_sparsity(sparsity="specontext", retrieval_head=tiny["head_path"])
+    opts = SparsityOptions(method=method, budget_tokens=30, sink_tokens=2, window_tokens=4)
+    record, restore = _recording(llm)
+    try:
+        logits, selector = llm.engine.teacher_forced(ids[:PREFIX], ids[PREFIX:], sparsity=opts)
+    finally:
+        restore()
+    assert selector.stats.sparse_steps == TOTAL - PREFIX - 1
+    H, G = llm.config.num_heads, llm.config.num_kv_heads
+    n = len(ids)
+    for step, p in enumerate(range(PREFIX, n - 1)):
+        chosen = record[step]  # [1, G, K + 1], the current position last
+        assert chosen.shape == (1, G, opts.budget_tokens + 1)
+        assert (chosen[0, :, -1] == p).all() and (chosen[0, :, :-1] < p).all()
+        for g in range(G):
+            assert len(set(chosen[0, g].tolist())) == opts.budget_tokens + 1  # K distinct past tokens
+    mask = _mask_from_record(record, PREFIX, n, H, G)
+    expected = _hf_logits(hf, ids, mask)
+    assert (logits[0] - expected[PREFIX - 1]).abs().max() <= 1e-4  # prefill stays exact
+    assert (logits[1:] - expected[PREFIX:n - 1]).abs().max() <= 1e-4
+    dense = _hf_logits(hf, ids, torch.tril(torch.ones(n, n, dtype=torch.bool))[None])
+    assert (logits[1:] - dense[PREFIX:n - 1]).abs().max() > 1e-2  # the test can tell sparse from dense
+
+
+def test_specontext_keeps_sinks_and_window_and_ranks_the_rest_by_the_head(tiny):
+    llm, ids = tiny["llm"], tiny["ids"]
+    llm.set_sparsity(sparsity="specontext", retrieval_head=tiny["head_path"])
+    opts = SparsityOptions(method="specontext", budget_tokens=24, sink_tokens=3, window_tokens=5)
+    record, restore = _recording(llm)
+    try:
+        _, selector = llm.engine.teacher_forced(ids[:PREFIX], ids[PREFIX:PREFIX + 8], sparsity=opts)
+    finally:
+        restore()
+    head, cfg = llm.retrieval_head, llm.config
+    n = PREFIX + 8
+    mask = _mask_from_record(record, PREFIX, n, cfg.num_heads, cfg.num_kv_heads)
+    x = _head_input(llm, head, ids[:n], mask)
+    with torch.no_grad():
+        q, k = head.project(x, torch.arange(n)[None])
+    for step, chosen in enumerate(record):
+        p = PREFIX + step
+        with torch.no_grad():
+            probs = head.group_probs(q[:, :, p:p + 1], k[:, :, :p])[0, :, 0]  # [G, p]
+        for g in range(cfg.num_kv_heads):
+            got = set(chosen[0, g, :-1].tolist())
+            pinned = set(range(3)) | set(range(p - 5, p))
+            assert pinned <= got
+            rest = probs[g].clone()
+            rest[list(pinned)] = -1
+            best = rest.topk(24 - len(pinned)).values.sum()
+            assert probs[g, sorted(got - pinned)].sum() >= best - 1e-5  # mass, not exact indices
+
+
+@torch.no_grad()
+def _head_input(llm, head, ids, mask=None):
+    """Head inputs for every position from transformers' hidden states (an independent forward,
+    with the same attention mask the sparse steps used)."""
+    hf_model = llm_hf_twin(llm)
+    hf_model.config._attn_implementation = "sdpa"
+    out = hf_model(torch.tensor([ids]), attention_mask=None if mask is None else mask[None], output_hidden_states=True)
+    layers = head.config.hidden_layers
+    # hidden_states[i + 1] is the output of layer i (the last entry is after the final norm, so
+    # the head here never fuses the last layer)
+    hidden = torch.cat([out.hidden_states[i + 1] for i in layers], dim=-1)
+    shifted = torch.cat([torch.zeros_like(hidden[:, :1]), hidden[:, :-1]], dim=1)
+    emb = llm.model.model.embed_tokens(torch.tensor([ids]))
+    return head.inputs(emb, shifted)
+
+
+_TWINS: dict = {}
+
+
+def llm_hf_twin(llm):
+    import transformers
+
+    if llm.path not in _TWINS:
+        _TWINS[llm.path] = transformers.AutoModelForCausalLM.from_pretrained(llm.path).eval()
+    return _TWINS[llm.path]
+
+
+@pytest.mark.parametrize("budget", [30, 200])
+def test_head_k_cache_covers_prompt_and_generated_tokens(tiny, budget):
+    """Every position's key, dense steps included (budget 200 never goes sparse)."""
+    llm, ids = tiny["llm"], tiny["ids"]
+    llm.set_sparsity(sparsity="specontext", retrieval_head=tiny["head_path"], budget_tokens=budget, sink_tokens=2,
+                     window_tokens=4)
+    record, restore = _recording(llm)
+    try:
+        g = llm.engine.generate(ids[:PREFIX], specontext.GenerationConfig(max_new_tokens=12, ignore_eos=True))
+        list(g)
+    finally:
+        restore()
+    selector = g._selector
+    full = ids[:PREFIX] + g.result().token_ids
+    cfg = llm.config
+    mask = _mask_from_record(record, PREFIX, len(full), cfg.num_heads, cfg.num_kv_heads)
+    x = _head_input(llm, llm.retrieval_head, full, mask)
+    with torch.no_grad():
+        _, k_ref = llm.retrieval_head.project(x, torch.arange(len(full))[None])
+    n = len(full) - 1  # the last generated token was sampled but never run
+    assert (selector.k_device[:, :, :n] - k_ref[:, :, :n]).abs().max() <= 1e-4
+    stats = g.result().stats.sparsity
+    assert (stats["sparse_steps"], stats["dense_steps"]) == ((11, 0) if budget == 30 else (0, 11))
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "dense"])
+def test_budget_at_or_above_the_context_is_exactly_dense(tiny, method):
+    llm, ids = tiny["llm"], tiny["ids"]
+    llm.set_sparsity(sparsity="dense")
+    dense = llm.generate(ids[:PREFIX], max_new_tokens=20, ignore_eos=True)
+    dense_logits, _ = llm.engine.teacher_forced(ids[:PREFIX], ids[PREFIX:])
+    llm.set_sparsity(sparsity=method, budget_tokens=TOTAL, retrieval_head=tiny["head_path"], sink_tokens=2,
+                     window_tokens=4)
+    sparse = llm.generate(ids[:PREFIX], max_new_tokens=20, ignore_eos=True)
+    logits, selector = llm.engine.teacher_forced(ids[:PREFIX], ids[PREFIX:])
+    assert sparse.token_ids == dense.token_ids
+    assert torch.equal(logits, dense_logits)
+    assert selector.stats.sparse_steps == 0 and selector.stats.dense_steps == TOTAL - PREFIX - 1
+    llm.set_sparsity(sparsity="dense")
+
+
+def test_oracle_captures_the_most_attention_and_quest_is_bounded_by_it(tiny):
+    llm, ids = tiny["llm"], tiny["ids"]
+    recalls = {}
+    for method in ("oracle", "quest", "streaming"):
+        opts = SparsityOptions(method=method, budget_tokens=32, sink_tokens=2, measure_recall=True)
+        _, selector = llm.engine.teacher_forced(ids[:PREFIX], ids[PREFIX:], sparsity=opts)
+        assert selector.stats.sparse_steps == TOTAL - PREFIX - 1
+        recalls[method] = selector.stats.recall
+    assert 0 < recalls["streaming"] < recalls["oracle"] <= 1
+    assert recalls["quest"] <= recalls["oracle"] + 1e-6
+
+
+def test_quest_pages_follow_the_key_bound():
+    """Quest keeps the current page and the pages whose key bound is largest (hand-built keys)."""
+    from specontext.retrieval.selection import QuestSelector
+
+    D, page = 4, 4
+    keys = torch.zeros(1, 1, 22, D)  # pages 0..4 full, then 2 tokens in the current page
+    keys[0, 0, 8:12, 0] = 5.0  # page 2 has a large bound along dim 0
+    keys[0, 0, 16:20, 1] = 3.0  # page 4 along dim 1
+    q = torch.tensor([1.0, 1.0, 0.0, 0.0]).view(1, 1, 1, D)
+    sel = QuestSelector(budget_tokens=10, page_tokens=page)
+    idx, valid = sel.choose_in_layer(0, q, keys, None)
+    assert sorted(idx[0, 0].tolist()) == list(range(8, 12)) + list(range(16, 22))
+    assert valid is None
+
+
+def test_gathered_attention_equals_a_masked_float32_reference():
+    """The cache's per-KV-head gather gives the same attention as masking dense attention."""
+    from specontext.kv.cache import DenseKVCache
+    from specontext.retrieval.selection import Selection
+
+    torch.manual_seed(0)
+    B, G, R, D, S = 2, 3, 2, 8, 37
+    cache = DenseKVCache(1, B, G, D, 64, torch.float32, "cpu")
+    prefill = cache.plan_step([S - 1] * B)
+    cache.update(0, torch.randn(B, G, S - 1, D), torch.randn(B, G, S - 1, D), prefill)
+    plan = cache.plan_step([1] * B)
+    chosen = torch.stack([torch.randperm(S - 1)[:11] for _ in range(B * G)]).view(B, G, 11)
+    indices = torch.cat([chosen, torch.full((B, G, 1), S - 1)], dim=-1)
+    plan.selection = Selection(indices=indices)
+    k_new, v_new = torch.randn(B, G, 1, D), torch.randn(B, G, 1, D)
+    q = torch.randn(B, G * R, 1, D)
+    keys, values, mask = cache.update(0, k_new, v_new, plan, queries=q)
+    out = torch.nn.functional.scaled_dot_product_attention(q.view(B, G, R, D), keys, values)
+    full_k, full_v = cache.k_device[0][:, :, :S], cache.v_device[0][:, :, :S]
+    allowed = torch.zeros(B, G, S, dtype=torch.bool).scatter_(-1, indices, True)
+    ref_logits = (q.view(B, G, R, D) @ full_k.transpose(-1, -2)) / D ** 0.5
+    ref = ref_logits.masked_fill(~allowed[:, :, None], float("-inf")).softmax(-1) @ full_v
+    assert (out - ref).abs().max() <= 1e-5
+
+
+def test_fallback_runs_unconfident_steps_dense(tiny):
+    llm, ids = tiny["llm"], tiny["ids"]
+    llm.set_sparsity(sparsity="dense")
+    dense_logits, _ = llm.engine.teacher_forced(ids[:PREFIX], ids[PREFIX:])
+    llm.set_sparsity(sparsity="specontext", retrieval_head=tiny["head_path"])
+    always = SparsityOptions(method="specontext", budget_tokens=30, sink_tokens=2, window_tokens=4,
+                             fallback_threshold=1.0)
+    logits, selector = llm.engine.teacher_forced(ids[:PREFIX], ids[PREFIX:], sparsity=always)
+    assert selector.stats.fallback_steps == TOTAL - PREFIX - 1 and selector.stats.sparse_steps == 0
+    assert torch.equal(logits, dense_logits)
+    never = SparsityOptions(method="specontext", budget_tokens=30, sink_tokens=2, window_tokens=4,
+                            fallback_threshold=1e-9)
+    _, selector = llm.engine.teacher_forced(ids[:PREFIX], ids[PREFIX:], sparsity=never)
+    assert selector.stats.fallback_steps == 0 and selector.stats.sparse_steps == TOTAL - PREFIX - 1
+    assert 0 < selector.stats.confidence_sum / selector.stats.sparse_steps < 1
+
+
+def test_recall_is_the_dense_mass_on_the_chosen_set():
+    probs = torch.tensor([[[[0.5, 0.3, 0.2]]]])  # [B=1, G=1, R=1, P=3]
+    from specontext.retrieval.selection import SelectionStats, record_recall
+
+    stats = SelectionStats()
+    record_recall(stats, probs, torch.tensor([[[0, 2]]]), None)
+    assert stats.recall == pytest.approx(0.7)
+    q, k = torch.randn(1, 2, 1, 4), torch.randn(1, 1, 5, 4)
+    assert past_attention(q, k).sum(-1).allclose(torch.ones(1, 1, 2))
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+def test_budget_not_above_sinks_plus_window_is_refused_with_the_minimum():
+    with pytest.raises(InputError, match=r"sinks \+ window \(= 64\).*at least 65"):
+        SparsityOptions(method="specontext", budget_tokens=64, sink_tokens=4, window_tokens=60)
+    with pytest.raises(InputError, match="at least 5"):
+        specontext.RuntimeSettings(sparsity="streaming", budget_tokens=4, sink_tokens=4)
+    with pytest.raises(InputError, match="sparsity must be one of"):
+        SparsityOptions(method="sparse")
+
+
+def test_head_for_another_model_is_refused_naming_its_model(tiny, tmp_path):
+    other = make_hf_model("llama", str(tmp_path / "other"), seed=5, max_position_embeddings=256)
+    del other
+    llm = specontext.load(str(tmp_path / "other"), device="cpu")
+    with pytest.raises(InputError, match=r"made for m \(3 layers.*fingerprint"):
+        llm.set_sparsity(sparsity="specontext", retrieval_head=tiny["head_path"])
+
+
+def test_auto_without_a_head_says_how_to_make_one(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECONTEXT_HEAD_DIR", str(tmp_path / "none"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with pytest.raises(InputError, match="specontext-distill"):
+        tiny["llm"].set_sparsity(sparsity="specontext", retrieval_head="auto")
+    monkeypatch.setenv("SPECONTEXT_HEAD_DIR", str(tiny["root"] / "head"))
+    tiny["llm"].set_sparsity(sparsity="specontext", retrieval_head="auto")
+    assert tiny["llm"].retrieval_head is not None
+    tiny["llm"].set_sparsity(sparsity="dense")
+
+
+def test_cli_reports_sparsity_in_json_and_refuses_a_small_budget(tiny, capsys):
+    from specontext.cli import main
+
+    root = tiny["root"]
+    words = " ".join(f"w{i % 90 + 3}" for i in range(150))
+    doc = root / "doc.txt"
+    doc.write_text(words)
+    rc = main(["--model", str(root / "m"), "--document", str(doc), "--no-chat-template", "--json",
+               "--max-new-tokens", "8", "--ignore-eos", "--sparsity", "specontext", "--budget", "40",
+               "--sink-tokens", "2", "--window-tokens", "4", "--retrieval-head", tiny["head_path"],
+               "--measure-recall", "--quiet"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    info = out["sparsity"]
+    assert info["method"] == "specontext" and info["budget_tokens"] == 40 and info["sparse_steps"] == 7
+    assert 0 < info["recall"] <= 1 and info["fallback_steps"] == 0
+    rc = main(["--model", str(root / "m"), "--question", "hi", "--sparsity", "specontext", "--budget", "10"])
+    err = capsys.readouterr().err
+    assert rc != 0 and err.count("\n") == 1 and "at least 65" in err
