@@ -327,3 +327,23 @@ def test_cuda_rejects_pageable_host_memory():
     with pytest.raises(ValueError, match="pin_memory"):
         native.scatter_rows(torch.zeros(1, 3, device="cuda"), torch.tensor([1], device="cuda"),
                             torch.zeros(5, 3))
+
+
+def test_loads_when_a_source_checkout_shadows_the_installed_package():
+    """`python -c ...` from the repository root imports the source tree, which has no built
+    library; the loader then uses the installed distribution's copy (CI once failed on this)."""
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    code = "import specontext.native as n; print(n.library_path()); print(n.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in __import__("os").environ.items()
+                              if k not in ("SPECONTEXT_NATIVE_LIB", "PYTHONPATH")})
+    assert out.returncode == 0, out.stderr
+    lib_path, module_path = out.stdout.split("\n")[:2]
+    assert pathlib.Path(lib_path).is_file()
+    if pathlib.Path(module_path).resolve().is_relative_to(root):
+        assert not pathlib.Path(lib_path).resolve().is_relative_to(root / "specontext") or \
+            (root / "specontext" / native.LIBRARY_NAME).exists()

@@ -121,7 +121,7 @@ def _sequences(ids: list[int], cfg: DistillConfig) -> tuple[list[list[int]], lis
     return trains, evals
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the returned tensors feed training
 def teacher_sequence(model, ids: list[int], cfg: DistillConfig, chunk_tokens: int, seed: int) -> TeacherSequence:
     """Run the target over ``ids`` once and record what the head learns from (see module docstring)."""
     mcfg = model.config

@@ -1,0 +1,119 @@
+"""specontext-distill on a tiny model: teacher targets against transformers, training, resume, artefact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import specontext
+from specontext.retrieval.distill import (DistillConfig, distill, evaluate, group_target, head_scores, main,
+                                          selection_recall, teacher_sequence)
+from specontext.retrieval.head import load_head
+
+from conftest import make_hf_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill")
+    hf = make_hf_model("llama", str(root / "m"), max_position_embeddings=256, num_hidden_layers=3)
+    llm = specontext.load(str(root / "m"), device="cpu", prefill_chunk_tokens=24)
+    words = [f"w{3 + (i * 7919 + i // 5) % 93}" for i in range(700)]
+    return {"root": root, "hf": hf, "llm": llm, "text": " ".join(words)}
+
+
+def small_config(**over) -> DistillConfig:
+    base = dict(seq_tokens=64, max_sequences=4, holdout_tokens=128, eval_sequences=2, queries_per_sequence=12,
+                min_query_position=16, hidden_layers=(0, 1), steps=40, lr=5e-3, eval_budgets=(16, 32),
+                sink_tokens=2, window_tokens=4)
+    base.update(over)
+    return DistillConfig(**base)
+
+
+def test_teacher_attention_matches_transformers_attentions(tiny):
+    llm, hf = tiny["llm"], tiny["hf"]
+    ids = llm.tokenizer.encode(tiny["text"], add_bos=False)[:64]
+    cfg = small_config()
+    seq = teacher_sequence(llm.model, ids, cfg, chunk_tokens=24, seed=1)
+    hf.config._attn_implementation = "eager"
+    with torch.no_grad():
+        out = hf(torch.tensor([ids]), output_attentions=True, output_hidden_states=True)
+    per_layer = []
+    for att in out.attentions:  # [1, H, n, n]
+        a = att[0][:, seq.query_positions]  # [H, Q, n]
+        past = torch.arange(64)[None, :] < seq.query_positions[:, None]
+        a = a * past[None]
+        per_layer.append(a / a.sum(-1, keepdim=True))
+    expected = torch.stack(per_layer).mean(0)
+    assert (seq.attention.float() - expected).abs().max() <= 2e-3  # stored as float16
+    hidden = torch.cat([out.hidden_states[1][0], out.hidden_states[2][0]], dim=-1)
+    assert (seq.hidden.float() - hidden).abs().max() <= 2e-2 * hidden.abs().max()
+
+
+def test_recall_of_the_group_mean_oracle_is_optimal_and_hand_checked():
+    att = torch.tensor([[[0.5, 0.45, 0.05, 0.0]], [[0.0, 0.45, 0.55, 0.0]]])  # [H=2, Q=1, S=4], query at 3
+    qpos = torch.tensor([3])
+    # group mean [0.25, 0.45, 0.30] keeps {1, 2}: (0.5 + 1.0) / 2; group max [0.5, 0.45, 0.55] keeps {0, 2}
+    assert selection_recall(att, group_target(att, 1, "mean"), 2, 0, 0, qpos) == pytest.approx(0.75)
+    assert selection_recall(att, group_target(att, 1, "max"), 2, 0, 0, qpos) == pytest.approx(0.55)
+    # streaming with a budget of one token keeps the most recent: (0.05 + 0.55) / 2
+    assert selection_recall(att, torch.zeros(1, 1, 4), 1, 0, 1, qpos) == pytest.approx(0.3)
+
+
+def test_distill_trains_resumes_and_saves_a_head_auto_can_find(tiny, monkeypatch, capsys):
+    llm, root = tiny["llm"], tiny["root"]
+    out = str(root / "heads" / "tiny")
+    path, q1 = distill(llm, tiny["text"], out, small_config(steps=10), progress=False, log=lambda m: None)
+    logs = []
+    path, quality = distill(llm, tiny["text"], out, small_config(steps=60), progress=False, log=logs.append)
+    assert any("resuming training at step 10" in m for m in logs)
+    head = load_head(path, target=llm.target)
+    assert head.config.source == "distilled" and head.config.hidden_layers == (0, 1)
+    recall = quality["recall_heldout"]
+    assert set(recall) == {"head", "oracle_global", "streaming"}
+    for b in (16, 32):
+        assert 0 < recall["streaming"][b] <= recall["oracle_global"][b] + 1e-6 <= 1 + 1e-6
+        assert 0 < recall["head"][b] <= recall["oracle_global"][b] + 1e-6
+    # training moved the head toward the teacher: its held-out recall beats the untrained head's
+    cfg = small_config()
+    ids = llm.tokenizer.encode(tiny["text"], add_bos=False)
+    evals = [teacher_sequence(llm.model, ids[i * 64:(i + 1) * 64], cfg, 24, seed=50000 + i) for i in range(2)]
+    fresh = type(head)(head.config)
+    torch.manual_seed(0)
+    before = evaluate(fresh, llm.model.model.embed_tokens, evals, cfg, llm.config.num_kv_heads)["head"][16]
+    after = evaluate(head, llm.model.model.embed_tokens, evals, cfg, llm.config.num_kv_heads)["head"][16]
+    assert after > before
+    assert q1["recall_heldout"]["head"] is not None
+
+    monkeypatch.setenv("SPECONTEXT_HEAD_DIR", str(root / "heads"))
+    llm.set_sparsity(sparsity="specontext", retrieval_head="auto", budget_tokens=20, sink_tokens=2, window_tokens=4)
+    assert llm.retrieval_head is not None
+    result = llm.generate(ids[:100], max_new_tokens=5, ignore_eos=True)
+    assert result.stats.sparsity["sparse_steps"] == 4
+    llm.set_sparsity(sparsity="dense")
+
+
+def test_head_scores_are_a_distribution_over_the_past(tiny):
+    llm = tiny["llm"]
+    ids = llm.tokenizer.encode(tiny["text"], add_bos=False)[:64]
+    seq = teacher_sequence(llm.model, ids, small_config(), 24, seed=3)
+    from specontext.retrieval.head import RetrievalHead, RetrievalHeadConfig
+
+    cfg = RetrievalHeadConfig(target=llm.target, input_kind="embedding+hidden", hidden_layers=(0, 1), num_heads=2,
+                              num_kv_heads=2, head_dim=8, kv_group_of_head=(0, 1))
+    scores = head_scores(RetrievalHead(cfg), llm.model.model.embed_tokens, seq)
+    past = torch.arange(64)[None, :] < seq.query_positions[:, None]
+    assert (scores * ~past[None]).abs().max() == 0
+    assert ((scores.amax(-1) > 0) & (scores.amax(-1) <= 1)).all()
+
+
+def test_cli_errors_are_one_line(tiny, capsys):
+    rc = main(["--model", str(tiny["root"] / "m"), "--steps", "0"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "--steps must be >= 1" in err
+    text = tiny["root"] / "short.txt"
+    text.write_text("w3 w4 w5")
+    rc = main(["--model", str(tiny["root"] / "m"), "--text", str(text), "--output", str(tiny["root"] / "x"),
+               "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "distillation needs at least" in err and err.count("\n") == 1
