@@ -366,6 +366,7 @@ class Generation:
             if opts.method in ("specontext", "streaming"):
                 info["sink_tokens"] = opts.sink_tokens
             if opts.method == "specontext":
+                info["retrieval_head"] = getattr(self.engine.retrieval_head, "path", None)
                 info["window_tokens"] = opts.window_tokens
                 info["fallback_threshold"] = opts.fallback_threshold
             if opts.method == "quest":

@@ -332,6 +332,7 @@ def test_cli_reports_sparsity_in_json_and_refuses_a_small_budget(tiny, capsys):
     info = out["sparsity"]
     assert info["method"] == "specontext" and info["budget_tokens"] == 40 and info["sparse_steps"] == 7
     assert 0 < info["recall"] <= 1 and info["fallback_steps"] == 0
+    assert info["retrieval_head"].endswith("tiny.json")
     rc = main(["--model", str(root / "m"), "--question", "hi", "--sparsity", "specontext", "--budget", "10"])
     err = capsys.readouterr().err
     assert rc != 0 and err.count("\n") == 1 and "at least 65" in err

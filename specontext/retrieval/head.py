@@ -194,6 +194,7 @@ class RetrievalHead(nn.Module):
         self.q_proj = nn.Linear(cfg.input_width, cfg.num_heads * cfg.head_dim, bias=cfg.qk_bias)
         self.k_proj = nn.Linear(cfg.input_width, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qk_bias)
         self._rotary: dict = {}
+        self.path: str | None = None  # the artefact's .json when loaded from one
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -330,6 +331,7 @@ def load_head(path: str, device: torch.device | str = "cpu", dtype: torch.dtype 
     if extra:
         raise ModelFileError(f"retrieval head {weights_path} has unexpected tensor {extra[0]!r}")
     head.load_state_dict(state, strict=True)
+    head.path = os.path.abspath(head_paths(path)[1])
     return head.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
