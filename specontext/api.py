@@ -117,6 +117,9 @@ class LLM:
             raise InputError(f"unknown sparsity option {unknown[0]!r}; valid: {', '.join(sorted(allowed))}")
         settings = replace(self.settings, **changes)
         opts = settings.sparsity_options()
+        if opts.method != "dense" and self.config.sliding_window is not None:
+            raise InputError(f"sparsity {opts.method!r} is not supported for sliding-window attention models "
+                             f"(window {self.config.sliding_window}); use --sparsity dense")
         head = self.retrieval_head
         if opts.method == "specontext" and (head is None or settings.retrieval_head != self.settings.retrieval_head):
             head = resolve_head(settings.retrieval_head, self.target, device=self.model.device, dtype=self.model.dtype)
@@ -203,10 +206,11 @@ def load(model: str | None = None, *, device: str = "auto", dtype: str = "auto",
         raise InputError(f"dtype {settings.dtype} is for CUDA; on CPU use float32 (or auto)")
     path = model or assets.default_model_path()
     if sparsity:
-        try:
-            settings = replace(settings, **sparsity)
-        except TypeError:
-            raise InputError(f"unknown load option(s) {', '.join(sorted(sparsity))}") from None
+        allowed = {f.name for f in fields(RuntimeSettings)}
+        unknown = sorted(set(sparsity) - allowed)
+        if unknown:
+            raise InputError(f"unknown load option {unknown[0]!r}; valid: {', '.join(sorted(allowed))}")
+        settings = replace(settings, **sparsity)
     cfg, tensors, tokenizer = load_model_files(path)
     target = TargetInfo.of(cfg, target_fingerprint(tensors), name=os.path.basename(os.path.normpath(path)))
     with torch.device("meta"):

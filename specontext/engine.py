@@ -227,7 +227,7 @@ class Engine:
             captured: dict = {}
             out = self.model(x, plan, cache, logits_for=want, capture_layers=capture, captured=captured)
             if selector is not None:
-                selector.observe(x, plan, captured)
+                selector.observe(x, plan, captured, is_prefill=True)
             if want != "none":
                 pieces.append(out)
             if progress is not None:

@@ -78,8 +78,8 @@ def test_distill_trains_resumes_and_saves_a_head_auto_can_find(tiny, monkeypatch
     cfg = small_config()
     ids = llm.tokenizer.encode(tiny["text"], add_bos=False)
     evals = [teacher_sequence(llm.model, ids[i * 64:(i + 1) * 64], cfg, 24, seed=50000 + i) for i in range(2)]
-    fresh = type(head)(head.config)
     torch.manual_seed(0)
+    fresh = type(head)(head.config)
     before = evaluate(fresh, llm.model.model.embed_tokens, evals, cfg, llm.config.num_kv_heads)["head"][16]
     after = evaluate(head, llm.model.model.embed_tokens, evals, cfg, llm.config.num_kv_heads)["head"][16]
     assert after > before

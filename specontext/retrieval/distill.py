@@ -64,6 +64,11 @@ class DistillConfig:
     sink_tokens: int = 4
     window_tokens: int = 60
 
+    def train_key(self, teacher_key: str) -> str:
+        """Checkpoints resume only a run with the same data and training settings (--steps may grow)."""
+        fields = (teacher_key, self.num_heads, self.head_dim, self.lr, self.target_aggregate)
+        return hashlib.sha256(repr(fields).encode()).hexdigest()[:16]
+
     def teacher_key(self, fingerprint: str, text_digest: str) -> str:
         fields = (fingerprint, text_digest, self.seq_tokens, self.max_sequences, self.holdout_tokens,
                   self.eval_sequences, self.queries_per_sequence, self.min_query_position, self.hidden_layers,
@@ -81,8 +86,8 @@ class TeacherProbe(DenseKVCache):
     def __init__(self, num_layers, num_kv_heads, head_dim, capacity, dtype, device, num_heads,
                  query_positions: torch.Tensor):
         super().__init__(num_layers, 1, num_kv_heads, head_dim, capacity, dtype, device)
-        self.query_positions = query_positions
-        self.probs_sum = torch.zeros(num_heads, len(query_positions), capacity, dtype=torch.float32)
+        self.query_positions = query_positions.to(self.device)
+        self.probs_sum = torch.zeros(num_heads, len(query_positions), capacity, dtype=torch.float32, device=self.device)
 
     def update(self, layer, k, v, plan, queries=None):
         keys, values, mask = super().update(layer, k, v, plan, queries)
@@ -97,7 +102,7 @@ class TeacherProbe(DenseKVCache):
             q = queries[0, :, local].float()  # [H, n, D]
             kk = keys[0].float().repeat_interleave(H // G, dim=0)  # [H, S, D]
             logits = torch.matmul(q, kk.transpose(-1, -2)) * D ** -0.5  # [H, n, S]
-            past = torch.arange(keys.shape[2])[None, :] < qpos[:, None]  # [n, S]
+            past = torch.arange(keys.shape[2], device=keys.device)[None, :] < qpos[:, None]  # [n, S]
             probs = logits.masked_fill(~past[None], float("-inf")).softmax(-1)
             self.probs_sum[:, j, :keys.shape[2]] += probs
         return keys, values, mask
@@ -140,7 +145,7 @@ def teacher_sequence(model, ids: list[int], cfg: DistillConfig, chunk_tokens: in
         captured: dict = {}
         model(x, probe.plan_step([len(part)]), probe, logits_for="none", capture_layers=layers, captured=captured)
         hidden[start:start + len(part)] = torch.cat([captured[i][0] for i in layers], dim=-1).to(torch.float16).cpu()
-    attention = (probe.probs_sum / mcfg.num_layers).to(torch.float16)
+    attention = (probe.probs_sum / mcfg.num_layers).to(device="cpu", dtype=torch.float16)
     return TeacherSequence(torch.tensor(ids), hidden, qpos, attention)
 
 
@@ -231,7 +236,7 @@ def evaluate(head, embed, seqs: list[TeacherSequence], cfg: DistillConfig, num_k
     return out
 
 
-def _save_checkpoint(head, opt, step: int, path: str) -> None:
+def _save_checkpoint(head, opt, step: int, path: str, loss_avg: float | None) -> None:
     """Head weights, Adam moments and the step, as safetensors + JSON (no pickle)."""
     from safetensors.torch import save_file
 
@@ -243,25 +248,32 @@ def _save_checkpoint(head, opt, step: int, path: str) -> None:
             tensors[f"adam.exp_avg.{name}"] = st["exp_avg"].contiguous()
             tensors[f"adam.exp_avg_sq.{name}"] = st["exp_avg_sq"].contiguous()
             adam_step = float(st["step"])
-    save_file(tensors, path + ".safetensors.partial")
+    meta = {"step": step, "adam_step": adam_step if step else 0.0, "loss_avg": loss_avg}
+    # the step travels inside the weights file too, so a crash between the two renames is detected
+    save_file(tensors, path + ".safetensors.partial", metadata={"step": str(step)})
     with open(path + ".json.partial", "w") as f:
-        json.dump({"step": step, "adam_step": adam_step if step else 0.0}, f)
+        json.dump(meta, f)
     os.replace(path + ".safetensors.partial", path + ".safetensors")
     os.replace(path + ".json.partial", path + ".json")
 
 
-def _load_checkpoint(head, opt, path: str) -> int:
+def _load_checkpoint(head, opt, path: str) -> tuple[int, float | None]:
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     with open(path + ".json") as f:
         meta = json.load(f)
+    with safe_open(path + ".safetensors", "pt") as f:
+        if (f.metadata() or {}).get("step") != str(meta["step"]):
+            raise InputError(f"training checkpoint {path}.* is torn (weights and step disagree); "
+                             "rerun with --restart")
     tensors = load_file(path + ".safetensors")
     head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")}, strict=True)
     for name, p in head.named_parameters():
         if f"adam.exp_avg.{name}" in tensors:
             opt.state[p] = {"step": torch.tensor(meta["adam_step"]), "exp_avg": tensors[f"adam.exp_avg.{name}"],
                             "exp_avg_sq": tensors[f"adam.exp_avg_sq.{name}"]}
-    return int(meta["step"])
+    return int(meta["step"]), meta.get("loss_avg")
 
 
 def distill(llm, text: str, output: str, cfg: DistillConfig, restart: bool = False,
@@ -292,6 +304,17 @@ def distill(llm, text: str, output: str, cfg: DistillConfig, restart: bool = Fal
             os.remove(os.path.join(work, name))
     os.makedirs(work, exist_ok=True)
 
+    # the head's shape is checked before minutes of teacher work
+    H = cfg.num_heads or mcfg.num_heads
+    G = mcfg.num_kv_heads
+    if H % G:
+        raise InputError(f"--num-heads must be a multiple of the model's {G} KV heads, got {H}")
+    head_cfg = RetrievalHeadConfig(
+        target=target, input_kind="embedding+hidden" if cfg.hidden_layers else "embedding",
+        hidden_layers=cfg.hidden_layers, num_heads=H, num_kv_heads=G, head_dim=cfg.head_dim or mcfg.head_dim,
+        kv_group_of_head=tuple(h // (H // G) for h in range(H)), rope=mcfg.rope, rms_norm_eps=mcfg.rms_norm_eps,
+        trained_context_tokens=cfg.seq_tokens, source="distilled")
+
     # 1. teacher data, one file per sequence, reused on resume
     all_seqs = [("eval", i, s) for i, s in enumerate(evals)] + [("train", i, s) for i, s in enumerate(trains)]
     loaded: dict[str, list[TeacherSequence]] = {"eval": [], "train": []}
@@ -305,28 +328,18 @@ def distill(llm, text: str, output: str, cfg: DistillConfig, restart: bool = Fal
         loaded[kind].append(_load_teacher(path))
 
     # 2. training
-    H = cfg.num_heads or mcfg.num_heads
-    G = mcfg.num_kv_heads
-    if H % G:
-        raise InputError(f"--num-heads must be a multiple of the model's {G} KV heads, got {H}")
-    head_cfg = RetrievalHeadConfig(
-        target=target, input_kind="embedding+hidden" if cfg.hidden_layers else "embedding",
-        hidden_layers=cfg.hidden_layers, num_heads=H, num_kv_heads=G, head_dim=cfg.head_dim or mcfg.head_dim,
-        kv_group_of_head=tuple(h // (H // G) for h in range(H)), rope=mcfg.rope, rms_norm_eps=mcfg.rms_norm_eps,
-        trained_context_tokens=max(cfg.seq_tokens, mcfg.max_position_embeddings), source="distilled")
     torch.manual_seed(cfg.seed)
     head = RetrievalHead(head_cfg).float().train()
     embed = model.model.embed_tokens
     opt = torch.optim.Adam(head.parameters(), lr=cfg.lr)
-    ckpt = os.path.join(work, f"checkpoint-{key}")
-    step = 0
+    ckpt = os.path.join(work, f"checkpoint-{cfg.train_key(key)}")
+    step, loss_avg = 0, None
     if os.path.exists(ckpt + ".json") and os.path.exists(ckpt + ".safetensors"):
-        step = _load_checkpoint(head, opt, ckpt)
+        step, loss_avg = _load_checkpoint(head, opt, ckpt)
         log(f"resuming training at step {step} of {cfg.steps} from {ckpt}.safetensors")
     targets = [group_target(s.attention, G, cfg.target_aggregate) for s in loaded["train"]]
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not progress)
     last_save = time.monotonic()
-    loss_avg = None
     while step < cfg.steps:
         g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
         i = int(torch.randint(len(loaded["train"]), (1,), generator=g))
@@ -347,7 +360,7 @@ def distill(llm, text: str, output: str, cfg: DistillConfig, restart: bool = Fal
         bar.update(1)
         bar.set_postfix(kl=f"{loss_avg:.3f}")
         if time.monotonic() - last_save > 60 or step == cfg.steps:
-            _save_checkpoint(head, opt, step, ckpt)
+            _save_checkpoint(head, opt, step, ckpt, loss_avg)
             last_save = time.monotonic()
     bar.close()
 
@@ -394,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="query positions per sequence whose attention the head learns")
     p.add_argument("--hidden-layers", default=None,
                    help="target layers whose outputs the head fuses, comma-separated; 'none' for embedding only "
-                        "(default: 2, L/2 and L-3, as EAGLE-3 drafts)")
+                        "(default: 2, L/2 and L-3: low, middle and high layers, in the spirit of EAGLE-3)")
     p.add_argument("--num-heads", type=int, default=0, help="head query heads (0: the model's)")
     p.add_argument("--head-dim", type=int, default=0, help="head dimension (0: the model's)")
     p.add_argument("--steps", type=int, default=d.steps, help="Adam steps")
@@ -418,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("seq_tokens", "max_sequences", "queries_per_sequence", "steps", "eval_sequences"):
             if getattr(args, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        if args.num_heads < 0 or args.head_dim < 0:
+            raise InputError("--num-heads and --head-dim must be >= 0 (0: the model's)")
         if args.holdout_tokens < 0 or args.threads < 0 or not (args.lr > 0 and math.isfinite(args.lr)):
             raise InputError("--holdout-tokens and --threads must be >= 0 and --lr a positive number")
         texts = []

@@ -140,8 +140,12 @@ class Selector:
     def allocated_bytes(self) -> int:
         return 0
 
-    def observe(self, ids: torch.Tensor, plan, captured: dict) -> None:
-        """Called after the target ran ``ids`` [B, T]; ``captured`` holds ``capture_layers`` outputs."""
+    def observe(self, ids: torch.Tensor, plan, captured: dict, is_prefill: bool = False) -> None:
+        """Called after the target ran ``ids`` [B, T]; ``captured`` holds ``capture_layers`` outputs.
+
+        ``is_prefill`` marks prompt chunks (whose keys the head must still compute, even for a
+        one-token chunk); decode tokens were keyed in :meth:`prepare`.
+        """
 
     def select(self, ids: torch.Tensor, plan) -> Selection | None:
         """Choose for the decode step about to run ``ids`` [B, 1] at ``plan.positions``."""
@@ -304,10 +308,10 @@ class HeadSelector(Selector):
         return torch.cat([captured[i] for i in self.capture_layers], dim=-1)  # [B, T, L*E]
 
     @torch.inference_mode()
-    def observe(self, ids, plan, captured):
+    def observe(self, ids, plan, captured, is_prefill=False):
         hidden = self._hidden(captured)
         B, T = ids.shape
-        if T > 1:  # a prefill chunk: keys for every position of it
+        if is_prefill:  # keys for every position of the chunk
             if hidden is not None:
                 shifted = torch.cat([self.carry_hidden[:, None].to(hidden.dtype), hidden[:, :-1]], dim=1)
             else:
