@@ -175,18 +175,24 @@ class ModelConfig:
         """Read ``config.json`` (a file or a folder containing one)."""
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
-        try:
-            with open(path, encoding="utf-8") as f:
-                cfg = json.load(f)
-        except FileNotFoundError:
-            raise ModelFileError(f"config file not found: {path}") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ModelFileError(f"cannot read {path}: {exc}") from None
-        except json.JSONDecodeError as exc:
-            raise ModelFileError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
-        if not isinstance(cfg, dict):
-            raise ModelFileError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
+        cfg = read_json_object(path, missing=f"config file not found: {path}")
         return cls.from_hf_dict(cfg, name=os.path.basename(os.path.dirname(os.path.abspath(path))))
+
+
+def read_json_object(path: str, missing: str) -> dict:
+    """A JSON object from ``path``; ModelFileError (``missing`` when absent) otherwise."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ModelFileError(missing) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelFileError(f"cannot read {path}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ModelFileError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    if not isinstance(data, dict):
+        raise ModelFileError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _req(cfg: dict, key: str, typ: type):

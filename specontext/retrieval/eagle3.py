@@ -51,7 +51,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import _hf_rope
+from ..config import _hf_rope, read_json_object
 from ..errors import InputError, ModelFileError, SpecontextError, UnsupportedModelError
 from .head import RetrievalHead, RetrievalHeadConfig, TargetInfo, save_head
 
@@ -122,19 +122,8 @@ def read_draft_config(draft_dir: str) -> dict:
     """The draft's ``config.json`` as a dict; ModelFileError when missing or malformed."""
     if not os.path.isdir(draft_dir):
         raise ModelFileError(f"EAGLE-3 draft folder not found: {draft_dir}")
-    path = os.path.join(draft_dir, "config.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except FileNotFoundError:
-        raise ModelFileError(f"EAGLE-3 draft {draft_dir} has no config.json") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ModelFileError(f"cannot read {path}: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise ModelFileError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
-    if not isinstance(cfg, dict):
-        raise ModelFileError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
-    return cfg
+    return read_json_object(os.path.join(draft_dir, "config.json"),
+                            missing=f"EAGLE-3 draft {draft_dir} has no config.json")
 
 
 def _shard_paths(draft_dir: str) -> list[str]:
