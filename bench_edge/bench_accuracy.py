@@ -17,6 +17,9 @@ What is measured, per context C, method and budget B (past tokens attended per K
       set, mean over layers, KV heads, query heads and sparse decode steps;
     - top-1 agreement: the fraction of the N positions where argmax(sparse) == argmax(dense);
     - perplexity of the N tokens, and the mean KL(dense || sparse) of the next-token distributions.
+* oracle-global (teacher-forced only): one set per KV head for every layer, the top-B of the
+  target's own attention averaged over layers, recorded in a first pass (global_oracle.py): the
+  upper bound of any retrieval head, where ``oracle`` (a set per layer) bounds per-layer methods.
 * Needle. The needle sentence is put at a sentence boundary at each depth of the haystack and
   the question follows it in one user message (chat template), the whole prompt about C tokens.
   Each (context, depth) is prefilled once and every method decodes greedily from that state; an
@@ -45,7 +48,10 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-METHODS = ("dense", "specontext", "oracle", "quest", "streaming")
+import global_oracle  # noqa: E402  (bench_edge/, next to this file)
+
+METHODS = ("dense", "specontext", "oracle", "quest", "streaming", "oracle-global")
+TEACHER_FORCED_ONLY = ("oracle-global",)  # replays recorded attention, so it cannot generate freely
 DEFAULT_KEYWORDS = "sandwich,dolores park"
 METRICS = (  # (key in the row, section, title, format, larger is better)
     ("recall", "teacher_forced", "attention recall (dense attention mass on the chosen set)", "{:.3f}", True),
@@ -227,9 +233,9 @@ class Recorder:
             os.remove(self.partial)
 
 
-def configurations(args) -> list[tuple[str, int | None]]:
+def configurations(args, teacher_forced: bool = True) -> list[tuple[str, int | None]]:
     """The dense reference, then every (sparse method, budget) pair."""
-    sparse = [m for m in args.methods if m != "dense"]
+    sparse = [m for m in args.methods if m != "dense" and (teacher_forced or m not in TEACHER_FORCED_ONLY)]
     return [("dense", None)] + [(m, b) for m in sparse for b in args.budgets]
 
 
@@ -251,13 +257,28 @@ def run_teacher_forced(llm, source, context: int, args, rec: Recorder, bar) -> N
                               "prefill_s": round(time.perf_counter() - t0, 3)}
     target = torch.tensor(continuation[1:])
     dense_log_probs = None
+    recorded = None  # per-step attention for the global oracle, recorded once per context
     for method, budget in configurations(args):
         bar.set_postfix_str(f"ctx {context}: teacher-forced {method} {budget or ''}")
         row = rec.row(context, method, budget)
         t0 = time.perf_counter()
         try:
-            logits, selector = engine.teacher_forced(prefix, continuation,
-                                                     sparsity=sparsity_options(method, budget, args, True), state=state)
+            selector = None
+            if method == global_oracle.METHOD:
+                if recorded is None:
+                    bar.set_postfix_str(f"ctx {context}: recording attention for {method}")
+                    recorder = global_oracle.AttentionRecorder(engine.model.config.num_layers,
+                                                               engine.model.config.num_kv_heads)
+                    engine.teacher_forced(prefix, continuation, state=state, selector=recorder)
+                    recorded = recorder.scores
+                    info["teacher_forced"]["record_attention_s"] = round(time.perf_counter() - t0, 3)
+                    t0 = time.perf_counter()
+                sparsity_options("specontext", budget, args, True)  # the same budget checks as the head
+                selector = global_oracle.ReplayedGlobalOracle(recorded, budget, args.sink_tokens, args.window_tokens,
+                                                              engine.model.config.num_kv_heads)
+            options = None if selector is not None else sparsity_options(method, budget, args, True)
+            logits, selector = engine.teacher_forced(prefix, continuation, sparsity=options, state=state,
+                                                     selector=selector)
         except SpecontextError as exc:  # a budget the method refuses: record it and go on
             row["teacher_forced"] = {"error": f"{type(exc).__name__}: {exc}"}
             bar.write(f"ctx {context} {method} {budget}: {exc}")
@@ -303,7 +324,7 @@ def run_needle(llm, source, context: int, args, rec: Recorder, bar) -> None:
         state = engine.prefill_state(ids, len(ids) + new)
         info["prompt_tokens"][str(depth)] = len(ids)
         info["prefill_s"][str(depth)] = round(time.perf_counter() - t0, 3)
-        for method, budget in configurations(args):
+        for method, budget in configurations(args, teacher_forced=False):
             bar.set_postfix_str(f"ctx {context}: needle depth {depth}% {method} {budget or ''}")
             row = rec.row(context, method, budget)
             needle = row.setdefault("needle", {"passes": {}, "answers": {}, "sparse_steps": 0, "dense_steps": 0,
@@ -438,7 +459,8 @@ def plot(rec: Recorder, args) -> str | None:
     styles = {"specontext": dict(color="tab:red", marker="o", markersize=5, zorder=5),
               "oracle": dict(color="tab:green", marker="s", markersize=10, fillstyle="none", linestyle=":"),
               "quest": dict(color="tab:blue", marker="^", markersize=8, fillstyle="none", linestyle="-."),
-              "streaming": dict(color="tab:orange", marker="D", markersize=7, fillstyle="none", linestyle="--")}
+              "streaming": dict(color="tab:orange", marker="D", markersize=7, fillstyle="none", linestyle="--"),
+              "oracle-global": dict(color="tab:purple", marker="v", markersize=7, fillstyle="none", linestyle=":")}
     for r, context in enumerate(args.contexts):
         for c, (key, section, title, _, _) in enumerate(metrics):
             ax = axes[r][c]
@@ -527,8 +549,8 @@ def main(argv: list[str] | None = None) -> int:
     rec = Recorder(args.out, {"benchmark": "accuracy of sparse decode against dense", "machine": describe(),
                               "settings": settings, "retrieval_head": head_info or {"skipped": head_note}})
 
-    total = len(args.contexts) * len(configurations(args)) * ((0 if args.skip_teacher_forced else 1)
-                                                              + (0 if args.skip_needle else len(args.depths)))
+    total = len(args.contexts) * ((0 if args.skip_teacher_forced else len(configurations(args)))
+                                  + (0 if args.skip_needle else len(args.depths) * len(configurations(args, False))))
     with tqdm(total=total, desc="accuracy", unit="run", file=sys.stderr, dynamic_ncols=True) as bar:
         for context in args.contexts:
             t0 = time.perf_counter()

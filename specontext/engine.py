@@ -250,10 +250,12 @@ class Engine:
         logits = self.prefill(prompt_ids, cache, progress=progress, selector=selector)
         return PrefillState(list(prompt_ids), cache, logits, selector)
 
-    def _decoder(self, state: "PrefillState", sparsity: SparsityOptions | None) -> tuple[KVCache, Selector]:
-        """Rewind ``state`` to its prompt and give a fresh selector for ``sparsity`` over it."""
+    def _decoder(self, state: "PrefillState", sparsity: SparsityOptions | None,
+                 selector: Selector | None = None) -> tuple[KVCache, Selector]:
+        """Rewind ``state`` to its prompt and give a fresh selector for ``sparsity`` (or ``selector``) over it."""
         state.cache.seq_lens = [len(state.prompt_ids)] * state.cache.batch_size
-        selector = self.new_selector(state.cache.capacity_tokens, sparsity=sparsity)
+        if selector is None:
+            selector = self.new_selector(state.cache.capacity_tokens, sparsity=sparsity)
         if isinstance(selector, HeadSelector):
             if state.head_selector is None:
                 raise InputError("this prefill state was made without a retrieval head")
@@ -263,13 +265,15 @@ class Engine:
     @torch.inference_mode()
     def teacher_forced(self, prefix_ids: list[int], continuation_ids: list[int],
                        sparsity: SparsityOptions | None = None,
-                       state: "PrefillState | None" = None) -> tuple[torch.Tensor, Selector]:
+                       state: "PrefillState | None" = None,
+                       selector: Selector | None = None) -> tuple[torch.Tensor, Selector]:
         """Score a known continuation step by step, as decode would, for accuracy measurement.
 
         The prefix is prefilled (dense), or taken from ``state`` (made by :meth:`prefill_state`
         for the same prefix, with room for the continuation); each continuation token is then fed
         as one decode step under ``sparsity`` (default: the engine's), so selection sees exactly
-        what it would during generation.
+        what it would during generation. ``selector``, when given, is a fresh selector used instead
+        of one made from ``sparsity`` (for measurement tools, e.g. a replayed oracle).
 
         Returns:
             (logits [N, V] float32 on CPU, where row i predicts ``continuation_ids[i]``; the
@@ -284,7 +288,7 @@ class Engine:
             raise InputError(f"the prefill state holds {state.cache.capacity_tokens} tokens, prefix plus "
                              f"continuation need {len(prefix_ids) + len(continuation_ids)}")
         model = self.model
-        cache, selector = self._decoder(state, sparsity)
+        cache, selector = self._decoder(state, sparsity, selector)
         rows = [state.logits.float().cpu()]
         for token in continuation_ids[:-1]:
             x = torch.tensor([[token]], dtype=torch.int64, device=model.device)

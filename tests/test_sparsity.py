@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -358,3 +359,53 @@ def test_cli_reports_sparsity_in_json_and_refuses_a_small_budget(tiny, capsys):
     rc = main(["--model", str(root / "m"), "--question", "hi", "--sparsity", "specontext", "--budget", "10"])
     err = capsys.readouterr().err
     assert rc != 0 and err.count("\n") == 1 and "at least 65" in err
+
+
+def test_global_oracle_records_the_layer_mean_attention_and_replays_its_top_b(tiny):
+    """bench_edge/global_oracle.py: pass 1 is dense and records transformers' layer-mean attention;
+    pass 2 keeps the top-B of it (sinks and window pinned) and captures more mass than the head."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "bench_edge"))
+    import global_oracle
+
+    hf, llm, ids = tiny["hf"], tiny["llm"], tiny["ids"]
+    cfg = llm.model.config
+    dense_logits, _ = llm.engine.teacher_forced(ids[:PREFIX], ids[PREFIX:])
+    recorder = global_oracle.AttentionRecorder(cfg.num_layers, cfg.num_kv_heads)
+    logits, _ = llm.engine.teacher_forced(ids[:PREFIX], ids[PREFIX:], selector=recorder)
+    assert (logits - dense_logits).abs().max() <= 1e-4
+    assert sorted(recorder.scores) == list(range(PREFIX, TOTAL - 1))
+
+    hf.config._attn_implementation = "eager"
+    with torch.no_grad():
+        att = torch.stack(hf(torch.tensor([ids]), output_attentions=True).attentions)[:, 0]  # [L, H, T, T]
+    R = cfg.num_heads // cfg.num_kv_heads
+    for p in (PREFIX, PREFIX + 17, TOTAL - 2):
+        past = att[:, :, p, :p] / att[:, :, p, :p].sum(-1, keepdim=True)  # [L, H, p]
+        expected = past.mean(0).reshape(cfg.num_kv_heads, R, p).mean(1)
+        assert (recorder.scores[p][0] - expected).abs().max() <= 1e-5
+
+    budget, sinks, window = 24, 2, 4
+    oracle = global_oracle.ReplayedGlobalOracle(recorder.scores, budget, sinks, window, cfg.num_kv_heads)
+    llm.engine.teacher_forced(ids[:PREFIX], ids[PREFIX:PREFIX + 2], selector=oracle)
+    p = PREFIX
+    scores = recorder.scores[p][0].clone()
+    scores[:, :sinks], scores[:, p - window:] = 2.0, 2.0
+    expected = scores.topk(budget, dim=-1).indices.sort(dim=-1).values
+    assert oracle.stats.sparse_steps == 1
+    sel = global_oracle.ReplayedGlobalOracle(recorder.scores, budget, sinks, window, cfg.num_kv_heads)
+    got = sel.choose(None, SimpleNamespace(positions=torch.tensor([[p]])), [p]).indices[0, :, :-1]
+    assert torch.equal(got, expected)
+
+    recalls = {}
+    for name, selector in (("oracle-global", global_oracle.ReplayedGlobalOracle(
+            recorder.scores, budget, sinks, window, cfg.num_kv_heads)), ("specontext", None)):
+        opts = SparsityOptions(method="specontext", budget_tokens=budget, sink_tokens=sinks, window_tokens=window,
+                               measure_recall=True)
+        if selector is None:
+            llm.set_sparsity(sparsity="specontext", retrieval_head=tiny["head_path"])
+        _, used = llm.engine.teacher_forced(ids[:PREFIX], ids[PREFIX:], sparsity=opts, selector=selector)
+        recalls[name] = used.stats.recall
+    llm.set_sparsity(sparsity="dense")
+    assert recalls["specontext"] < recalls["oracle-global"] <= 1
