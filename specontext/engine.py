@@ -8,6 +8,7 @@ including after an interruption, and holds everything generated so far with timi
 
 from __future__ import annotations
 
+import math
 import resource
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,6 +18,7 @@ import torch
 
 from .errors import ContextLengthError, InputError
 from .kv.cache import DenseKVCache, KVCache
+from .kv.offload import OffloadedKVCache
 from .model.llama import LlamaForCausalLM
 from .retrieval.head import RetrievalHead
 from .retrieval.selection import HeadSelector, Selector, SparsityOptions, make_selector
@@ -134,6 +136,7 @@ class GenerationStats:
     peak_device_bytes: int | None = None
     selector_bytes: int = 0
     sparsity: dict = field(default_factory=dict)
+    offload: dict = field(default_factory=dict)  # placement, KV bytes per tier, transfers (offloaded caches)
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -197,7 +200,22 @@ class Engine:
             raise ContextLengthError("prompt is empty (0 tokens)")
 
     def new_cache(self, capacity_tokens: int, batch_size: int = 1) -> KVCache:
+        """The cache for one generation: dense, or with the last ``offload_layers`` in host memory."""
         cfg = self.model.config
+        offload = self.settings.offload_layers
+        if offload:
+            if offload > cfg.num_layers:
+                raise InputError(f"offload_layers is {offload} but the model has {cfg.num_layers} layers; "
+                                 f"use 1 to {cfg.num_layers}")
+            if cfg.sliding_window is not None:
+                raise InputError("offloading KV is not supported for sliding-window models")
+            opts = self.sparsity
+            pool = math.ceil(self.settings.slot_pool * opts.budget_tokens) if opts.method in ("specontext",
+                                                                                              "streaming") else 0
+            return OffloadedKVCache(cfg.num_layers, batch_size, cfg.num_kv_heads, cfg.head_dim, capacity_tokens,
+                                    self.model.dtype, self.model.device,
+                                    offloaded=[layer >= cfg.num_layers - offload for layer in range(cfg.num_layers)],
+                                    pool_tokens=min(pool, capacity_tokens), async_prefetch=self.settings.async_prefetch)
         return DenseKVCache(cfg.num_layers, batch_size, cfg.num_kv_heads, cfg.head_dim, capacity_tokens,
                             self.model.dtype, self.model.device, sliding_window=cfg.sliding_window)
 
@@ -253,7 +271,7 @@ class Engine:
     def _decoder(self, state: "PrefillState", sparsity: SparsityOptions | None,
                  selector: Selector | None = None) -> tuple[KVCache, Selector]:
         """Rewind ``state`` to its prompt and give a fresh selector for ``sparsity`` (or ``selector``) over it."""
-        state.cache.seq_lens = [len(state.prompt_ids)] * state.cache.batch_size
+        state.cache.rewind(len(state.prompt_ids))
         if selector is None:
             selector = self.new_selector(state.cache.capacity_tokens, sparsity=sparsity)
         if isinstance(selector, HeadSelector):
@@ -378,8 +396,15 @@ class Generation:
             info.update(selector.stats.to_dict())
         self.stats.sparsity = info
 
+    def _record_offload(self) -> None:
+        cache = getattr(self, "_cache", None)
+        if isinstance(cache, OffloadedKVCache):
+            self.stats.offload = {"kv_device_bytes": cache.device_bytes(), "kv_host_bytes": cache.host_bytes(),
+                                  **cache.transfer_stats()}
+
     def _record_memory(self) -> None:
         self._record_sparsity()
+        self._record_offload()
         self.stats.peak_host_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         if self.engine.model.device.type == "cuda":
             self.stats.peak_device_bytes = torch.cuda.max_memory_allocated(self.engine.model.device)
@@ -394,7 +419,7 @@ class Generation:
         else:
             cache = engine.new_cache(capacity)
             selector = engine.new_selector(capacity, sparsity=self.sparsity)
-        self._selector = selector
+        self._selector, self._cache = selector, cache
         self.stats.kv_cache_bytes = cache.allocated_bytes()
         self.stats.selector_bytes = selector.allocated_bytes()
         self.stats.weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -42,6 +42,12 @@ class RuntimeSettings:
     fallback_threshold: float = _opt(0.0, "run a decode step dense when the retrieval head's attention mass on its "
                                      "chosen tokens is below this (0 = never)")
     quest_page_tokens: int = _opt(16, "page size for --sparsity quest")
+    offload_layers: int = _opt(0, "keep the full KV of the last N layers in host memory (pinned on CUDA); the device "
+                               "keeps slots for the tokens each step selects, loaded while earlier layers compute")
+    slot_pool: float = _opt(1.0, "device slots per KV head of an offloaded layer, as a multiple of the budget (>= 1); "
+                            "above 1, recently dropped tokens stay resident, so re-selected ones need no transfer")
+    async_prefetch: bool = _opt(True, "load offloaded layers' tokens on a copy stream (CPU: a worker thread) right "
+                                "after selection, overlapping compute; off: copy before compute (for measurement)")
     measure_recall: bool = _opt(False, "on sparse steps also compute dense attention and report the fraction of its "
                                 "mass on the chosen tokens (slower; for evaluation)")
 
@@ -61,6 +67,14 @@ class RuntimeSettings:
             raise InputError(f"threads must be >= 0, got {self.threads}")
         if self.prefill_chunk_tokens < 1:
             raise InputError(f"prefill_chunk_tokens must be >= 1, got {self.prefill_chunk_tokens}")
+        if self.offload_layers < 0:
+            raise InputError(f"offload_layers must be >= 0, got {self.offload_layers}")
+        if not (math.isfinite(self.slot_pool) and self.slot_pool >= 1):
+            raise InputError(f"slot_pool must be a number >= 1 (slots per KV head as a multiple of the budget), "
+                             f"got {self.slot_pool}")
+        if self.offload_layers and self.sparsity in ("oracle", "quest"):
+            raise InputError(f"sparsity {self.sparsity} chooses inside each layer, so it needs every layer's keys on "
+                             "the device; with offload_layers use specontext, streaming or dense")
         if not math.isfinite(self.fallback_threshold):
             raise InputError(f"fallback_threshold must be a finite number, got {self.fallback_threshold}")
         self.sparsity_options()

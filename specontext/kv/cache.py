@@ -2,10 +2,12 @@
 
 Shape letters: B batch, T new tokens this step, G KV heads, S cached positions, D head dim.
 
-A cache strategy (dense now; sparse and offloaded later) implements two calls:
+A cache strategy (dense, or offloaded in ``kv/offload.py``) implements these calls:
 
 * ``plan_step(input_lens)``: once per step, on the host, decide where this step's tokens go and
   what each layer will attend to; returns a :class:`StepPlan`.
+* ``begin_step(plan)``: called by the model once the plan is complete (selection included),
+  before layer 0 runs: where an offloaded cache issues its loads for the whole step.
 * ``update(layer, k, v, plan, queries)``: store the layer's new K/V and return (keys, values,
   mask) to attend over. Layers call only this, so they never branch on the cache type or on the
   sparsity method: a decode step whose plan carries a ``selection`` gets only the chosen rows.
@@ -84,6 +86,13 @@ class KVCache(abc.ABC):
     def allocated_bytes(self) -> int:
         """Bytes of all buffers this cache owns."""
 
+    def begin_step(self, plan: StepPlan) -> None:
+        """The plan is final (``plan.selection`` set); layer 0 is about to run."""
+
+    def rewind(self, length: int) -> None:
+        """Forget every cached position >= ``length`` in every row (to decode again from a prompt)."""
+        self.seq_lens = [length] * self.batch_size
+
 
 class DenseKVCache(KVCache):
     """Every layer's full K and V, preallocated on the compute device.
@@ -97,6 +106,8 @@ class DenseKVCache(KVCache):
         capacity_tokens: positions per row (prompt plus tokens to generate).
         dtype, device: storage.
         sliding_window: if set, a query at position p sees keys in (p - window, p].
+        on_device: per layer, whether this class stores it (default all); a subclass stores the
+            others elsewhere (``k_device[layer]`` is None for them).
 
     Example::
 
@@ -106,24 +117,24 @@ class DenseKVCache(KVCache):
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int,
                  capacity_tokens: int, dtype: torch.dtype, device: torch.device | str,
-                 sliding_window: int | None = None):
+                 sliding_window: int | None = None, on_device: list[bool] | None = None):
         self.num_layers = num_layers
         self.batch_size = batch_size
         self.capacity_tokens = capacity_tokens
         self.device = torch.device(device)
         self.sliding_window = sliding_window
         shape = (batch_size, num_kv_heads, capacity_tokens, head_dim)
-        self.k_device = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
-        self.v_device = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        on_device = [True] * num_layers if on_device is None else list(on_device)
+        self.k_device = [torch.zeros(shape, dtype=dtype, device=self.device) if on else None for on in on_device]
+        self.v_device = [torch.zeros(shape, dtype=dtype, device=self.device) if on else None for on in on_device]
         self.seq_lens = [0] * batch_size  # cached tokens per row, host side
         # gathered rows of a sparse step, [B, G, K + 1, D]; sized on the first sparse step
         self.k_selected_device: torch.Tensor | None = None
         self.v_selected_device: torch.Tensor | None = None
 
     def allocated_bytes(self) -> int:
-        bufs = self.k_device + self.v_device + [t for t in (self.k_selected_device, self.v_selected_device)
-                                                if t is not None]
-        return sum(t.numel() * t.element_size() for t in bufs)
+        bufs = self.k_device + self.v_device + [self.k_selected_device, self.v_selected_device]
+        return sum(t.numel() * t.element_size() for t in bufs if t is not None)
 
     def reset(self) -> None:
         self.seq_lens = [0] * self.batch_size

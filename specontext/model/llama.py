@@ -197,6 +197,7 @@ class LlamaForCausalLM(nn.Module):
             float32 logits.
         """
         plan.cos, plan.sin = self.rotary(plan.positions, self.dtype)
+        cache.begin_step(plan)
         x = self.model.embed_tokens(input_ids)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, plan, cache)

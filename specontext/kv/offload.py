@@ -1,0 +1,391 @@
+"""Offloaded KV: per-layer placement, elastic loading into device slots, asynchronous prefetch.
+
+Shape letters: B batch, T new tokens this step, G KV heads, S cached positions per row, D head
+dim, K budget (past tokens attended per KV head), P slots per KV head (the pool, P >= K),
+R = B * G rows (one slot pool each), N offloaded layers.
+
+Placement is per layer. A device-resident layer keeps its full K/V on the compute device (the
+:class:`DenseKVCache` part). An offloaded layer keeps its full K/V in host memory (pinned when
+the compute device is CUDA, so copies are asynchronous and kernels can read it directly) and,
+on the device, P slots per KV head plus one for the current token.
+
+A decode step with a global selection (``specontext`` or ``streaming``) runs like this:
+
+1. :meth:`OffloadedKVCache.begin_step` (the model calls it once the plan is final): the slot pool
+   maps the step's selected positions to slots (shared by every offloaded layer, since the
+   selection is global) and the copy engine issues, per offloaded layer, one native copy of the
+   positions not already resident (elastic loading: S_now - S_last, fewer with P > K).
+2. ``update(layer)`` of an offloaded layer waits for that layer's copy only, writes the new
+   token's K/V into the layer's current-token slot (used directly this step) and queues its
+   write-back to host memory, then gathers the K selected slots plus the current one.
+
+Steps with no selection (prefill chunks, confidence fallbacks, dense decoding) attend to the
+whole layer: offloaded layers stream through two device staging buffers, the next offloaded
+layer loading into one while the current one computes in the other; their new tokens go to host
+memory. A decode step whose past fits in the pool is run through the slots instead (every past
+position selected, in order), so decoding starts elastic from the first step.
+
+The copy engine is a CUDA copy stream with one event per layer, or, on a machine with no GPU,
+one worker thread between host buffers running the same copies (the native host path), so CI
+exercises the same pipeline. ``async_prefetch=False`` runs each copy where it is needed (for
+measuring what the overlap hides).
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable, Sequence
+
+import torch
+
+from .. import native
+from ..errors import InputError
+from .cache import DenseKVCache, StepPlan
+from .slots import SlotPool
+
+
+class CopyEngine:
+    """Where offload copies run; the prefetch choreography of STYLE.md lives in ``submit``/``wait``.
+
+    Subclasses: :class:`CudaCopyEngine` (copy stream + events), :class:`ThreadCopyEngine` (one
+    worker thread), and this base, which runs every copy inline (no overlap).
+    """
+
+    def submit(self, key, fn: Callable[[], None], keep: Sequence[torch.Tensor] = ()) -> None:
+        """Run ``fn`` (copies only) after all compute queued so far; ``wait(key)`` then orders
+        compute after it. ``keep``: tensors the copy reads that compute allocated."""
+        fn()
+
+    def wait(self, key) -> None:
+        """Make the compute that follows wait for the copy submitted under ``key`` (no-op if none)."""
+
+    def drain(self) -> None:
+        """Wait for every copy submitted so far (the cache is then consistent in host memory)."""
+
+
+def _in_inference_mode(fn: Callable[[], None]) -> None:
+    with torch.inference_mode():
+        fn()
+
+
+class ThreadCopyEngine(CopyEngine):
+    """One worker thread runs copies in submission order, so a write-back always lands before a
+    later fetch of the same rows. On CPU, compute queued before ``submit`` has already run
+    (torch is synchronous there), which is the "wait on compute" step; native copies and torch
+    kernels release the GIL, so the worker overlaps with the layers that follow."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="specontext-copy")
+        self._pending: dict = {}
+        self._all: list[Future] = []
+
+    def submit(self, key, fn, keep=()):
+        future = self._pool.submit(_in_inference_mode, fn)  # the mode is thread-local
+        self._all.append(future)
+        if key is not None:
+            self._pending[key] = future
+
+    def wait(self, key):
+        future = self._pending.pop(key, None)
+        if future is not None:
+            future.result()
+
+    def drain(self):
+        for future in self._all:
+            future.result()
+        self._all.clear()
+        self._pending.clear()
+
+    def __del__(self):
+        self._pool.shutdown(wait=True)
+
+
+class CudaCopyEngine(CopyEngine):
+    """A dedicated copy stream. ``submit``: (1) the copy stream waits on the compute stream,
+    (2) the copies are issued on it, (3) an event is recorded; ``wait``: (4) the compute stream
+    waits on that event, so a layer's attention waits for its own layer's copy only."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self._events: dict = {}
+
+    def submit(self, key, fn, keep=()):
+        compute = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(compute)
+        for t in keep:  # the allocator must not reuse these before the copy has read them
+            t.record_stream(self.stream)
+        with torch.cuda.stream(self.stream):
+            fn()
+        if key is not None:
+            event = torch.cuda.Event()
+            event.record(self.stream)
+            self._events[key] = event
+
+    def wait(self, key):
+        event = self._events.pop(key, None)
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+
+    def drain(self):
+        self.stream.synchronize()
+        self._events.clear()
+
+
+@dataclass
+class TransferStats:
+    """Tokens moved host -> device for offloaded layers, against a full reload of the selection.
+
+    Counters are device tensors (no sync per step); :meth:`to_dict` reads them once.
+    ``bytes_per_token``: K and V of one token of one KV head over all offloaded layers.
+    """
+
+    bytes_per_token: int
+    elastic_steps: int = 0
+    staged_steps: int = 0  # steps that streamed whole offloaded layers (prefill, dense, fallback)
+    staged_tokens: int = 0  # positions loaded per KV head by staged steps, summed over layers' loads
+    _fetched: list = field(default_factory=list)
+    _selected: list = field(default_factory=list)
+
+    def add(self, fetched: torch.Tensor, selected: torch.Tensor) -> None:
+        self.elastic_steps += 1
+        self._fetched.append(fetched)
+        self._selected.append(selected)
+
+    def to_dict(self) -> dict:
+        fetched = int(torch.stack(self._fetched).sum()) if self._fetched else 0
+        selected = int(torch.stack(self._selected).sum()) if self._selected else 0
+        self._fetched, self._selected = [torch.tensor(fetched)], [torch.tensor(selected)]
+        steps = max(self.elastic_steps, 1)
+        return {
+            "elastic_steps": self.elastic_steps,
+            "fetched_tokens": fetched,  # summed over steps and KV heads (rows), per offloaded layer set
+            "full_reload_tokens": selected,
+            "fetched_bytes": fetched * self.bytes_per_token,
+            "full_reload_bytes": selected * self.bytes_per_token,
+            "fetched_bytes_per_step": round(fetched * self.bytes_per_token / steps, 1),
+            "full_reload_bytes_per_step": round(selected * self.bytes_per_token / steps, 1),
+            "reduction_vs_full_reload": round(selected / fetched, 3) if fetched else None,
+            "staged_steps": self.staged_steps,
+        }
+
+
+class OffloadedKVCache(DenseKVCache):
+    """Resident layers on the device, offloaded layers in host memory with device slots.
+
+    Args:
+        num_layers, batch_size, num_kv_heads, head_dim, capacity_tokens, dtype, device: as
+            :class:`DenseKVCache`.
+        offloaded: per layer, True to keep its KV in host memory.
+        pool_tokens: P, slots per KV head for each offloaded layer (0: none; every decode step
+            then streams whole layers). Must be >= the budget of every sparse step.
+        async_prefetch: issue copies right after selection on the copy engine; False runs each
+            layer's copy when the layer needs it.
+        host_threads: threads of the native host copy (<= 0: the library chooses).
+
+    Example::
+
+        cache = OffloadedKVCache(30, 1, 3, 64, 8192, torch.float32, "cpu",
+                                 offloaded=[i >= 20 for i in range(30)], pool_tokens=1280)
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, capacity_tokens: int,
+                 dtype: torch.dtype, device: torch.device | str, offloaded: Sequence[bool], pool_tokens: int,
+                 async_prefetch: bool = True, host_threads: int = 0):
+        if len(offloaded) != num_layers:
+            raise ValueError(f"offloaded has {len(offloaded)} entries for {num_layers} layers")
+        super().__init__(num_layers, batch_size, num_kv_heads, head_dim, capacity_tokens, dtype, device,
+                         on_device=[not o for o in offloaded])
+        self.offloaded = tuple(bool(o) for o in offloaded)
+        self.offloaded_layers = [layer for layer, o in enumerate(self.offloaded) if o]
+        self._index = {layer: i for i, layer in enumerate(self.offloaded_layers)}
+        self.pool_tokens = pool_tokens
+        self.host_threads = host_threads
+        N, B, G, S, D, P = len(self.offloaded_layers), batch_size, num_kv_heads, capacity_tokens, head_dim, pool_tokens
+        self.num_rows = B * G
+        cuda = self.device.type == "cuda"
+        # [N, 2 (K, V), B, G, S, D]: each (layer, K|V) is a plane of R*S rows of D, the layout the
+        # native plane copy moves one diff through for every layer at once
+        self.kv_host = torch.zeros(N, 2, B, G, S, D, dtype=dtype, pin_memory=cuda)
+        # [N, 2, B, G, P + 1, D]: slot P holds the current token
+        self.kv_slots_device = torch.zeros(N, 2, B, G, P + 1, D, dtype=dtype, device=self.device)
+        self.kv_staging_device: torch.Tensor | None = None  # [2 buffers, 2, B, G, S, D], made on first use
+        self.slot_pool = SlotPool(self.num_rows, S, P, self.device, row_pitch=P + 1) if P > 0 else None
+        self.transfer = TransferStats(bytes_per_token=2 * N * D * torch.empty(0, dtype=dtype).element_size())
+        if not async_prefetch:
+            self.copier: CopyEngine = CopyEngine()
+        elif cuda:
+            self.copier = CudaCopyEngine(self.device)
+        else:
+            self.copier = ThreadCopyEngine()
+        self._step_kind = None  # "slots" or "staged" for the step in flight
+        self._gather_index = None  # [B, G, K + 1, D] slot indices of the step (current slot last)
+        self._gather_valid = None  # [B, G, 1, K + 1] or None
+
+    # ---- bookkeeping -------------------------------------------------------------------------
+
+    def allocated_bytes(self) -> int:
+        return self.device_bytes() + self.host_bytes()
+
+    def device_bytes(self) -> int:
+        """Bytes on the compute device: resident layers, slots, staging, gathered rows, slot maps."""
+        extra = [self.kv_slots_device, self.kv_staging_device]
+        pool = self.slot_pool.allocated_bytes() if self.slot_pool is not None else 0
+        return super().allocated_bytes() + pool + sum(t.numel() * t.element_size() for t in extra if t is not None)
+
+    def host_bytes(self) -> int:
+        return self.kv_host.numel() * self.kv_host.element_size()
+
+    def rewind(self, length: int) -> None:
+        self.copier.drain()
+        super().rewind(length)
+        if self.slot_pool is not None:
+            self.slot_pool.forget_from(length)
+
+    def transfer_stats(self) -> dict:
+        self.copier.drain()
+        return {"offloaded_layers": list(self.offloaded_layers), "pool_slots": self.pool_tokens,
+                **self.transfer.to_dict()}
+
+    # ---- the step ------------------------------------------------------------------------------
+
+    def begin_step(self, plan: StepPlan) -> None:
+        if not self.offloaded_layers:
+            return
+        sel = plan.selection
+        if sel is not None and sel.indices is None:
+            raise InputError("per-layer selection (oracle, quest) needs every layer's keys on the device; with "
+                             "offloaded layers use --sparsity specontext, streaming or dense")
+        T = plan.positions.shape[1]
+        past = plan.kv_len - T
+        if sel is None and T == 1 and self.slot_pool is not None and 0 < past <= self.pool_tokens \
+                and plan.write_start is not None:
+            # the whole past fits in the slots: select all of it, in order (the same result as dense)
+            B, G = self.batch_size, self.kv_host.shape[3]
+            wanted = torch.arange(past, device=self.device).expand(B, G, past)
+            self._plan_slots(wanted, None, plan)
+        elif sel is None:
+            self._step_kind = "staged"
+            self.transfer.staged_steps += 1
+            first = self.offloaded_layers[0]
+            self._submit_or_defer(("stage", first), partial(self._stage_load, 0, past))
+        else:
+            self._plan_slots(sel.indices[..., :-1], None if sel.valid is None else sel.valid[..., :-1], plan)
+
+    def _plan_slots(self, wanted: torch.Tensor, valid: torch.Tensor | None, plan: StepPlan) -> None:
+        """Elastic loading: map the selected past positions [B, G, K] to slots; issue the fetches."""
+        B, G, K = wanted.shape
+        if K > self.pool_tokens:
+            raise InputError(f"the step selects {K} tokens per KV head but offloaded layers have {self.pool_tokens} "
+                             "slots; the slot pool must be at least the budget")
+        step = self.slot_pool.assign(wanted.reshape(self.num_rows, K),
+                                     None if valid is None else valid.reshape(self.num_rows, K))
+        self.transfer.add(step.fetched, step.selected)
+        current = torch.full((B, G, 1), self.pool_tokens, dtype=torch.int64, device=self.device)
+        index = torch.cat([step.slots.view(B, G, K), current], dim=-1)
+        D = self.kv_host.shape[-1]
+        self._gather_index = index[..., None].expand(B, G, K + 1, D)
+        self._gather_valid = None
+        if valid is not None:
+            self._gather_valid = torch.cat([valid, valid.new_ones(B, G, 1)], dim=-1)[:, :, None, :]
+        src, dst = step.src_rows, step.dst_rows
+        if self.device.type != "cuda":  # the host copy validates indices; -1 marks "no fetch"
+            keep = src >= 0
+            src, dst = src[keep], dst[keep]
+        self._step_kind = "slots"
+        for i, layer in enumerate(self.offloaded_layers):
+            self._submit_or_defer(("fetch", layer), partial(self._fetch, i, src, dst), keep=(src, dst))
+
+    def _submit_or_defer(self, key, fn, keep=()) -> None:
+        self.copier.submit(key, fn, keep)
+
+    def _fetch(self, i: int, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy the step's missing rows of offloaded layer ``i`` (its K and V planes) into its slots."""
+        if src.numel() == 0:
+            return
+        D = self.kv_host.shape[-1]
+        native.copy_rows_planes(self.kv_host[i].view(2, -1, D), src, self.kv_slots_device[i].view(2, -1, D), dst,
+                                num_threads=self.host_threads)
+
+    def _host_rows(self, plan: StepPlan, T: int) -> torch.Tensor:
+        """Host-plane rows [B, G, T] (r * S + position) of this step's new tokens; -1 for padding."""
+        B, G, S = self.batch_size, self.kv_host.shape[3], self.capacity_tokens
+        rows = (torch.arange(B * G, device=self.device).view(B, G, 1) * S + plan.positions[:, None, :])
+        if plan.write_start is None:
+            real = torch.arange(T, device=self.device)[None, :] < torch.tensor(plan.input_lens, device=self.device)[:, None]
+            rows = rows.masked_fill(~real[:, None, :], -1)
+        return rows
+
+    def _write_back(self, i: int, k: torch.Tensor, v: torch.Tensor, plan: StepPlan) -> None:
+        """Queue the step's new K/V [B, G, T, D] of offloaded layer ``i`` for host memory."""
+        B, G, T, D = k.shape
+        rows = self._host_rows(plan, T).reshape(-1)
+        k, v = k.contiguous().view(B * G * T, D), v.contiguous().view(B * G * T, D)
+        if self.device.type != "cuda":
+            keep = rows >= 0
+            if not bool(keep.all()):
+                rows, k, v = rows[keep], k[keep], v[keep]
+        host = self.kv_host[i].view(2, -1, D)
+
+        def copy():
+            native.scatter_rows(k, rows, host[0], num_threads=self.host_threads)
+            native.scatter_rows(v, rows, host[1], num_threads=self.host_threads)
+        self.copier.submit(None, copy, keep=(k, v, rows))
+
+    def _stage_load(self, i: int, past: int) -> None:
+        """Load the first ``past`` positions of offloaded layer ``i`` into staging buffer i % 2."""
+        if past == 0:
+            return
+        buf = self._staging()[i % 2]
+        src = self.kv_host[i]
+        B, G = src.shape[1], src.shape[2]
+        for kv in range(2):  # each (b, g) run of positions is contiguous in both
+            for b in range(B):
+                for g in range(G):
+                    buf[kv, b, g, :past].copy_(src[kv, b, g, :past], non_blocking=True)
+        self.transfer.staged_tokens += past
+
+    def _staging(self) -> torch.Tensor:
+        if self.kv_staging_device is None:
+            _, _, B, G, S, D = self.kv_host.shape
+            self.kv_staging_device = torch.zeros(2, 2, B, G, S, D, dtype=self.kv_host.dtype, device=self.device)
+        return self.kv_staging_device
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: StepPlan,
+               queries: torch.Tensor | None = None):
+        if not self.offloaded[layer]:
+            return super().update(layer, k, v, plan, queries)
+        i = self._index[layer]
+        if self._step_kind == "slots":
+            self.copier.wait(("fetch", layer))
+            slots = self.kv_slots_device[i]  # [2, B, G, P + 1, D]
+            slots[0, :, :, self.pool_tokens] = k[:, :, 0]
+            slots[1, :, :, self.pool_tokens] = v[:, :, 0]
+            self._write_back(i, k, v, plan)
+            shape = self._gather_index.shape
+            if self.k_selected_device is None or self.k_selected_device.shape != shape:
+                self.k_selected_device = torch.empty(shape, dtype=k.dtype, device=self.device)
+                self.v_selected_device = torch.empty(shape, dtype=v.dtype, device=self.device)
+            torch.gather(slots[0], 2, self._gather_index, out=self.k_selected_device)
+            torch.gather(slots[1], 2, self._gather_index, out=self.v_selected_device)
+            return self.k_selected_device, self.v_selected_device, self._gather_valid
+        # staged: the whole layer, streamed through a double buffer
+        self.copier.wait(("stage", layer))
+        buf = self._staging()[i % 2]
+        T = k.shape[2]
+        if plan.write_start is not None:
+            buf[0, :, :, plan.write_start:plan.write_start + T] = k
+            buf[1, :, :, plan.write_start:plan.write_start + T] = v
+        else:
+            b_idx, pos = plan.valid_index
+            t_idx = pos - plan.positions[b_idx, 0]
+            buf[0][b_idx, :, pos] = k[b_idx, :, t_idx]
+            buf[1][b_idx, :, pos] = v[b_idx, :, t_idx]
+        self._write_back(i, k, v, plan)
+        if i + 1 < len(self.offloaded_layers):  # the other buffer: its layer's attention is queued
+            nxt = self.offloaded_layers[i + 1]
+            self._submit_or_defer(("stage", nxt), partial(self._stage_load, i + 1, plan.kv_len - T))
+        return buf[0, :, :, :plan.kv_len], buf[1, :, :, :plan.kv_len], plan.attn_mask
