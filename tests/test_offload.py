@@ -1,0 +1,187 @@
+"""Offloaded KV (kv/offload.py, kv/slots.py): elastic loading, the slot pool, and the same answers.
+
+References: a plain-Python LRU slot pool; the device-resident cache (DenseKVCache) running the
+same selection, which must give bit-identical logits and tokens.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import specontext
+from specontext.errors import InputError
+from specontext.kv.offload import OffloadedKVCache
+from specontext.kv.slots import SlotPool
+from specontext.retrieval.head import RetrievalHead, RetrievalHeadConfig, save_head
+
+from conftest import make_hf_model
+
+PREFIX, TOTAL = 80, 120
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny 3-layer GQA llama and a random retrieval head for it."""
+    root = tmp_path_factory.mktemp("offload")
+    make_hf_model("llama", str(root / "m"), max_position_embeddings=256)
+    llm = specontext.load(str(root / "m"), device="cpu", prefill_chunk_tokens=32)
+    cfg = RetrievalHeadConfig(target=llm.target, input_kind="embedding+hidden", hidden_layers=(0, 1), num_heads=4,
+                              num_kv_heads=2, head_dim=8, kv_group_of_head=(0, 0, 1, 1))
+    torch.manual_seed(0)
+    head = RetrievalHead(cfg)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.3)
+    save_head(head, str(root / "head" / "tiny"))
+    ids = torch.randint(3, 96, (TOTAL,), generator=torch.Generator().manual_seed(3)).tolist()
+    return {"path": str(root / "m"), "head": str(root / "head" / "tiny"), "ids": ids,
+            "num_layers": llm.model.config.num_layers}
+
+
+def _load(tiny, **options):
+    if options.get("sparsity") == "specontext":
+        options.setdefault("retrieval_head", tiny["head"])
+    return specontext.load(tiny["path"], device="cpu", prefill_chunk_tokens=32, **options)
+
+
+def _reference_lru(sets: list[list[list[int]]], pool_slots: int) -> list[list[list[int]]]:
+    """Plain-Python slot pool: per row, misses take empty slots, then least recently selected."""
+    rows = len(sets[0])
+    where = [dict() for _ in range(rows)]
+    last = [[-1] * pool_slots for _ in range(rows)]
+    out = []
+    for step, chosen in enumerate(sets, start=1):
+        step_slots = []
+        for r, want in enumerate(chosen):
+            held = where[r]
+            busy = {held[p] for p in want if p in held}
+            free = sorted((s for s in range(pool_slots) if s not in busy), key=lambda s: (last[r][s], s))
+            for p, s in zip([p for p in want if p not in held], free):
+                for q in [q for q, t in held.items() if t == s]:
+                    del held[q]
+                held[p] = s
+            for p in want:
+                last[r][held[p]] = step
+            step_slots.append([held[p] for p in want])
+        out.append(step_slots)
+    return out
+
+
+@pytest.mark.parametrize("pool_slots", [16, 20, 27])
+def test_slot_pool_matches_a_plain_lru_and_fetches_only_the_diff(pool_slots):
+    rows, capacity, budget = 3, 150, 16
+    rng = random.Random(pool_slots)
+    sets, current = [], [sorted(rng.sample(range(100), budget)) for _ in range(rows)]
+    for _ in range(40):  # drift: keep most of the last choice, add a few new positions
+        nxt = []
+        for want in current:
+            keep = set(rng.sample(want, budget - 3))
+            while len(keep) < budget:
+                keep.add(rng.randrange(capacity))
+            nxt.append(sorted(keep))
+        sets.append(nxt)
+        current = nxt
+    pool = SlotPool(rows, capacity, pool_slots, "cpu", row_pitch=pool_slots + 1)
+    expected = _reference_lru(sets, pool_slots)
+    content = torch.full((rows * (pool_slots + 1),), -1)
+    previous = [set() for _ in range(rows)]
+    for step, chosen in enumerate(sets):
+        plan = pool.assign(torch.tensor(chosen))
+        assert plan.slots.tolist() == expected[step]
+        fetch = plan.src_rows >= 0
+        content[plan.dst_rows[fetch]] = plan.src_rows[fetch]
+        for r, want in enumerate(chosen):  # every selected position sits in its slot
+            assert [int(content[r * (pool_slots + 1) + s]) for s in plan.slots[r]] == [r * capacity + p for p in want]
+        diff = sum(len(set(w) - previous[r]) for r, w in enumerate(chosen))
+        if pool_slots == budget:  # the paper's elastic loading: exactly S_now - S_last
+            assert int(plan.fetched) == diff
+        else:
+            assert int(plan.fetched) <= diff
+        assert int(plan.selected) == rows * budget
+        previous = [set(w) for w in chosen]
+
+
+def test_slot_pool_padding_and_rewind():
+    pool = SlotPool(2, 50, 4, "cpu")
+    wanted = torch.tensor([[1, 2, 3, 0], [5, 6, 0, 0]])
+    valid = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    plan = pool.assign(wanted, valid)
+    assert int(plan.fetched) == 5 and int(plan.selected) == 5
+    assert (plan.src_rows >= 0).sum() == 5
+    pool.forget_from(3)  # positions >= 3 of every row are no longer cached
+    plan = pool.assign(wanted, valid)
+    assert int(plan.fetched) == 3 and plan.src_rows[plan.src_rows >= 0].tolist() == [3, 50 + 5, 50 + 6]
+
+
+@pytest.mark.parametrize("method", ["specontext", "streaming"])
+@pytest.mark.parametrize("slot_pool", [1.0, 1.5])
+@pytest.mark.parametrize("async_prefetch", [True, False])
+def test_offloaded_equals_device_resident_sparse(tiny, method, slot_pool, async_prefetch):
+    ids, L = tiny["ids"], tiny["num_layers"]
+    common = dict(sparsity=method, budget_tokens=24, sink_tokens=2, window_tokens=4)
+    resident = _load(tiny, **common)
+    ref_logits, _ = resident.engine.teacher_forced(ids[:PREFIX], ids[PREFIX:])
+    ref_tokens = resident.generate(ids[:PREFIX], max_new_tokens=24, ignore_eos=True).token_ids
+    for offload in (1, L):
+        llm = _load(tiny, offload_layers=offload, slot_pool=slot_pool, async_prefetch=async_prefetch, **common)
+        logits, selector = llm.engine.teacher_forced(ids[:PREFIX], ids[PREFIX:])
+        assert selector.stats.sparse_steps == TOTAL - PREFIX - 1
+        assert torch.equal(logits, ref_logits)
+        result = llm.generate(ids[:PREFIX], max_new_tokens=24, ignore_eos=True)
+        assert result.token_ids == ref_tokens
+        off = result.stats.offload
+        assert off["offloaded_layers"] == list(range(L - offload, L))
+        assert 0 < off["fetched_tokens"] < off["full_reload_tokens"]
+        assert off["pool_slots"] == int(24 * slot_pool + 0.999)
+
+
+def test_a_larger_pool_fetches_less(tiny):
+    fetched = {}
+    for slot_pool in (1.0, 1.5, 2.0):
+        llm = _load(tiny, sparsity="specontext", budget_tokens=24, sink_tokens=2, window_tokens=4, offload_layers=2,
+                    slot_pool=slot_pool)
+        fetched[slot_pool] = llm.generate(tiny["ids"][:PREFIX], max_new_tokens=30, ignore_eos=True).stats.offload["fetched_tokens"]
+    assert fetched[1.0] > fetched[1.5] >= fetched[2.0]
+
+
+@pytest.mark.parametrize("budget", [200, 24])
+def test_dense_and_fitting_steps_equal_dense(tiny, budget):
+    """Prefill, dense decoding (whole layers streamed) and steps whose past fits in the slots."""
+    ids = tiny["ids"]
+    ref, _ = _load(tiny).engine.teacher_forced(ids[:PREFIX], ids[PREFIX:])
+    method = "streaming" if budget == 200 else "dense"
+    llm = _load(tiny, sparsity=method, budget_tokens=budget, sink_tokens=2, offload_layers=2)
+    logits, _ = llm.engine.teacher_forced(ids[:PREFIX], ids[PREFIX:])
+    assert torch.equal(logits, ref)
+
+
+def test_offloaded_layers_live_in_host_memory(tiny):
+    llm = _load(tiny, sparsity="streaming", budget_tokens=24, sink_tokens=2, offload_layers=2)
+    cache = llm.engine.new_cache(TOTAL)
+    assert isinstance(cache, OffloadedKVCache)
+    L = tiny["num_layers"]
+    assert [k is None for k in cache.k_device] == [layer >= L - 2 for layer in range(L)]
+    assert cache.kv_host.device.type == "cpu" and cache.kv_host.shape[0] == 2
+    llm.engine.prefill(tiny["ids"][:PREFIX], cache)
+    cache.copier.drain()
+    resident = _load(tiny)
+    dense = resident.engine.new_cache(TOTAL)
+    resident.engine.prefill(tiny["ids"][:PREFIX], dense)
+    for i, layer in enumerate(cache.offloaded_layers):  # the host copy is the layer's KV
+        assert torch.equal(cache.kv_host[i, 0, :, :, :PREFIX], dense.k_device[layer][:, :, :PREFIX])
+        assert torch.equal(cache.kv_host[i, 1, :, :, :PREFIX], dense.v_device[layer][:, :, :PREFIX])
+    assert cache.host_bytes() == 2 * 2 * cache.kv_host[0, 0].numel() * cache.kv_host.element_size()
+
+
+def test_bad_offload_options_are_refused(tiny):
+    with pytest.raises(InputError, match="offload_layers is 9 but the model has 3 layers"):
+        _load(tiny, offload_layers=9).generate(tiny["ids"][:10], max_new_tokens=2)
+    with pytest.raises(InputError, match="needs every layer's keys on the device"):
+        _load(tiny, sparsity="oracle", offload_layers=1)
+    with pytest.raises(InputError, match="slot_pool must be a number >= 1"):
+        _load(tiny, offload_layers=1, slot_pool=0.5)
+    with pytest.raises(InputError, match="offload_layers must be >= 0"):
+        _load(tiny, offload_layers=-1)
