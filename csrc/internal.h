@@ -22,6 +22,13 @@ int spc_check_copy_args(const char *fn, const void *src, int64_t src_row_stride_
                         const int64_t *indices, int64_t num_indices, const void *dst,
                         int64_t dst_row_stride_bytes, int64_t num_rows, int64_t row_bytes);
 
+/* Argument checks of the plane copies (host and CUDA alike); indices are
+ * range-checked separately (the host path does, the kernel skips). */
+int spc_check_planes_args(const char *fn, const void *src, int64_t src_row_stride_bytes, int64_t num_src_rows,
+                          const int64_t *src_indices, const void *dst, int64_t dst_row_stride_bytes,
+                          int64_t num_dst_rows, const int64_t *dst_indices, int64_t num_indices,
+                          int64_t num_planes, int64_t row_bytes);
+
 #ifdef __cplusplus
 }
 #endif

@@ -342,6 +342,81 @@ def scatter_rows(src: torch.Tensor, indices: torch.Tensor, dst: torch.Tensor,
     return dst
 
 
+def _plane_layout(name: str, t: torch.Tensor) -> tuple[int, int, int]:
+    """(row_bytes, row_stride_bytes, plane_stride_bytes) of ``t`` seen as [planes, rows, *R]."""
+    if not isinstance(t, torch.Tensor) or t.dim() < 2:
+        raise ValueError(f"{name} must be a tensor of shape [planes, rows, *row_shape], got "
+                         f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    row_bytes, row_stride_bytes = _row_layout(name, t[0] if t.shape[0] else t.new_empty(t.shape[1:]))
+    plane_stride_bytes = t.stride(0) * t.element_size() if t.shape[0] > 1 else 0
+    if t.shape[0] > 1 and t.shape[1] and plane_stride_bytes < (t.shape[1] - 1) * row_stride_bytes + row_bytes:
+        raise ValueError(f"{name} planes overlap: stride(0)={t.stride(0)} is less than a plane of "
+                         f"{t.shape[1]} rows; pass {name}.contiguous()")
+    return row_bytes, row_stride_bytes, plane_stride_bytes
+
+
+def copy_rows_planes(src: torch.Tensor, src_indices: torch.Tensor, dst: torch.Tensor, dst_indices: torch.Tensor,
+                     num_threads: int = 0) -> torch.Tensor:
+    """The same row list through every plane, in place: ``dst[p, dst_indices[i]] = src[p, src_indices[i]]``.
+
+    Elastic KV loading moves one diff of rows (host position -> device slot) for every offloaded
+    layer's K and V: those are the planes. Host path when every tensor is on the CPU, else one
+    CUDA kernel on ``torch.cuda.current_stream()`` (pinned host src -> device dst, say).
+
+    Args:
+        src: [planes, N, *R], any dtype; rows contiguous; planes and rows may be strided.
+        src_indices: [M] int64, contiguous, values in [0, N).
+        dst: [planes, N2, *R], ``src.dtype``; rows not named in ``dst_indices`` are untouched.
+        dst_indices: [M] int64, contiguous, UNIQUE values in [0, N2).
+        num_threads: host path only; <= 0 lets the library pick from the copy size.
+
+    Returns:
+        ``dst``.
+
+    Raises:
+        ValueError: wrong dtype, shape, layout or device.
+        NativeError: ``SPC_ERR_INDEX`` on the host path for an index out of range (``dst`` is
+            then untouched). The kernel instead skips an entry whose src or dst index is out of
+            range, so -1 can mark "nothing to copy" without a host sync.
+
+    Example:
+        >>> src = torch.arange(12.0).view(2, 3, 2)
+        >>> dst = torch.zeros(2, 2, 2)
+        >>> copy_rows_planes(src, torch.tensor([2]), dst, torch.tensor([1]))[:, 1].tolist()
+        [[4.0, 5.0], [10.0, 11.0]]
+    """
+    _check_indices(src_indices)
+    _check_indices(dst_indices)
+    _check_num_threads(num_threads)
+    if src_indices.shape != dst_indices.shape:
+        raise ValueError(f"src_indices and dst_indices must have the same length, got {src_indices.shape[0]} "
+                         f"and {dst_indices.shape[0]}")
+    if not isinstance(dst, torch.Tensor) or dst.dim() != src.dim() or dst.shape[0] != src.shape[0] \
+            or dst.shape[2:] != src.shape[2:] or dst.dtype != src.dtype:
+        raise ValueError(f"dst must be [{src.shape[0]} planes, rows, *{list(src.shape[2:])}] of {src.dtype}, got "
+                         f"{list(dst.shape) if isinstance(dst, torch.Tensor) else type(dst).__name__}"
+                         f"{' of ' + str(dst.dtype) if isinstance(dst, torch.Tensor) else ''}")
+    row_bytes, src_row_stride, src_plane_stride = _plane_layout("src", src)
+    _, dst_row_stride, dst_plane_stride = _plane_layout("dst", dst)
+    device = _launch_device("copy_rows_planes", src=src, src_indices=src_indices, dst=dst, dst_indices=dst_indices)
+    native = library()
+    args = (_ptr(native, "void *", src), src_plane_stride, src_row_stride, src.shape[1],
+            _ptr(native, "int64_t *", src_indices), _ptr(native, "void *", dst), dst_plane_stride, dst_row_stride,
+            dst.shape[1], _ptr(native, "int64_t *", dst_indices), src_indices.shape[0], src.shape[0], row_bytes)
+    _call(native, "copy_rows_planes", args, device, num_threads)
+    return dst
+
+
+def reference_copy_rows_planes(src: torch.Tensor, src_indices: torch.Tensor, dst: torch.Tensor,
+                               dst_indices: torch.Tensor) -> torch.Tensor:
+    """Pure-torch float32 reference for ``copy_rows_planes``; returns a new float32 tensor shaped as ``dst``.
+    Entries with an out-of-range index on either side are skipped (as the kernel does)."""
+    out = dst.float().clone()
+    keep = (src_indices >= 0) & (src_indices < src.shape[1]) & (dst_indices >= 0) & (dst_indices < dst.shape[1])
+    out[:, dst_indices[keep].to(out.device)] = src.float()[:, src_indices[keep].to(src.device)].to(out.device)
+    return out
+
+
 def reference_gather_rows(src: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Pure-torch float32 reference for ``gather_rows``: [N, *R], [M] int64 -> [M, *R] float32."""
     return src.float().index_select(0, indices.to(src.device))

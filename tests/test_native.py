@@ -347,3 +347,90 @@ def test_loads_when_a_source_checkout_shadows_the_installed_package():
     if pathlib.Path(module_path).resolve().is_relative_to(root):
         assert not pathlib.Path(lib_path).resolve().is_relative_to(root / "specontext") or \
             (root / "specontext" / native.LIBRARY_NAME).exists()
+
+
+# ---- plane copy (elastic KV loading: one row list through every layer's K and V) ------------
+
+
+def _plane_case(planes, n_src, n_dst, m, row_shape, dtype, gen, strided=False):
+    src = random_rows((planes, n_src, *row_shape), dtype, generator=gen)
+    dst = random_rows((planes + 1 if strided else planes, n_dst + 3, *row_shape), dtype, generator=gen)
+    if strided:  # every other plane of a padded buffer, rows of a wider allocation
+        dst = dst[:planes, 1:n_dst + 1]
+    src_idx = torch.randint(0, n_src, (m,), generator=gen)
+    dst_idx = torch.randperm(n_dst, generator=gen)[:m].contiguous()
+    return src, src_idx, dst, dst_idx
+
+
+@pytest.mark.parametrize("num_threads", THREADS)
+@pytest.mark.parametrize("row_shape", [(1,), (7,), (64,), (3, 5)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("planes", [1, 3, 7])
+def test_copy_rows_planes_matches_reference(planes, dtype, row_shape, num_threads, gen):
+    for n_src, n_dst, m in ((5, 5, 0), (5, 9, 1), (1031, 257, 200), (33, 600, 33)):
+        for strided in (False, True):
+            src, si, dst, di = _plane_case(planes, n_src, n_dst, m, row_shape, dtype, gen, strided)
+            expected = native.reference_copy_rows_planes(src, si, dst, di)
+            out = native.copy_rows_planes(src, si, dst, di, num_threads=num_threads)
+            assert out is dst and torch.equal(dst.float(), expected)
+
+
+def test_copy_rows_planes_of_a_kv_layout(gen):
+    """The offload layout: host [L, 2, B, G, S, D] -> slots [L, 2, B, G, P, D], rows r * S + pos."""
+    L, B, G, S, D, P = 2, 2, 3, 40, 5, 8
+    host = torch.randn(L, 2, B, G, S, D, generator=gen)
+    slots = torch.zeros(L, 2, B, G, P, D)
+    r = torch.tensor([0, 1, 5, 5])
+    pos, slot = torch.tensor([3, 39, 0, 7]), torch.tensor([0, 7, 2, 3])
+    for layer in range(L):
+        native.copy_rows_planes(host[layer].view(2, -1, D), r * S + pos, slots[layer].view(2, -1, D), r * P + slot)
+    for layer in range(L):
+        for kv in range(2):
+            flat_h, flat_s = host[layer, kv].reshape(-1, S, D), slots[layer, kv].reshape(-1, P, D)
+            for ri, p, s in zip(r.tolist(), pos.tolist(), slot.tolist()):
+                assert torch.equal(flat_s[ri, s], flat_h[ri, p])
+    assert int((slots.abs().sum(-1) > 0).sum()) == L * 2 * 4  # nothing else written
+
+
+@pytest.mark.parametrize("side", ["src", "dst"])
+def test_copy_rows_planes_bad_index_leaves_dst_untouched(side, gen):
+    src, si, dst, di = _plane_case(3, 10, 10, 4, (4,), torch.float32, gen)
+    bad = (src if side == "src" else dst).shape[1]
+    (si if side == "src" else di)[2] = bad
+    before = dst.clone()
+    with pytest.raises(native.NativeError, match=f"{side}_indices\\[2\\]={bad} outside"):
+        native.copy_rows_planes(src, si, dst, di)
+    assert torch.equal(dst, before)
+
+
+def test_copy_rows_planes_bad_arguments():
+    src, dst = torch.zeros(2, 4, 3), torch.zeros(2, 4, 3)
+    idx = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="same length"):
+        native.copy_rows_planes(src, idx, dst, idx[:1])
+    with pytest.raises(ValueError, match="dst must be"):
+        native.copy_rows_planes(src, idx, torch.zeros(3, 4, 3), idx)
+    with pytest.raises(ValueError, match="dst must be"):
+        native.copy_rows_planes(src, idx, dst.double(), idx)
+    with pytest.raises(ValueError, match="int64"):
+        native.copy_rows_planes(src, idx.int(), dst, idx)
+    with pytest.raises(ValueError, match="planes overlap"):
+        native.copy_rows_planes(torch.zeros(4, 3).expand(2, 4, 3), idx, dst, idx)
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype,row_shape", CUDA_CASES)
+def test_cuda_copy_rows_planes_pinned_host_to_device_skips_minus_one(dtype, row_shape, gen):
+    stream = torch.cuda.Stream()
+    for planes, n_src, n_dst, m in ((1, 5, 5, 3), (7, 1031, 257, 200)):
+        src, si, dst, di = _plane_case(planes, n_src, n_dst, m, row_shape, dtype, gen)
+        si[::3] = -1  # "nothing to fetch" entries
+        expected = native.reference_copy_rows_planes(src, si, dst, di)
+        src, dst = src.pin_memory(), dst.cuda()
+        si, di = si.cuda(), di.cuda()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            native.copy_rows_planes(src, si, dst, di)
+        stream.synchronize()
+        assert torch.equal(dst.float().cpu(), expected)

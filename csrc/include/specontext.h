@@ -31,7 +31,7 @@ extern "C" {
 
 /* Bumped on any change to the declarations below; native.py refuses a library
  * whose spc_abi_version() differs from the header it parsed. */
-enum { SPC_ABI_VERSION = 1 };
+enum { SPC_ABI_VERSION = 2 };
 
 enum spc_status {
     SPC_OK = 0,
@@ -88,6 +88,31 @@ int spc_scatter_rows(
     int num_threads               /* in    worker threads; <= 0 chooses */
 );
 
+/* For every plane p in [0, num_planes) and i in [0, num_indices):
+ *   dst plane p, row dst_indices[i] = src plane p, row src_indices[i].
+ * Plane p of src starts at (char *)src + p * src_plane_stride_bytes, likewise
+ * for dst: one call moves the same row diff through many equally laid out
+ * buffers (elastic KV loading: every offloaded layer's K and V share it).
+ * Every index of both lists is validated before any byte is written.
+ * dst_indices must be unique: with repeats, which source row lands is
+ * unspecified. Planes of one buffer must not overlap each other. */
+int spc_copy_rows_planes(
+    const void *src,                /* in    [num_planes][num_src_rows, row_bytes], strides below */
+    int64_t src_plane_stride_bytes, /* in    bytes between consecutive src planes */
+    int64_t src_row_stride_bytes,   /* in    bytes between consecutive src rows, >= row_bytes */
+    int64_t num_src_rows,           /* in    rows per src plane, >= 0 */
+    const int64_t *src_indices,     /* in    [num_indices] row numbers in [0, num_src_rows) */
+    void *dst,                      /* inout [num_planes][num_dst_rows, row_bytes] */
+    int64_t dst_plane_stride_bytes, /* in    bytes between consecutive dst planes */
+    int64_t dst_row_stride_bytes,   /* in    bytes between consecutive dst rows, >= row_bytes */
+    int64_t num_dst_rows,           /* in    rows per dst plane, >= 0 */
+    const int64_t *dst_indices,     /* in    [num_indices] unique row numbers in [0, num_dst_rows) */
+    int64_t num_indices,            /* in    >= 0 */
+    int64_t num_planes,             /* in    >= 0 */
+    int64_t row_bytes,              /* in    bytes copied per row, >= 0 */
+    int num_threads                 /* in    worker threads; <= 0 chooses */
+);
+
 /* ---- CUDA copies (one kernel launch, asynchronous on `stream`) -----------
  * src, dst and indices may each be device memory of the current device or
  * pinned (page-locked) host memory; pageable host memory is rejected.
@@ -121,6 +146,27 @@ int spc_cuda_scatter_rows(
     int64_t num_dst_rows,         /* in    >= 0 */
     int64_t row_bytes,            /* in    >= 0 */
     void *stream                  /* in    cudaStream_t of the current device */
+);
+
+/* spc_copy_rows_planes as one kernel launch on `stream`: src/dst/indices are
+ * device or pinned host memory (e.g. pinned host KV -> device slots). An
+ * entry whose src or dst index is out of range (e.g. -1, "nothing to fetch")
+ * is skipped, so a fixed-length list needs no host sync to compact it. */
+int spc_cuda_copy_rows_planes(
+    const void *src,                /* in    [num_planes][num_src_rows, row_bytes] */
+    int64_t src_plane_stride_bytes, /* in */
+    int64_t src_row_stride_bytes,   /* in    >= row_bytes */
+    int64_t num_src_rows,           /* in    >= 0 */
+    const int64_t *src_indices,     /* in    [num_indices]; out-of-range entries are skipped */
+    void *dst,                      /* inout [num_planes][num_dst_rows, row_bytes] */
+    int64_t dst_plane_stride_bytes, /* in */
+    int64_t dst_row_stride_bytes,   /* in    >= row_bytes */
+    int64_t num_dst_rows,           /* in    >= 0 */
+    const int64_t *dst_indices,     /* in    [num_indices] unique; out-of-range entries are skipped */
+    int64_t num_indices,            /* in    >= 0 */
+    int64_t num_planes,             /* in    >= 0 */
+    int64_t row_bytes,              /* in    >= 0 */
+    void *stream                    /* in    cudaStream_t of the current device */
 );
 
 /* SPC_CDEF_END */

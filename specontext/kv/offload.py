@@ -100,7 +100,9 @@ class ThreadCopyEngine(CopyEngine):
         self._pending.clear()
 
     def __del__(self):
-        self._pool.shutdown(wait=True)
+        # may run on the worker itself (a job held the last reference), which cannot join itself;
+        # queued copies still finish
+        self._pool.shutdown(wait=False)
 
 
 class CudaCopyEngine(CopyEngine):
