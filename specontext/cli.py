@@ -49,8 +49,9 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls, title: str) -> 
         default = f.default if f.default is not MISSING else None
         meta = f.metadata
         help_text = meta["help"] if default is False or default == () else f"{meta['help']} (default: {default!r})"
-        if isinstance(default, bool):
-            group.add_argument(*flags, dest=f.name, action="store_true", default=default, help=meta["help"])
+        if isinstance(default, bool):  # on by default: --name / --no-name
+            action = argparse.BooleanOptionalAction if default else "store_true"
+            group.add_argument(*flags, dest=f.name, action=action, default=default, help=meta["help"])
         elif meta.get("repeatable"):
             group.add_argument(*flags, dest=f.name, action="append", default=None, metavar="TEXT", help=meta["help"])
         else:

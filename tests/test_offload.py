@@ -185,3 +185,24 @@ def test_bad_offload_options_are_refused(tiny):
         _load(tiny, offload_layers=1, slot_pool=0.5)
     with pytest.raises(InputError, match="offload_layers must be >= 0"):
         _load(tiny, offload_layers=-1)
+
+
+def test_cli_reports_offload_in_json_and_refuses_bad_placement(tiny, tmp_path, capsys):
+    import json
+
+    from specontext.cli import main
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text(" ".join(f"w{i % 90 + 3}" for i in range(150)))
+    common = ["--model", tiny["path"], "--document", str(doc), "--no-chat-template", "--json", "--quiet",
+              "--max-new-tokens", "8", "--ignore-eos", "--sparsity", "streaming", "--budget", "40", "--sink-tokens", "2"]
+    rc = main(common + ["--offload-layers", "2", "--slot-pool", "1.5", "--no-async-prefetch"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    off = out["offload"]
+    assert off["pool_slots"] == 60 and off["offloaded_layers"] == [tiny["num_layers"] - 2, tiny["num_layers"] - 1]
+    assert off["kv_host_bytes"] > 0 and off["elastic_steps"] == 7
+    assert 0 < off["fetched_tokens"] < off["full_reload_tokens"]
+    rc = main(common + ["--offload-layers", "7"])
+    err = capsys.readouterr().err
+    assert rc != 0 and err.count("\n") == 1 and "offload_layers is 7 but the model has 3 layers" in err
