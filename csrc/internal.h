@@ -22,12 +22,19 @@ int spc_check_copy_args(const char *fn, const void *src, int64_t src_row_stride_
                         const int64_t *indices, int64_t num_indices, const void *dst,
                         int64_t dst_row_stride_bytes, int64_t num_rows, int64_t row_bytes);
 
-/* Argument checks of the plane copies (host and CUDA alike); indices are
- * range-checked separately (the host path does, the kernel skips). */
-int spc_check_planes_args(const char *fn, const void *src, int64_t src_row_stride_bytes, int64_t num_src_rows,
-                          const int64_t *src_indices, const void *dst, int64_t dst_row_stride_bytes,
+/* The same for the *_rows_planes entry points, plus the plane checks: sizes,
+ * strides, NULLs, planes that overlap, and a plane-row count that overflows. */
+int spc_check_planes_args(const char *fn, const void *src, int64_t src_plane_stride_bytes,
+                          int64_t src_row_stride_bytes, int64_t num_src_rows,
+                          const int64_t *src_indices, const void *dst,
+                          int64_t dst_plane_stride_bytes, int64_t dst_row_stride_bytes,
                           int64_t num_dst_rows, const int64_t *dst_indices, int64_t num_indices,
                           int64_t num_planes, int64_t row_bytes);
+
+/* SPC_ERR_INDEX naming `name`[i] for the first index outside [0, num_rows),
+ * else SPC_OK. Reads host memory; every host copy runs it before writing. */
+int spc_check_indices(const char *fn, const char *name, const int64_t *indices,
+                      int64_t num_indices, int64_t num_rows);
 
 #ifdef __cplusplus
 }

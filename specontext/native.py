@@ -1,4 +1,4 @@
-"""Binding to the native library (csrc/): gather and scatter of KV-cache rows.
+"""Binding to the native library (csrc/): gather, scatter and plane copies of KV-cache rows.
 
 The cffi declarations are read at load time from the one public header,
 ``specontext.h`` (the region between its SPC_CDEF markers), never retyped here.
@@ -9,7 +9,8 @@ root), then from the ``SPECONTEXT_NATIVE_LIB`` override.
 
 Shape letters: N rows of the indexed buffer, M selected rows (``len(indices)``),
 ``*R`` the row shape (any trailing dims; each row must be contiguous, while
-rows may be strided along dim 0, e.g. a slice of a larger buffer).
+rows may be strided along dim 0, e.g. a slice of a larger buffer), P planes
+(e.g. a layer's K and V, copied with the same row indices).
 """
 
 from __future__ import annotations
@@ -172,35 +173,39 @@ def _raise_for(status: int) -> None:
                           native.ffi.string(native.lib.spc_last_error()).decode())
 
 
-def _row_layout(name: str, t: torch.Tensor) -> tuple[int, int]:
-    """(row_bytes, row_stride_bytes) of ``t`` seen as [rows, *R]; rows must be contiguous."""
-    if not isinstance(t, torch.Tensor) or t.dim() < 1:
-        raise ValueError(f"{name} must be a tensor of shape [rows, *row_shape], got "
-                         f"{t.shape if isinstance(t, torch.Tensor) else type(t).__name__}")
-    row_numel = math.prod(t.shape[1:])
+def _row_layout(name: str, t: torch.Tensor, row_dim: int = 0) -> tuple[int, int]:
+    """(row_bytes, row_stride_bytes) of ``t`` seen as [rows, *R], or as [P, rows, *R] with
+    ``row_dim=1``; rows must be contiguous."""
+    shape_name = "[planes, rows, *row_shape]" if row_dim else "[rows, *row_shape]"
+    if not isinstance(t, torch.Tensor) or t.dim() < row_dim + 1:
+        raise ValueError(f"{name} must be a tensor of shape {shape_name}, got "
+                         f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    row_shape, row_strides = t.shape[row_dim + 1:], t.stride()[row_dim + 1:]
+    row_numel = math.prod(row_shape)
     expected_stride = 1
-    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
+    for size, stride in zip(reversed(row_shape), reversed(row_strides)):
         if row_numel and size != 1 and stride != expected_stride:
-            raise ValueError(f"{name} rows must be contiguous (only dim 0 may be strided), got shape "
-                             f"{tuple(t.shape)} with strides {t.stride()}; pass {name}.contiguous()")
+            raise ValueError(f"{name} rows must be contiguous (only {'dims 0 and 1' if row_dim else 'dim 0'} "
+                             f"may be strided), got shape {tuple(t.shape)} with strides {t.stride()}; "
+                             f"pass {name}.contiguous()")
         expected_stride *= size
     row_bytes = row_numel * t.element_size()
-    # A single row's dim-0 stride is meaningless (torch may report anything).
-    stride_bytes = t.stride(0) * t.element_size() if t.shape[0] > 1 else row_bytes
+    # A single row's stride is meaningless (torch may report anything).
+    stride_bytes = t.stride(row_dim) * t.element_size() if t.shape[row_dim] > 1 else row_bytes
     if stride_bytes < row_bytes:
-        raise ValueError(f"{name} rows overlap: stride(0)={t.stride(0)} < {row_numel} elements per "
-                         f"row (an expand()ed view?); pass {name}.contiguous()")
+        raise ValueError(f"{name} rows overlap: stride({row_dim})={t.stride(row_dim)} < {row_numel} "
+                         f"elements per row (an expand()ed view?); pass {name}.contiguous()")
     return row_bytes, stride_bytes
 
 
-def _check_indices(indices: torch.Tensor) -> None:
+def _check_indices(indices: torch.Tensor, name: str = "indices") -> None:
     if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int64 or indices.dim() != 1:
         got = (f"{indices.dtype} tensor of shape {tuple(indices.shape)}"
                if isinstance(indices, torch.Tensor) else type(indices).__name__)
-        raise ValueError(f"indices must be a 1-D torch.int64 tensor, got {got}")
+        raise ValueError(f"{name} must be a 1-D torch.int64 tensor, got {got}")
     if indices.numel() > 1 and indices.stride(0) != 1:
-        raise ValueError(f"indices must be contiguous, got stride {indices.stride(0)}; "
-                         "pass indices.contiguous()")
+        raise ValueError(f"{name} must be contiguous, got stride {indices.stride(0)}; "
+                         f"pass {name}.contiguous()")
 
 
 def _check_num_threads(num_threads: int) -> None:
@@ -234,17 +239,18 @@ def _ptr(native: NativeLibrary, ctype: str, t: torch.Tensor):
     return native.ffi.cast(ctype, t.data_ptr())
 
 
-
-def _call(native: NativeLibrary, op: str, args: tuple, device: torch.device | None, num_threads: int) -> None:
-    """Run ``spc_<op>`` on the host (last argument: threads) or ``spc_cuda_<op>`` on the
-    current stream of ``device`` (last argument: the stream), and raise on a bad status."""
+def _call(native: NativeLibrary, op: str, args: tuple, device: torch.device | None, num_threads: int,
+          cuda_op: str | None = None) -> None:
+    """Run ``spc_<op>`` on the host (last argument: threads) or ``spc_cuda_<cuda_op or op>`` on
+    the current stream of ``device`` (last argument: the stream), and raise on a bad status."""
     if device is None:
         status = getattr(native.lib, f"spc_{op}")(*args, num_threads)
     else:
         with torch.cuda.device(device):
             stream = native.ffi.cast("void *", torch.cuda.current_stream(device).cuda_stream)
-            status = getattr(native.lib, f"spc_cuda_{op}")(*args, stream)
+            status = getattr(native.lib, f"spc_cuda_{cuda_op or op}")(*args, stream)
     _raise_for(status)
+
 
 def gather_rows(src: torch.Tensor, indices: torch.Tensor, out: torch.Tensor | None = None,
                 num_threads: int = 0) -> torch.Tensor:
@@ -342,79 +348,78 @@ def scatter_rows(src: torch.Tensor, indices: torch.Tensor, dst: torch.Tensor,
     return dst
 
 
-def _plane_layout(name: str, t: torch.Tensor) -> tuple[int, int, int]:
-    """(row_bytes, row_stride_bytes, plane_stride_bytes) of ``t`` seen as [planes, rows, *R]."""
-    if not isinstance(t, torch.Tensor) or t.dim() < 2:
-        raise ValueError(f"{name} must be a tensor of shape [planes, rows, *row_shape], got "
-                         f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-    row_bytes, row_stride_bytes = _row_layout(name, t[0] if t.shape[0] else t.new_empty(t.shape[1:]))
-    plane_stride_bytes = t.stride(0) * t.element_size() if t.shape[0] > 1 else 0
-    if t.shape[0] > 1 and t.shape[1] and plane_stride_bytes < (t.shape[1] - 1) * row_stride_bytes + row_bytes:
-        raise ValueError(f"{name} planes overlap: stride(0)={t.stride(0)} is less than a plane of "
-                         f"{t.shape[1]} rows; pass {name}.contiguous()")
-    return row_bytes, row_stride_bytes, plane_stride_bytes
+def copy_rows_planes(src: torch.Tensor, src_indices: torch.Tensor, dst: torch.Tensor,
+                     dst_indices: torch.Tensor, num_threads: int = 0, method: str = "kernel") -> torch.Tensor:
+    """Copy the same rows in every plane, in place: ``dst[p, dst_indices[i]] = src[p, src_indices[i]]``.
 
-
-def copy_rows_planes(src: torch.Tensor, src_indices: torch.Tensor, dst: torch.Tensor, dst_indices: torch.Tensor,
-                     num_threads: int = 0) -> torch.Tensor:
-    """The same row list through every plane, in place: ``dst[p, dst_indices[i]] = src[p, src_indices[i]]``.
-
-    Elastic KV loading moves one diff of rows (host position -> device slot) for every offloaded
-    layer's K and V: those are the planes. Host path when every tensor is on the CPU, else one
-    CUDA kernel on ``torch.cuda.current_stream()`` (pinned host src -> device dst, say).
+    Elastic KV loading: a step's missing rows of one layer, for its K and V planes at once.
+    A byte copy (any dtype). Host path (threads, one memcpy per run of consecutive rows when rows
+    are packed) when every tensor is on the CPU; else on ``torch.cuda.current_stream()``
+    (asynchronous, like any torch op), as one kernel (``method="kernel"``) or as one
+    cudaMemcpyAsync per run of consecutive rows and plane (``method="memcpy"``, for comparison).
 
     Args:
-        src: [planes, N, *R], any dtype; rows contiguous; planes and rows may be strided.
-        src_indices: [M] int64, contiguous, values in [0, N).
-        dst: [planes, N2, *R], ``src.dtype``; rows not named in ``dst_indices`` are untouched.
-        dst_indices: [M] int64, contiguous, UNIQUE values in [0, N2).
+        src: [P, N, *R], any dtype; rows contiguous, planes and rows may be strided (not
+            overlapping). CPU, or CUDA / pinned CPU for the CUDA path.
+        src_indices: [M] int64, contiguous; values in [0, N), repeats allowed.
+        dst: [P, N', *R], ``src.dtype``, same placement rules as ``src``; rows not named in
+            ``dst_indices`` are untouched.
+        dst_indices: [M] int64, contiguous; UNIQUE values in [0, N') (with repeats, which row
+            lands is unspecified).
         num_threads: host path only; <= 0 lets the library pick from the copy size.
+        method: CUDA path only. "kernel": indices on CUDA or pinned CPU, not checked on the host
+            (out-of-range copies are skipped, in every plane). "memcpy": indices on the CPU (read
+            and checked there during the call).
 
     Returns:
         ``dst``.
 
     Raises:
-        ValueError: wrong dtype, shape, layout or device.
-        NativeError: ``SPC_ERR_INDEX`` on the host path for an index out of range (``dst`` is
-            then untouched). The kernel instead skips an entry whose src or dst index is out of
-            range, so -1 can mark "nothing to copy" without a host sync.
+        ValueError: wrong dtype, shape, layout, device or method.
+        NativeError: ``SPC_ERR_INDEX`` for an index out of range on the host path or with
+            ``method="memcpy"`` (``dst`` is then untouched); ``SPC_ERR_INVALID_ARGUMENT`` if the
+            planes of ``src`` or ``dst`` overlap.
 
     Example:
-        >>> src = torch.arange(12.0).view(2, 3, 2)
-        >>> dst = torch.zeros(2, 2, 2)
-        >>> copy_rows_planes(src, torch.tensor([2]), dst, torch.tensor([1]))[:, 1].tolist()
+        >>> src, dst = torch.arange(12.0).view(2, 3, 2), torch.zeros(2, 4, 2)
+        >>> copy_rows_planes(src, torch.tensor([2, 0]), dst, torch.tensor([1, 3]))[:, 1].tolist()
         [[4.0, 5.0], [10.0, 11.0]]
     """
-    _check_indices(src_indices)
-    _check_indices(dst_indices)
+    _check_indices(src_indices, "src_indices")
+    _check_indices(dst_indices, "dst_indices")
     _check_num_threads(num_threads)
-    if src_indices.shape != dst_indices.shape:
-        raise ValueError(f"src_indices and dst_indices must have the same length, got {src_indices.shape[0]} "
-                         f"and {dst_indices.shape[0]}")
-    if not isinstance(dst, torch.Tensor) or dst.dim() != src.dim() or dst.shape[0] != src.shape[0] \
-            or dst.shape[2:] != src.shape[2:] or dst.dtype != src.dtype:
-        raise ValueError(f"dst must be [{src.shape[0]} planes, rows, *{list(src.shape[2:])}] of {src.dtype}, got "
-                         f"{list(dst.shape) if isinstance(dst, torch.Tensor) else type(dst).__name__}"
-                         f"{' of ' + str(dst.dtype) if isinstance(dst, torch.Tensor) else ''}")
-    row_bytes, src_row_stride, src_plane_stride = _plane_layout("src", src)
-    _, dst_row_stride, dst_plane_stride = _plane_layout("dst", dst)
-    device = _launch_device("copy_rows_planes", src=src, src_indices=src_indices, dst=dst, dst_indices=dst_indices)
+    if method not in ("kernel", "memcpy"):
+        raise ValueError(f"method must be 'kernel' or 'memcpy', got {method!r}")
+    if src_indices.shape[0] != dst_indices.shape[0]:
+        raise ValueError(f"src_indices and dst_indices must have the same length, got "
+                         f"{src_indices.shape[0]} and {dst_indices.shape[0]}")
+    row_bytes, src_row_stride_bytes = _row_layout("src", src, row_dim=1)
+    _, dst_row_stride_bytes = _row_layout("dst", dst, row_dim=1)
+    if dst.shape[0] != src.shape[0] or dst.shape[2:] != src.shape[2:] or dst.dtype != src.dtype:
+        rows = "".join(f", {s}" for s in src.shape[2:])
+        raise ValueError(f"dst must be [src.shape[0], N', *src.shape[2:]] = [{src.shape[0]}, N'{rows}] "
+                         f"of src.dtype {src.dtype}, got {list(dst.shape)} of {dst.dtype}")
+    if method == "kernel":
+        device = _launch_device("copy_rows_planes", src=src, src_indices=src_indices, dst=dst,
+                                dst_indices=dst_indices)
+    else:
+        device = _launch_device("copy_rows_planes", src=src, dst=dst)
+        for name, t in (("src_indices", src_indices), ("dst_indices", dst_indices)):
+            if t.device.type != "cpu":
+                raise ValueError(f"copy_rows_planes: method='memcpy' reads {name} on the host, but it "
+                                 f"is on {t.device}; pass {name}.cpu() or use method='kernel'")
+    # A single plane's stride is never used (and torch may report anything for it).
+    num_planes = src.shape[0]
+    src_plane_stride_bytes = src.stride(0) * src.element_size() if num_planes > 1 else 0
+    dst_plane_stride_bytes = dst.stride(0) * dst.element_size() if num_planes > 1 else 0
     native = library()
-    args = (_ptr(native, "void *", src), src_plane_stride, src_row_stride, src.shape[1],
-            _ptr(native, "int64_t *", src_indices), _ptr(native, "void *", dst), dst_plane_stride, dst_row_stride,
-            dst.shape[1], _ptr(native, "int64_t *", dst_indices), src_indices.shape[0], src.shape[0], row_bytes)
-    _call(native, "copy_rows_planes", args, device, num_threads)
+    args = (_ptr(native, "void *", src), src_plane_stride_bytes, src_row_stride_bytes, src.shape[1],
+            _ptr(native, "int64_t *", src_indices), _ptr(native, "void *", dst), dst_plane_stride_bytes,
+            dst_row_stride_bytes, dst.shape[1], _ptr(native, "int64_t *", dst_indices),
+            src_indices.shape[0], num_planes, row_bytes)
+    _call(native, "copy_rows_planes", args, device, num_threads,
+          cuda_op="copy_rows_planes" if method == "kernel" else "memcpy_rows_planes")
     return dst
-
-
-def reference_copy_rows_planes(src: torch.Tensor, src_indices: torch.Tensor, dst: torch.Tensor,
-                               dst_indices: torch.Tensor) -> torch.Tensor:
-    """Pure-torch float32 reference for ``copy_rows_planes``; returns a new float32 tensor shaped as ``dst``.
-    Entries with an out-of-range index on either side are skipped (as the kernel does)."""
-    out = dst.float().clone()
-    keep = (src_indices >= 0) & (src_indices < src.shape[1]) & (dst_indices >= 0) & (dst_indices < dst.shape[1])
-    out[:, dst_indices[keep].to(out.device)] = src.float()[:, src_indices[keep].to(src.device)].to(out.device)
-    return out
 
 
 def reference_gather_rows(src: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -425,3 +430,10 @@ def reference_gather_rows(src: torch.Tensor, indices: torch.Tensor) -> torch.Ten
 def reference_scatter_rows(src: torch.Tensor, indices: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     """Pure-torch float32 reference for ``scatter_rows``; returns a new [N, *R] float32 tensor."""
     return dst.float().index_copy(0, indices.to(dst.device), src.float().to(dst.device))
+
+
+def reference_copy_rows_planes(src: torch.Tensor, src_indices: torch.Tensor, dst: torch.Tensor,
+                               dst_indices: torch.Tensor) -> torch.Tensor:
+    """Pure-torch float32 reference for ``copy_rows_planes``; returns a new [P, N', *R] float32 tensor."""
+    rows = src.float().index_select(1, src_indices.to(src.device)).to(dst.device)
+    return dst.float().index_copy(1, dst_indices.to(dst.device), rows)

@@ -1,10 +1,11 @@
-"""Native row gather/scatter against the pure-torch float32 reference.
+"""Native row gather/scatter/plane copies against the pure-torch float32 references.
 
-Shape letters: N rows of the indexed buffer, M selected rows, *R row shape.
+Shape letters: N rows of the indexed buffer, M selected rows, *R row shape, P planes.
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import pytest
@@ -168,6 +169,214 @@ def test_c_argument_validation():
     assert len(names) == 5 and ffi.string(lib.spc_status_string(99)) == b"unknown status"
 
 
+# ---- plane copies (host path) ------------------------------------------------------------
+
+# Row byte sizes: 1 to 84 bytes, all odd element counts, so no width is a power of two.
+PLANE_ROW_SHAPES = [(1,), (3,), (17,), (3, 7)]
+# (rows in src, rows in dst): single row, tiny, and larger than the dst.
+PLANE_NUM_ROWS = [(1, 1), (5, 7), (1031, 517)]
+
+
+def plane_layouts(num_planes, num_rows, row_shape, dtype, generator):
+    """(name, buffer, view) triples: view is [P, num_rows, *R] over buffer, packed (rows are
+    consecutive, the coalescing path), strided (planes and rows padded, unaligned offsets) or
+    interleaved (a [N, P, *R] buffer seen plane-major, like a K/V-interleaved cache)."""
+    numel = math.prod(row_shape)
+    packed = random_rows((num_planes, num_rows, *row_shape), dtype, generator=generator)
+    padded = random_rows((num_planes + 1, num_rows + 3, numel + 5), dtype, generator=generator)
+    interleaved = random_rows((num_rows, num_planes, numel), dtype, generator=generator)
+    return [
+        ("packed", packed, lambda b: b),
+        ("strided", padded, lambda b: b[1:, 2:2 + num_rows, 1:1 + numel].unflatten(-1, row_shape)),
+        ("interleaved", interleaved, lambda b: b.transpose(0, 1).unflatten(-1, row_shape)),
+    ]
+
+
+def plane_index_patterns(num_src_rows, num_dst_rows, generator):
+    """(name, src_indices, dst_indices) with unique dst indices: empty, random (src repeats),
+    runs (blocks of consecutive rows on both sides, in random block order) and mixed
+    (consecutive src rows into sorted random dst rows: runs wherever the dst rows touch)."""
+    m = num_dst_rows // 2 + 1
+    random_pair = (torch.randint(0, num_src_rows, (m,), generator=generator),
+                   torch.randperm(num_dst_rows, generator=generator)[:m])
+    block = min(7, num_src_rows, num_dst_rows)
+    num_blocks = min(num_src_rows // block, num_dst_rows // block)
+    offsets = torch.arange(block)
+    src_starts = torch.randperm(num_src_rows // block, generator=generator)[:num_blocks] * block
+    dst_starts = torch.randperm(num_dst_rows // block, generator=generator)[:num_blocks] * block
+    runs_pair = ((src_starts[:, None] + offsets).flatten(), (dst_starts[:, None] + offsets).flatten())
+    m = min(num_src_rows, num_dst_rows) * 2 // 3 + 1
+    first = int(torch.randint(0, num_src_rows - m + 1, (1,), generator=generator))
+    mixed_pair = (torch.arange(first, first + m),
+                  torch.randperm(num_dst_rows, generator=generator)[:m].sort().values)
+    empty = torch.empty(0, dtype=torch.int64)
+    return [("empty", empty, empty), ("random", *random_pair), ("runs", *runs_pair),
+            ("mixed", *mixed_pair)]
+
+
+@pytest.mark.parametrize("num_threads", [1, 2, 0])
+@pytest.mark.parametrize("num_planes", [1, 3, 7])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_copy_rows_planes_matches_reference(dtype, num_planes, num_threads, gen):
+    for row_shape in PLANE_ROW_SHAPES:
+        for num_src_rows, num_dst_rows in PLANE_NUM_ROWS:
+            for src_layout, src_buffer, src_view in plane_layouts(num_planes, num_src_rows, row_shape,
+                                                                  dtype, gen):
+                src = src_view(src_buffer)
+                for dst_layout, dst_buffer, dst_view in plane_layouts(num_planes, num_dst_rows, row_shape,
+                                                                      dtype, gen):
+                    for pattern, src_indices, dst_indices in plane_index_patterns(num_src_rows,
+                                                                                  num_dst_rows, gen):
+                        case = (row_shape, num_src_rows, num_dst_rows, src_layout, dst_layout, pattern)
+                        # Expected for the whole buffer: the view's rows per the reference,
+                        # everything else (padding, other planes) as it was.
+                        expected = dst_buffer.float().clone()  # .float() of float32 is no copy
+                        dst_view(expected).copy_(native.reference_copy_rows_planes(
+                            src, src_indices, dst_view(dst_buffer), dst_indices))
+                        dst = dst_view(dst_buffer)
+                        assert native.copy_rows_planes(src, src_indices, dst, dst_indices,
+                                                       num_threads=num_threads) is dst
+                        assert torch.equal(dst_buffer.float(), expected), case
+
+
+@pytest.mark.parametrize("num_threads", [0, 2, 3, 1000])
+def test_copy_rows_planes_large_and_split_across_planes(num_threads, gen):
+    # 2 planes x 4099 rows x 1 KiB = 8 MiB: auto mode really splits; with 3 threads the
+    # slices start mid-plane and mid-run; 1000 exceeds the library's cap.
+    src = random_rows((2, 8193, 256), torch.float32, generator=gen)
+    dst = random_rows((2, 5003, 256), torch.float32, generator=gen)
+    src_indices = torch.cat([torch.arange(100, 2100), torch.randint(0, 8193, (2099,), generator=gen)])
+    dst_indices = torch.randperm(5003, generator=gen)[:4099]
+    dst_indices[:2000] = torch.arange(3000, 5000)
+    dst_indices[2000:] = torch.randperm(3000, generator=gen)[:2099]
+    expected = native.reference_copy_rows_planes(src, src_indices, dst, dst_indices)
+    native.copy_rows_planes(src, src_indices, dst, dst_indices, num_threads=num_threads)
+    assert torch.equal(dst, expected)
+
+
+def test_copy_rows_planes_kv_cache_views(gen):
+    # The offloaded cache's use: [2, B, G, S, D] host K/V of one layer, seen as [2, B*G*S, D],
+    # into [2, B*G*P, D] slots; one call moves both planes.
+    host = random_rows((2, 2, 3, 41, 24), torch.bfloat16, generator=gen)
+    slots = torch.zeros(2, 2 * 3 * 9, 24, dtype=torch.bfloat16)
+    src_indices = torch.randperm(2 * 3 * 41, generator=gen)[:30]
+    dst_indices = torch.randperm(2 * 3 * 9, generator=gen)[:30]
+    expected = native.reference_copy_rows_planes(host.view(2, -1, 24), src_indices, slots, dst_indices)
+    native.copy_rows_planes(host.view(2, -1, 24), src_indices, slots, dst_indices)
+    assert torch.equal(slots.float(), expected)
+    assert torch.equal(slots[1, dst_indices], host.view(2, -1, 24)[1, src_indices])
+
+
+@pytest.mark.parametrize("bad_list", ["src_indices", "dst_indices"])
+@pytest.mark.parametrize("bad_index", [-1, "rows", 1 << 40])
+def test_copy_rows_planes_out_of_range_raises_and_leaves_dst_untouched(bad_list, bad_index):
+    src = torch.arange(3 * 5 * 4.0).view(3, 5, 4)
+    dst = torch.full((3, 6, 4), -1.0)
+    num_rows = 5 if bad_list == "src_indices" else 6
+    bad_index = num_rows if bad_index == "rows" else bad_index
+    indices = {"src_indices": torch.tensor([0, 4, 3, 1]), "dst_indices": torch.tensor([5, 0, 2, 1])}
+    indices[bad_list][2] = bad_index
+    with pytest.raises(native.NativeError, match="index out of range") as info:
+        native.copy_rows_planes(src, indices["src_indices"], dst, indices["dst_indices"], num_threads=2)
+    assert info.value.status == native.library().lib.SPC_ERR_INDEX
+    assert f"{bad_list}[2]={bad_index} outside [0, {num_rows})" in info.value.detail
+    assert (dst == -1).all()
+
+
+def test_copy_rows_planes_empty_copies(gen):
+    src = random_rows((3, 5, 4), torch.float16, generator=gen)
+    dst = torch.full((3, 6, 4), -1.0, dtype=torch.float16)
+    empty = torch.empty(0, dtype=torch.int64)
+    assert native.copy_rows_planes(src, empty, dst, empty) is dst and (dst == -1).all()
+    # Zero planes: nothing to copy, but indices are still checked (as for zero-byte rows).
+    no_planes_src, no_planes_dst = torch.empty(0, 5, 4), torch.empty(0, 6, 4)
+    native.copy_rows_planes(no_planes_src, torch.tensor([4, 0]), no_planes_dst, torch.tensor([5, 1]))
+    with pytest.raises(native.NativeError, match="index out of range"):
+        native.copy_rows_planes(no_planes_src, torch.tensor([5]), no_planes_dst, torch.tensor([0]))
+    # Zero-byte rows.
+    native.copy_rows_planes(torch.empty(3, 5, 0), torch.tensor([1]), torch.empty(3, 6, 0), torch.tensor([2]))
+
+
+def test_copy_rows_planes_bad_arguments():
+    src, dst = torch.zeros(2, 6, 4), torch.zeros(2, 5, 4)
+    idx = torch.tensor([1, 2])
+    value_errors = [
+        (lambda: native.copy_rows_planes(src, idx, dst.half(), idx), "float16"),
+        (lambda: native.copy_rows_planes(src, idx, torch.zeros(3, 5, 4), idx), r"\[2, N', 4\]"),
+        (lambda: native.copy_rows_planes(src, idx, torch.zeros(2, 5, 3), idx), r"\[2, N', 4\]"),
+        (lambda: native.copy_rows_planes(src, idx, dst, torch.tensor([1, 2, 3])), "same length"),
+        (lambda: native.copy_rows_planes(src, idx.int(), dst, idx), "src_indices must be a 1-D torch.int64"),
+        (lambda: native.copy_rows_planes(src, idx, dst, idx.view(1, 2)), "dst_indices must be a 1-D"),
+        (lambda: native.copy_rows_planes(src, torch.arange(4)[::2], dst, idx), "src_indices must be contiguous"),
+        (lambda: native.copy_rows_planes(torch.zeros(2, 4, 6).transpose(1, 2), idx, dst, idx),
+         "rows must be contiguous"),
+        (lambda: native.copy_rows_planes(src, idx, torch.zeros(2, 1, 4).expand(2, 5, 4), idx), "rows overlap"),
+        (lambda: native.copy_rows_planes(torch.zeros(6), idx, dst, idx), r"\[planes, rows"),
+        (lambda: native.copy_rows_planes(src, idx, dst, idx, num_threads=None), "num_threads"),
+        (lambda: native.copy_rows_planes(src, idx, dst, idx, method="dma"), "method"),
+    ]
+    for call, pattern in value_errors:
+        with pytest.raises(ValueError, match=pattern):
+            call()
+    # Overlapping planes (an expand()ed plane dim) pass the shape checks; the library refuses them.
+    broadcast_src, broadcast_dst = torch.zeros(1, 6, 4).expand(2, 6, 4), torch.zeros(1, 5, 4).expand(2, 5, 4)
+    for name, a, b in (("src", broadcast_src, dst), ("dst", src, broadcast_dst)):
+        with pytest.raises(native.NativeError, match="invalid argument") as info:
+            native.copy_rows_planes(a, idx, b, idx)
+        assert f"{name} planes overlap" in info.value.detail
+
+
+def test_copy_rows_planes_c_argument_validation():
+    nat = native.library()
+    ffi, lib = nat.ffi, nat.lib
+    buf = torch.zeros(2, 4, 4)  # 2 planes x 4 rows x 16 bytes
+    idx = torch.tensor([0, 1])
+    p, ip = ffi.cast("void *", buf.data_ptr()), ffi.cast("int64_t *", idx.data_ptr())
+
+    def call(src=p, sps=64, srs=16, ns=4, si=ip, dst=p, dps=64, drs=16, nd=4, di=ip, m=2, planes=2, rb=16):
+        return lib.spc_copy_rows_planes(src, sps, srs, ns, si, dst, dps, drs, nd, di, m, planes, rb, 1)
+
+    calls = [
+        (dict(src=ffi.NULL), "NULL src"),
+        (dict(dst=ffi.NULL), "NULL dst"),
+        (dict(si=ffi.NULL), "NULL src_indices"),
+        (dict(di=ffi.NULL), "NULL dst_indices"),
+        (dict(planes=-1), ">= 0"),
+        (dict(nd=-1), ">= 0"),
+        (dict(srs=8), "row strides"),
+        (dict(sps=48), "src planes overlap"),      # stacked but 4 rows need 64 bytes
+        (dict(dps=0), "dst planes overlap"),       # broadcast
+        (dict(drs=24, dps=16), "dst planes overlap"),  # interleaved but 2 x 16 bytes > 24
+        (dict(m=1 << 62, planes=4), "overflows"),
+    ]
+    for kwargs, detail in calls:
+        assert call(**kwargs) == lib.SPC_ERR_INVALID_ARGUMENT, kwargs
+        assert detail in ffi.string(lib.spc_last_error()).decode(), kwargs
+    # Accepted: interleaved planes (16-byte rows 32 bytes apart, planes 16 apart), one plane with
+    # any plane stride, and nothing to copy with NULL buffers; success clears the detail.
+    assert call(srs=32, sps=16, ns=2) == lib.SPC_OK
+    assert call(sps=-5, dps=3, planes=1) == lib.SPC_OK
+    assert ffi.string(lib.spc_last_error()) == b""
+    null = ffi.NULL
+    assert lib.spc_copy_rows_planes(null, 0, 0, 0, null, null, 0, 0, 0, null, 0, 0, 0, 0) == lib.SPC_OK
+    assert call(src=ffi.NULL, dst=ffi.NULL, planes=0) == lib.SPC_OK
+
+
+def test_copy_rows_planes_negative_plane_stride():
+    # Plane 0 starts at the second half of the buffer and plane 1 sits 64 bytes before it.
+    nat = native.library()
+    ffi, lib = nat.ffi, nat.lib
+    src = torch.arange(2 * 4 * 4.0).view(2, 4, 4)
+    dst = torch.zeros(2, 4, 4)
+    si, di = torch.tensor([3, 0]), torch.tensor([1, 2])
+    status = lib.spc_copy_rows_planes(ffi.cast("void *", src[1].data_ptr()), -64, 16, 4,
+                                      ffi.cast("int64_t *", si.data_ptr()),
+                                      ffi.cast("void *", dst[1].data_ptr()), -64, 16, 4,
+                                      ffi.cast("int64_t *", di.data_ptr()), 2, 2, 16, 2)
+    assert status == lib.SPC_OK, ffi.string(lib.spc_last_error())
+    assert torch.equal(dst, native.reference_copy_rows_planes(src, si, torch.zeros(2, 4, 4), di))
+
+
 # ---- loading -----------------------------------------------------------------------------
 
 
@@ -218,8 +427,12 @@ def test_cuda_unavailable_without_gpu():
     ffi, lib = nat.ffi, nat.lib
     buf, idx = torch.zeros(4, 4), torch.tensor([0])
     p = ffi.cast("void *", buf.data_ptr())
-    status = lib.spc_cuda_gather_rows(p, 16, 4, ffi.cast("int64_t *", idx.data_ptr()), 1, p, 16, 16, ffi.NULL)
+    ip = ffi.cast("int64_t *", idx.data_ptr())
+    status = lib.spc_cuda_gather_rows(p, 16, 4, ip, 1, p, 16, 16, ffi.NULL)
     assert status == lib.SPC_ERR_CUDA_UNAVAILABLE, ffi.string(lib.spc_last_error())
+    for fn in (lib.spc_cuda_copy_rows_planes, lib.spc_cuda_memcpy_rows_planes):
+        status = fn(p, 64, 16, 4, ip, p, 64, 16, 4, ip, 1, 1, 16, ffi.NULL)
+        assert status == lib.SPC_ERR_CUDA_UNAVAILABLE, ffi.string(lib.spc_last_error())
 
 
 # ---- CUDA path (run on a GPU machine) ---------------------------------------------------
@@ -329,6 +542,103 @@ def test_cuda_rejects_pageable_host_memory():
                             torch.zeros(5, 3))
 
 
+# Where src and dst live for the CUDA plane copies (never both pinned: with host indices that
+# would be the host path).
+PLACEMENTS = [("device", "device"), ("pinned", "device"), ("device", "pinned")]
+
+
+def place(t: torch.Tensor, where: str) -> torch.Tensor:
+    return t.cuda() if where == "device" else t.pin_memory()
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("method", ["kernel", "memcpy"])
+@pytest.mark.parametrize("src_on,dst_on", PLACEMENTS)
+@pytest.mark.parametrize("dtype,row_shape", CUDA_CASES)
+def test_cuda_copy_rows_planes_matches_reference(dtype, row_shape, src_on, dst_on, method, gen):
+    stream = torch.cuda.Stream()
+    for num_planes in (1, 2, 3):
+        for num_src_rows, num_dst_rows in PLANE_NUM_ROWS:
+            src_layouts = plane_layouts(num_planes, num_src_rows, row_shape, dtype, gen)
+            dst_layouts = plane_layouts(num_planes, num_dst_rows, row_shape, dtype, gen)
+            for (_, src_buffer, src_view), (_, dst_host, dst_view) in zip(src_layouts, dst_layouts):
+                src = src_view(place(src_buffer, src_on))
+                for pattern, src_indices, dst_indices in plane_index_patterns(num_src_rows, num_dst_rows, gen):
+                    dst_buffer = place(dst_host, dst_on)
+                    expected = dst_buffer.float().cpu().clone()  # no aliasing, whatever the dtype
+                    dst_view(expected).copy_(native.reference_copy_rows_planes(
+                        src, src_indices, dst_view(dst_buffer), dst_indices).cpu())
+                    if method == "kernel":
+                        src_indices, dst_indices = src_indices.cuda(), dst_indices.cuda()
+                    stream.wait_stream(torch.cuda.current_stream())  # inputs were made on the default stream
+                    with torch.cuda.stream(stream):
+                        native.copy_rows_planes(src, src_indices, dst_view(dst_buffer), dst_indices,
+                                                method=method)
+                    stream.synchronize()
+                    assert torch.equal(dst_buffer.float().cpu(), expected), (num_planes, pattern)
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("method", ["kernel", "memcpy"])
+def test_cuda_copy_rows_planes_runs_on_current_stream(method):
+    # As for gather: the stream spins, then changes src; a copy on any other stream would run
+    # during the spin and see the old values.
+    stream = torch.cuda.Stream()
+    src = torch.zeros(2, 1031, 64).pin_memory()
+    dst = torch.zeros(2, 517, 64, device="cuda")
+    src_indices, dst_indices = torch.arange(1030, 0, -2), torch.arange(515)
+    if method == "kernel":
+        src_indices, dst_indices = src_indices.pin_memory(), dst_indices.cuda()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(200_000_000)
+        dst.add_(1)
+        native.copy_rows_planes(src, src_indices, dst, dst_indices, method=method)
+    stream.synchronize()
+    assert (dst[:, :515] == 0).all() and (dst[:, 515:] == 1).all()
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_copy_rows_planes_out_of_range():
+    src = torch.arange(2 * 5 * 3.0, device="cuda").view(2, 5, 3)
+    dst = torch.full((2, 4, 3), -1.0, device="cuda")
+    # The kernel skips a copy whose src or dst row is out of range, in every plane.
+    native.copy_rows_planes(src, torch.tensor([4, 5, 0, -1], device="cuda"), dst,
+                            torch.tensor([0, 1, 4, 3], device="cuda"))
+    torch.cuda.synchronize()
+    assert torch.equal(dst[:, 0], src[:, 4]) and (dst[:, 1:] == -1).all()
+    # The memcpy loop checks on the host first and enqueues nothing.
+    with pytest.raises(native.NativeError, match=r"dst_indices\[1\]=4 outside \[0, 4\)"):
+        native.copy_rows_planes(src, torch.tensor([1, 2]), dst, torch.tensor([2, 4]), method="memcpy")
+    torch.cuda.synchronize()
+    assert torch.equal(dst[:, 0], src[:, 4]) and (dst[:, 1:] == -1).all()
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_copy_rows_planes_placement_errors():
+    src, dst = torch.zeros(2, 5, 3, device="cuda"), torch.zeros(2, 4, 3, device="cuda")
+    idx = torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="method='memcpy' reads src_indices on the host"):
+        native.copy_rows_planes(src, idx.cuda(), dst, idx, method="memcpy")
+    with pytest.raises(ValueError, match="pin_memory"):  # the kernel reads indices on the device
+        native.copy_rows_planes(src, idx, dst, idx.cuda())
+    with pytest.raises(ValueError, match="pin_memory"):
+        native.copy_rows_planes(torch.zeros(2, 5, 3), idx, dst, idx, method="memcpy")
+    # Device-memory indices reach the C memcpy loop only through cffi; it refuses them.
+    nat = native.library()
+    ffi, lib = nat.ffi, nat.lib
+    dev_idx = idx.cuda()
+    p_src, p_dst = ffi.cast("void *", src.data_ptr()), ffi.cast("void *", dst.data_ptr())
+    ip = ffi.cast("int64_t *", dev_idx.data_ptr())
+    status = lib.spc_cuda_memcpy_rows_planes(p_src, 60, 12, 5, ip, p_dst, 48, 12, 4, ip, 2, 2, 12, ffi.NULL)
+    assert status == lib.SPC_ERR_INVALID_ARGUMENT
+    assert "device memory" in ffi.string(lib.spc_last_error()).decode()
+
+
 def test_loads_when_a_source_checkout_shadows_the_installed_package():
     """`python -c ...` from the repository root imports the source tree, which has no built
     library; the loader then uses the installed distribution's copy (CI once failed on this)."""
@@ -347,90 +657,3 @@ def test_loads_when_a_source_checkout_shadows_the_installed_package():
     if pathlib.Path(module_path).resolve().is_relative_to(root):
         assert not pathlib.Path(lib_path).resolve().is_relative_to(root / "specontext") or \
             (root / "specontext" / native.LIBRARY_NAME).exists()
-
-
-# ---- plane copy (elastic KV loading: one row list through every layer's K and V) ------------
-
-
-def _plane_case(planes, n_src, n_dst, m, row_shape, dtype, gen, strided=False):
-    src = random_rows((planes, n_src, *row_shape), dtype, generator=gen)
-    dst = random_rows((planes + 1 if strided else planes, n_dst + 3, *row_shape), dtype, generator=gen)
-    if strided:  # every other plane of a padded buffer, rows of a wider allocation
-        dst = dst[:planes, 1:n_dst + 1]
-    src_idx = torch.randint(0, n_src, (m,), generator=gen)
-    dst_idx = torch.randperm(n_dst, generator=gen)[:m].contiguous()
-    return src, src_idx, dst, dst_idx
-
-
-@pytest.mark.parametrize("num_threads", THREADS)
-@pytest.mark.parametrize("row_shape", [(1,), (7,), (64,), (3, 5)])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("planes", [1, 3, 7])
-def test_copy_rows_planes_matches_reference(planes, dtype, row_shape, num_threads, gen):
-    for n_src, n_dst, m in ((5, 5, 0), (5, 9, 1), (1031, 257, 200), (33, 600, 33)):
-        for strided in (False, True):
-            src, si, dst, di = _plane_case(planes, n_src, n_dst, m, row_shape, dtype, gen, strided)
-            expected = native.reference_copy_rows_planes(src, si, dst, di)
-            out = native.copy_rows_planes(src, si, dst, di, num_threads=num_threads)
-            assert out is dst and torch.equal(dst.float(), expected)
-
-
-def test_copy_rows_planes_of_a_kv_layout(gen):
-    """The offload layout: host [L, 2, B, G, S, D] -> slots [L, 2, B, G, P, D], rows r * S + pos."""
-    L, B, G, S, D, P = 2, 2, 3, 40, 5, 8
-    host = torch.randn(L, 2, B, G, S, D, generator=gen)
-    slots = torch.zeros(L, 2, B, G, P, D)
-    r = torch.tensor([0, 1, 5, 5])
-    pos, slot = torch.tensor([3, 39, 0, 7]), torch.tensor([0, 7, 2, 3])
-    for layer in range(L):
-        native.copy_rows_planes(host[layer].view(2, -1, D), r * S + pos, slots[layer].view(2, -1, D), r * P + slot)
-    for layer in range(L):
-        for kv in range(2):
-            flat_h, flat_s = host[layer, kv].reshape(-1, S, D), slots[layer, kv].reshape(-1, P, D)
-            for ri, p, s in zip(r.tolist(), pos.tolist(), slot.tolist()):
-                assert torch.equal(flat_s[ri, s], flat_h[ri, p])
-    assert int((slots.abs().sum(-1) > 0).sum()) == L * 2 * 4  # nothing else written
-
-
-@pytest.mark.parametrize("side", ["src", "dst"])
-def test_copy_rows_planes_bad_index_leaves_dst_untouched(side, gen):
-    src, si, dst, di = _plane_case(3, 10, 10, 4, (4,), torch.float32, gen)
-    bad = (src if side == "src" else dst).shape[1]
-    (si if side == "src" else di)[2] = bad
-    before = dst.clone()
-    with pytest.raises(native.NativeError, match=f"{side}_indices\\[2\\]={bad} outside"):
-        native.copy_rows_planes(src, si, dst, di)
-    assert torch.equal(dst, before)
-
-
-def test_copy_rows_planes_bad_arguments():
-    src, dst = torch.zeros(2, 4, 3), torch.zeros(2, 4, 3)
-    idx = torch.tensor([0, 1])
-    with pytest.raises(ValueError, match="same length"):
-        native.copy_rows_planes(src, idx, dst, idx[:1])
-    with pytest.raises(ValueError, match="dst must be"):
-        native.copy_rows_planes(src, idx, torch.zeros(3, 4, 3), idx)
-    with pytest.raises(ValueError, match="dst must be"):
-        native.copy_rows_planes(src, idx, dst.double(), idx)
-    with pytest.raises(ValueError, match="int64"):
-        native.copy_rows_planes(src, idx.int(), dst, idx)
-    with pytest.raises(ValueError, match="planes overlap"):
-        native.copy_rows_planes(torch.zeros(4, 3).expand(2, 4, 3), idx, dst, idx)
-
-
-@pytest.mark.cuda
-@cuda
-@pytest.mark.parametrize("dtype,row_shape", CUDA_CASES)
-def test_cuda_copy_rows_planes_pinned_host_to_device_skips_minus_one(dtype, row_shape, gen):
-    stream = torch.cuda.Stream()
-    for planes, n_src, n_dst, m in ((1, 5, 5, 3), (7, 1031, 257, 200)):
-        src, si, dst, di = _plane_case(planes, n_src, n_dst, m, row_shape, dtype, gen)
-        si[::3] = -1  # "nothing to fetch" entries
-        expected = native.reference_copy_rows_planes(src, si, dst, di)
-        src, dst = src.pin_memory(), dst.cuda()
-        si, di = si.cuda(), di.cuda()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            native.copy_rows_planes(src, si, dst, di)
-        stream.synchronize()
-        assert torch.equal(dst.float().cpu(), expected)

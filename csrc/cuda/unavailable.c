@@ -27,13 +27,30 @@ int spc_cuda_scatter_rows(const void *src, int64_t src_row_stride_bytes, const i
     return spc_fail(SPC_ERR_CUDA_UNAVAILABLE, "spc_cuda_scatter_rows: " BUILT_WITHOUT_CUDA);
 }
 
-int spc_cuda_copy_rows_planes(const void *src, int64_t src_plane_stride_bytes, int64_t src_row_stride_bytes,
-                              int64_t num_src_rows, const int64_t *src_indices, void *dst,
-                              int64_t dst_plane_stride_bytes, int64_t dst_row_stride_bytes, int64_t num_dst_rows,
-                              const int64_t *dst_indices, int64_t num_indices, int64_t num_planes,
-                              int64_t row_bytes, void *stream) {
-    (void)src, (void)src_plane_stride_bytes, (void)src_row_stride_bytes, (void)num_src_rows, (void)src_indices;
-    (void)dst, (void)dst_plane_stride_bytes, (void)dst_row_stride_bytes, (void)num_dst_rows, (void)dst_indices;
-    (void)num_indices, (void)num_planes, (void)row_bytes, (void)stream;
+int spc_cuda_copy_rows_planes(const void *src, int64_t src_plane_stride_bytes,
+                              int64_t src_row_stride_bytes, int64_t num_src_rows,
+                              const int64_t *src_indices, void *dst,
+                              int64_t dst_plane_stride_bytes, int64_t dst_row_stride_bytes,
+                              int64_t num_dst_rows, const int64_t *dst_indices,
+                              int64_t num_indices, int64_t num_planes, int64_t row_bytes,
+                              void *stream) {
+    (void)src, (void)src_plane_stride_bytes, (void)src_row_stride_bytes, (void)num_src_rows;
+    (void)src_indices, (void)dst, (void)dst_plane_stride_bytes, (void)dst_row_stride_bytes;
+    (void)num_dst_rows, (void)dst_indices, (void)num_indices, (void)num_planes, (void)row_bytes;
+    (void)stream;
     return spc_fail(SPC_ERR_CUDA_UNAVAILABLE, "spc_cuda_copy_rows_planes: " BUILT_WITHOUT_CUDA);
+}
+
+int spc_cuda_memcpy_rows_planes(const void *src, int64_t src_plane_stride_bytes,
+                                int64_t src_row_stride_bytes, int64_t num_src_rows,
+                                const int64_t *src_indices, void *dst,
+                                int64_t dst_plane_stride_bytes, int64_t dst_row_stride_bytes,
+                                int64_t num_dst_rows, const int64_t *dst_indices,
+                                int64_t num_indices, int64_t num_planes, int64_t row_bytes,
+                                void *stream) {
+    (void)src, (void)src_plane_stride_bytes, (void)src_row_stride_bytes, (void)num_src_rows;
+    (void)src_indices, (void)dst, (void)dst_plane_stride_bytes, (void)dst_row_stride_bytes;
+    (void)num_dst_rows, (void)dst_indices, (void)num_indices, (void)num_planes, (void)row_bytes;
+    (void)stream;
+    return spc_fail(SPC_ERR_CUDA_UNAVAILABLE, "spc_cuda_memcpy_rows_planes: " BUILT_WITHOUT_CUDA);
 }

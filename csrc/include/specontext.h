@@ -10,8 +10,15 @@
  *     *_row_stride_bytes apart (stride >= row_bytes, so rows never overlap).
  *   - Indices are int64 row numbers; the index list itself is contiguous.
  *   - indices may be NULL only when num_indices == 0; src and dst only when
- *     num_indices == 0 or row_bytes == 0 (no byte is read or written).
+ *     num_indices == 0, row_bytes == 0 or num_planes == 0 (no byte is read or
+ *     written).
  *   - src and dst must not overlap.
+ *   - The *_rows_planes functions copy the same rows in each of num_planes
+ *     planes (e.g. a layer's K and V); plane p of a buffer starts at
+ *     (char *)buffer + p * *_plane_stride_bytes (any sign). The planes of one
+ *     buffer must not overlap: they are either stacked (each plane's rows fit
+ *     within |plane stride|) or interleaved (every plane's copy of a row fits
+ *     within one row stride).
  *   - The return value is an spc_status; on failure spc_last_error() holds a
  *     one-line detail for the calling thread.
  */
@@ -35,7 +42,8 @@ enum { SPC_ABI_VERSION = 2 };
 
 enum spc_status {
     SPC_OK = 0,
-    SPC_ERR_INVALID_ARGUMENT = 1, /* NULL pointer, negative size, row_bytes > stride, pageable host memory for a kernel */
+    SPC_ERR_INVALID_ARGUMENT = 1, /* NULL pointer, negative size, row_bytes > stride, overlapping planes,
+                                     pageable host memory for a kernel, device indices for a host loop */
     SPC_ERR_INDEX = 2,            /* an index outside [0, num_rows); nothing was copied */
     SPC_ERR_CUDA_UNAVAILABLE = 3, /* built without CUDA, or no driver / no device */
     SPC_ERR_CUDA = 4              /* a CUDA runtime call or kernel launch failed */
@@ -57,7 +65,8 @@ int spc_cuda_available(void);
 
 /* ---- Host copies (multi-threaded, CPU memory) ----------------------------
  * num_threads <= 0 picks a count from the copy size and the CPUs this process
- * may run on; a positive count is used as given (capped at num_indices).
+ * may run on; a positive count is used as given (capped at the number of row
+ * copies, num_indices or num_planes * num_indices).
  * Every index is validated before any byte is written. */
 
 /* dst row i = src row indices[i], for i in [0, num_indices). Indices may repeat. */
@@ -79,7 +88,7 @@ int spc_gather_rows(
 int spc_scatter_rows(
     const void *src,              /* in    [num_indices, row_bytes] bytes, row stride src_row_stride_bytes */
     int64_t src_row_stride_bytes, /* in    bytes between consecutive src rows, >= row_bytes */
-    const int64_t *indices,       /* in    [num_indices] unique row numbers in [0, num_dst_rows) */
+    const int64_t *indices,       /* in    [num_indices] unique rows in [0, num_dst_rows) */
     int64_t num_indices,          /* in    >= 0 */
     void *dst,                    /* inout [num_dst_rows, row_bytes] bytes, row stride dst_row_stride_bytes */
     int64_t dst_row_stride_bytes, /* in    bytes between consecutive dst rows, >= row_bytes */
@@ -90,34 +99,35 @@ int spc_scatter_rows(
 
 /* For every plane p in [0, num_planes) and i in [0, num_indices):
  *   dst plane p, row dst_indices[i] = src plane p, row src_indices[i].
- * Plane p of src starts at (char *)src + p * src_plane_stride_bytes, likewise
- * for dst: one call moves the same row diff through many equally laid out
- * buffers (elastic KV loading: every offloaded layer's K and V share it).
- * Every index of both lists is validated before any byte is written.
- * dst_indices must be unique: with repeats, which source row lands is
- * unspecified. Planes of one buffer must not overlap each other. */
+ * Elastic KV loading: one call moves a step's missing rows for a layer's K and
+ * V planes. dst_indices must be unique: with duplicates, which source row
+ * lands is unspecified. Rows of dst not named in dst_indices are untouched.
+ * Work is split over the num_planes * num_indices row copies. When both row
+ * strides equal row_bytes, a run of consecutive i whose src and dst rows both
+ * ascend by one is copied by a single memcpy (block-granular loading). */
 int spc_copy_rows_planes(
-    const void *src,                /* in    [num_planes][num_src_rows, row_bytes], strides below */
-    int64_t src_plane_stride_bytes, /* in    bytes between consecutive src planes */
+    const void *src,                /* in    [num_planes, num_src_rows, row_bytes] bytes; strides below */
+    int64_t src_plane_stride_bytes, /* in    bytes between src planes (any sign; unused if num_planes <= 1) */
     int64_t src_row_stride_bytes,   /* in    bytes between consecutive src rows, >= row_bytes */
     int64_t num_src_rows,           /* in    rows per src plane, >= 0 */
-    const int64_t *src_indices,     /* in    [num_indices] row numbers in [0, num_src_rows) */
-    void *dst,                      /* inout [num_planes][num_dst_rows, row_bytes] */
-    int64_t dst_plane_stride_bytes, /* in    bytes between consecutive dst planes */
+    const int64_t *src_indices,     /* in    [num_indices] rows in [0, num_src_rows), repeats allowed */
+    void *dst,                      /* inout [num_planes, num_dst_rows, row_bytes] bytes; strides below */
+    int64_t dst_plane_stride_bytes, /* in    bytes between dst planes (any sign; unused if num_planes <= 1) */
     int64_t dst_row_stride_bytes,   /* in    bytes between consecutive dst rows, >= row_bytes */
     int64_t num_dst_rows,           /* in    rows per dst plane, >= 0 */
-    const int64_t *dst_indices,     /* in    [num_indices] unique row numbers in [0, num_dst_rows) */
+    const int64_t *dst_indices,     /* in    [num_indices] unique rows in [0, num_dst_rows) */
     int64_t num_indices,            /* in    >= 0 */
     int64_t num_planes,             /* in    >= 0 */
     int64_t row_bytes,              /* in    bytes copied per row, >= 0 */
     int num_threads                 /* in    worker threads; <= 0 chooses */
 );
 
-/* ---- CUDA copies (one kernel launch, asynchronous on `stream`) -----------
+/* ---- CUDA copies (asynchronous on `stream`) -------------------------------
  * src, dst and indices may each be device memory of the current device or
  * pinned (page-locked) host memory; pageable host memory is rejected.
- * Indices are NOT validated on the host (that would need a sync): a row whose
- * index is out of range is skipped by the kernel, so memory outside the
+ * Except for spc_cuda_memcpy_rows_planes (below), each is one kernel launch,
+ * and indices are NOT validated on the host (that would need a sync): a row
+ * whose index is out of range is skipped by the kernel, so memory outside the
  * declared buffers is never touched. `stream` is a cudaStream_t (NULL: the
  * legacy default stream). The caller keeps all buffers alive until the stream
  * reaches this copy. Without CUDA these return SPC_ERR_CUDA_UNAVAILABLE. */
@@ -148,21 +158,46 @@ int spc_cuda_scatter_rows(
     void *stream                  /* in    cudaStream_t of the current device */
 );
 
-/* spc_copy_rows_planes as one kernel launch on `stream`: src/dst/indices are
- * device or pinned host memory (e.g. pinned host KV -> device slots). An
- * entry whose src or dst index is out of range (e.g. -1, "nothing to fetch")
- * is skipped, so a fixed-length list needs no host sync to compact it. */
+/* spc_copy_rows_planes as one kernel launch over every (plane, index, word);
+ * same arguments, with `stream` instead of num_threads. A copy whose src or
+ * dst index is out of range is skipped (in every plane). */
 int spc_cuda_copy_rows_planes(
-    const void *src,                /* in    [num_planes][num_src_rows, row_bytes] */
-    int64_t src_plane_stride_bytes, /* in */
+    const void *src,                /* in    [num_planes, num_src_rows, row_bytes] bytes; strides below */
+    int64_t src_plane_stride_bytes, /* in    any sign; unused if num_planes <= 1 */
     int64_t src_row_stride_bytes,   /* in    >= row_bytes */
     int64_t num_src_rows,           /* in    >= 0 */
-    const int64_t *src_indices,     /* in    [num_indices]; out-of-range entries are skipped */
-    void *dst,                      /* inout [num_planes][num_dst_rows, row_bytes] */
-    int64_t dst_plane_stride_bytes, /* in */
+    const int64_t *src_indices,     /* in    [num_indices] rows; out-of-range copies are skipped */
+    void *dst,                      /* inout [num_planes, num_dst_rows, row_bytes] bytes; strides below */
+    int64_t dst_plane_stride_bytes, /* in    any sign; unused if num_planes <= 1 */
     int64_t dst_row_stride_bytes,   /* in    >= row_bytes */
     int64_t num_dst_rows,           /* in    >= 0 */
-    const int64_t *dst_indices,     /* in    [num_indices] unique; out-of-range entries are skipped */
+    const int64_t *dst_indices,     /* in    [num_indices] unique rows; out-of-range copies skipped */
+    int64_t num_indices,            /* in    >= 0 */
+    int64_t num_planes,             /* in    >= 0 */
+    int64_t row_bytes,              /* in    >= 0 */
+    void *stream                    /* in    cudaStream_t of the current device */
+);
+
+/* spc_copy_rows_planes as copy-engine transfers instead of a kernel, for
+ * comparison: one cudaMemcpyAsync per plane and run of consecutive rows
+ * (cudaMemcpy2DAsync when the run's rows are strided), issued in a plain
+ * loop on `stream` (not CUDA 12.8+'s cudaMemcpyBatchAsync, whose signature
+ * changed in CUDA 13, so any CUDA 12 toolkit builds it). Unlike the kernel it reads the indices on the HOST during the
+ * call, so src_indices and dst_indices must be host memory (pinned or
+ * pageable, not device memory); they are validated first (SPC_ERR_INDEX,
+ * nothing enqueued). src and dst follow the rules above (device or pinned).
+ * If a cudaMemcpy call fails, the copies enqueued before it still run. */
+int spc_cuda_memcpy_rows_planes(
+    const void *src,                /* in    [num_planes, num_src_rows, row_bytes] bytes; strides below */
+    int64_t src_plane_stride_bytes, /* in    any sign; unused if num_planes <= 1 */
+    int64_t src_row_stride_bytes,   /* in    >= row_bytes */
+    int64_t num_src_rows,           /* in    >= 0 */
+    const int64_t *src_indices,     /* in    [num_indices] HOST memory, rows in [0, num_src_rows) */
+    void *dst,                      /* inout [num_planes, num_dst_rows, row_bytes] bytes; strides below */
+    int64_t dst_plane_stride_bytes, /* in    any sign; unused if num_planes <= 1 */
+    int64_t dst_row_stride_bytes,   /* in    >= row_bytes */
+    int64_t num_dst_rows,           /* in    >= 0 */
+    const int64_t *dst_indices,     /* in    [num_indices] HOST memory, unique rows in [0, num_dst_rows) */
     int64_t num_indices,            /* in    >= 0 */
     int64_t num_planes,             /* in    >= 0 */
     int64_t row_bytes,              /* in    >= 0 */
