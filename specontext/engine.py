@@ -215,7 +215,8 @@ class Engine:
             return OffloadedKVCache(cfg.num_layers, batch_size, cfg.num_kv_heads, cfg.head_dim, capacity_tokens,
                                     self.model.dtype, self.model.device,
                                     offloaded=[layer >= cfg.num_layers - offload for layer in range(cfg.num_layers)],
-                                    pool_tokens=min(pool, capacity_tokens), async_prefetch=self.settings.async_prefetch)
+                                    pool_tokens=min(pool, capacity_tokens), async_prefetch=self.settings.async_prefetch,
+                                    block_tokens=opts.block_tokens)
         return DenseKVCache(cfg.num_layers, batch_size, cfg.num_kv_heads, cfg.head_dim, capacity_tokens,
                             self.model.dtype, self.model.device, sliding_window=cfg.sliding_window)
 

@@ -42,6 +42,8 @@ class RuntimeSettings:
     fallback_threshold: float = _opt(0.0, "run a decode step dense when the retrieval head's attention mass on its "
                                      "chosen tokens is below this (0 = never)")
     quest_page_tokens: int = _opt(16, "page size for --sparsity quest")
+    block_tokens: int = _opt(1, "--sparsity specontext: select whole blocks of N consecutive tokens (each scored by its "
+                             "best token) instead of single tokens; the budget must be a multiple of N")
     offload_layers: int = _opt(0, "keep the full KV of the last N layers in host memory (pinned on CUDA); the device "
                                "keeps slots for the tokens each step selects, loaded while earlier layers compute")
     slot_pool: float = _opt(1.0, "device slots per KV head of an offloaded layer, as a multiple of the budget (>= 1); "
@@ -55,7 +57,8 @@ class RuntimeSettings:
         """The validated sparsity choice (raises InputError naming the bad value)."""
         return SparsityOptions(method=self.sparsity, budget_tokens=self.budget_tokens, sink_tokens=self.sink_tokens,
                                window_tokens=self.window_tokens, page_tokens=self.quest_page_tokens,
-                               fallback_threshold=self.fallback_threshold, measure_recall=self.measure_recall)
+                               fallback_threshold=self.fallback_threshold, measure_recall=self.measure_recall,
+                               block_tokens=self.block_tokens)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -206,3 +206,51 @@ def test_cli_reports_offload_in_json_and_refuses_bad_placement(tiny, tmp_path, c
     rc = main(common + ["--offload-layers", "7"])
     err = capsys.readouterr().err
     assert rc != 0 and err.count("\n") == 1 and "offload_layers is 7 but the model has 3 layers" in err
+
+
+@pytest.mark.parametrize("slot_pool", [1.0, 1.5])
+def test_block_granular_offload_equals_resident_block_selection(tiny, slot_pool):
+    """Whole 8-token blocks: the head keeps aligned blocks (sinks' and window's always), and the
+    offloaded cache moves them as single rows with the same answers as the resident cache."""
+    ids = tiny["ids"]
+    common = dict(sparsity="specontext", budget_tokens=32, sink_tokens=2, window_tokens=4, block_tokens=8)
+    resident = _load(tiny, **common)
+    record = []
+    original = resident.engine.new_selector
+
+    def factory(*a, **k):
+        selector = original(*a, **k)
+        select = selector.select
+
+        def wrapped(x, plan):
+            sel = select(x, plan)
+            record.append((sel, int(plan.positions[0, 0])))
+            return sel
+        selector.select = wrapped
+        return selector
+    resident.engine.new_selector = factory
+    ref_logits, _ = resident.engine.teacher_forced(ids[:PREFIX], ids[PREFIX:])
+    resident.engine.new_selector = original
+    for sel, past in record:
+        chosen = sel.indices[0, :, :-1]
+        valid = sel.valid[0, :, :-1]
+        for g in range(chosen.shape[0]):
+            positions = chosen[g][valid[g]].tolist()
+            blocks = sorted({p // 8 for p in positions})
+            assert positions == [p for b in blocks for p in range(b * 8, min(b * 8 + 8, past))]
+            assert 0 in blocks and (past - 1) // 8 in blocks and len(blocks) <= 4
+    ref_tokens = resident.generate(ids[:PREFIX], max_new_tokens=24, ignore_eos=True).token_ids
+    llm = _load(tiny, offload_layers=2, slot_pool=slot_pool, **common)
+    logits, _ = llm.engine.teacher_forced(ids[:PREFIX], ids[PREFIX:])
+    assert torch.equal(logits, ref_logits)
+    result = llm.generate(ids[:PREFIX], max_new_tokens=24, ignore_eos=True)
+    assert result.token_ids == ref_tokens
+    off = result.stats.offload
+    assert off["fetched_tokens"] % 8 == 0 and 0 < off["fetched_tokens"] < 2 * off["full_reload_tokens"]
+
+
+def test_block_tokens_must_divide_the_budget_and_need_specontext(tiny):
+    with pytest.raises(InputError, match="multiple of block_tokens \\(16\\); got 40, use 32"):
+        _load(tiny, sparsity="specontext", budget_tokens=40, block_tokens=16, sink_tokens=2, window_tokens=4)
+    with pytest.raises(InputError, match="specontext only"):
+        _load(tiny, sparsity="streaming", budget_tokens=32, block_tokens=16)

@@ -185,7 +185,10 @@ class OffloadedKVCache(DenseKVCache):
         pool_tokens: P, slots per KV head for each offloaded layer (0: none; every decode step
             then streams whole layers). Must be >= the budget of every sparse step.
         async_prefetch: issue copies right after selection on the copy engine; False runs each
-            layer's copy when the layer needs it.
+            copy at once on the compute stream (no overlap).
+        block_tokens: N > 1 moves whole blocks of N consecutive positions (selections must come in
+            whole, aligned blocks, as ``specontext`` with ``block_tokens`` makes them): the slot
+            pool then holds blocks, and each fetch is one N * D row.
         host_threads: threads of the native host copy (<= 0: the library chooses).
 
     Example::
@@ -196,7 +199,7 @@ class OffloadedKVCache(DenseKVCache):
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, capacity_tokens: int,
                  dtype: torch.dtype, device: torch.device | str, offloaded: Sequence[bool], pool_tokens: int,
-                 async_prefetch: bool = True, host_threads: int = 0):
+                 async_prefetch: bool = True, host_threads: int = 0, block_tokens: int = 1):
         if len(offloaded) != num_layers:
             raise ValueError(f"offloaded has {len(offloaded)} entries for {num_layers} layers")
         super().__init__(num_layers, batch_size, num_kv_heads, head_dim, capacity_tokens, dtype, device,
@@ -204,18 +207,21 @@ class OffloadedKVCache(DenseKVCache):
         self.offloaded = tuple(bool(o) for o in offloaded)
         self.offloaded_layers = [layer for layer, o in enumerate(self.offloaded) if o]
         self._index = {layer: i for i, layer in enumerate(self.offloaded_layers)}
-        self.pool_tokens = pool_tokens
+        self.block_tokens = Nb = block_tokens
+        # whole blocks on both sides: host rows and the pool round up to a multiple of N
+        self.pool_tokens = P = -(-pool_tokens // Nb) * Nb
         self.host_threads = host_threads
-        N, B, G, S, D, P = len(self.offloaded_layers), batch_size, num_kv_heads, capacity_tokens, head_dim, pool_tokens
+        N, B, G, D = len(self.offloaded_layers), batch_size, num_kv_heads, head_dim
+        S = -(-capacity_tokens // Nb) * Nb
         self.num_rows = B * G
         cuda = self.device.type == "cuda"
-        # [N, 2 (K, V), B, G, S, D]: each (layer, K|V) is a plane of R*S rows of D, the layout the
-        # native plane copy moves one diff through for every layer at once
+        # [N, 2 (K, V), B, G, S, D]: each (layer, K|V) is a plane of R*S rows of D (R*S/N rows of
+        # N*D in block mode), the layout the native plane copy moves one diff through
         self.kv_host = torch.zeros(N, 2, B, G, S, D, dtype=dtype, pin_memory=cuda)
-        # [N, 2, B, G, P + 1, D]: slot P holds the current token
-        self.kv_slots_device = torch.zeros(N, 2, B, G, P + 1, D, dtype=dtype, device=self.device)
+        # [N, 2, B, G, P + N, D]: the extra block's first slot, P, holds the current token
+        self.kv_slots_device = torch.zeros(N, 2, B, G, P + Nb, D, dtype=dtype, device=self.device)
         self.kv_staging_device: torch.Tensor | None = None  # [2 buffers, 2, B, G, S, D], made on first use
-        self.slot_pool = SlotPool(self.num_rows, S, P, self.device, row_pitch=P + 1) if P > 0 else None
+        self.slot_pool = SlotPool(self.num_rows, S // Nb, P // Nb, self.device, row_pitch=P // Nb + 1) if P else None
         self.transfer = TransferStats(bytes_per_token=2 * N * D * torch.empty(0, dtype=dtype).element_size())
         if not async_prefetch:
             self.copier: CopyEngine = CopyEngine()
@@ -245,7 +251,7 @@ class OffloadedKVCache(DenseKVCache):
         self.copier.drain()
         super().rewind(length)
         if self.slot_pool is not None:
-            self.slot_pool.forget_from(length)
+            self.slot_pool.forget_from(length // self.block_tokens)
 
     def transfer_stats(self) -> dict:
         self.copier.drain()
@@ -266,9 +272,9 @@ class OffloadedKVCache(DenseKVCache):
         if sel is None and T == 1 and self.slot_pool is not None and 0 < past <= self.pool_tokens \
                 and plan.write_start is not None:
             # the whole past fits in the slots: select all of it, in order (the same result as dense)
-            B, G = self.batch_size, self.kv_host.shape[3]
-            wanted = torch.arange(past, device=self.device).expand(B, G, past)
-            self._plan_slots(wanted, None, plan)
+            B, G, Nb = self.batch_size, self.kv_host.shape[3], self.block_tokens
+            wanted = torch.arange(-(-past // Nb) * Nb, device=self.device).expand(B, G, -1)
+            self._plan_slots(wanted, None if wanted.shape[-1] == past else wanted < past, plan)
         elif sel is None:
             self._step_kind = "staged"
             self.transfer.staged_steps += 1
@@ -280,14 +286,29 @@ class OffloadedKVCache(DenseKVCache):
     def _plan_slots(self, wanted: torch.Tensor, valid: torch.Tensor | None, plan: StepPlan) -> None:
         """Elastic loading: map the selected past positions [B, G, K] to slots; issue the fetches."""
         B, G, K = wanted.shape
+        Nb = self.block_tokens
         if K > self.pool_tokens:
             raise InputError(f"the step selects {K} tokens per KV head but offloaded layers have {self.pool_tokens} "
                              "slots; the slot pool must be at least the budget")
-        step = self.slot_pool.assign(wanted.reshape(self.num_rows, K),
-                                     None if valid is None else valid.reshape(self.num_rows, K))
-        self.transfer.add(step.fetched, step.selected)
+        if Nb > 1:
+            # whole aligned blocks: each run of N entries is one block; the newest block gained
+            # tokens since it was fetched, so it is never taken as resident
+            if K % Nb:
+                raise InputError(f"block-granular offload needs selections in whole blocks of {Nb} tokens")
+            units = wanted.view(B, G, K // Nb, Nb)[..., 0] // Nb
+            unit_valid = None if valid is None else valid.view(B, G, K // Nb, Nb).any(-1)
+            self.slot_pool.forget_from(max(plan.kv_len - plan.positions.shape[1] - 1, 0) // Nb)
+        else:
+            units, unit_valid = wanted, valid
+        k = units.shape[-1]
+        step = self.slot_pool.assign(units.reshape(self.num_rows, k),
+                                     None if unit_valid is None else unit_valid.reshape(self.num_rows, k))
+        self.transfer.add(step.fetched * Nb, valid.sum() if valid is not None else torch.tensor(B * G * K))
+        slots = step.slots.view(B, G, k)
+        if Nb > 1:  # token slot = block slot * N + offset in the block
+            slots = slots.repeat_interleave(Nb, dim=-1) * Nb + wanted % Nb
         current = torch.full((B, G, 1), self.pool_tokens, dtype=torch.int64, device=self.device)
-        index = torch.cat([step.slots.view(B, G, K), current], dim=-1)
+        index = torch.cat([slots, current], dim=-1)
         D = self.kv_host.shape[-1]
         self._gather_index = index[..., None].expand(B, G, K + 1, D)
         self._gather_valid = None
@@ -308,13 +329,13 @@ class OffloadedKVCache(DenseKVCache):
         """Copy the step's missing rows of offloaded layer ``i`` (its K and V planes) into its slots."""
         if src.numel() == 0:
             return
-        D = self.kv_host.shape[-1]
-        native.copy_rows_planes(self.kv_host[i].view(2, -1, D), src, self.kv_slots_device[i].view(2, -1, D), dst,
+        row = self.kv_host.shape[-1] * self.block_tokens  # one token, or one whole block
+        native.copy_rows_planes(self.kv_host[i].view(2, -1, row), src, self.kv_slots_device[i].view(2, -1, row), dst,
                                 num_threads=self.host_threads)
 
     def _host_rows(self, plan: StepPlan, T: int) -> torch.Tensor:
         """Host-plane rows [B, G, T] (r * S + position) of this step's new tokens; -1 for padding."""
-        B, G, S = self.batch_size, self.kv_host.shape[3], self.capacity_tokens
+        B, G, S = self.batch_size, self.kv_host.shape[3], self.kv_host.shape[4]
         rows = (torch.arange(B * G, device=self.device).view(B, G, 1) * S + plan.positions[:, None, :])
         if plan.write_start is None:
             real = torch.arange(T, device=self.device)[None, :] < torch.tensor(plan.input_lens, device=self.device)[:, None]

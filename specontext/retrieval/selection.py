@@ -279,15 +279,20 @@ class HeadSelector(Selector):
         batch_size, capacity_tokens: the head's K cache shape.
         fallback_threshold: run the step dense when the head's own attention mass on its chosen
             set, averaged over its query heads and rows, is below this (0 disables).
+        block_tokens: N > 1 selects whole blocks of N consecutive positions (block n = positions
+            nN..nN+N-1): each block scores the max of its positions, the blocks holding sinks or
+            the recent window are always kept, and the top K / N blocks are kept. Positions past
+            the end of the cache in the newest (partial) block are padding.
     """
 
     method = "specontext"
 
     def __init__(self, head: RetrievalHead, embed: torch.nn.Module, batch_size: int, capacity_tokens: int,
                  budget_tokens: int, sink_tokens: int, window_tokens: int, fallback_threshold: float = 0.0,
-                 measure_recall: bool = False):
+                 measure_recall: bool = False, block_tokens: int = 1):
         super().__init__(budget_tokens, sink_tokens, window_tokens, measure_recall,
                          num_kv_heads=head.config.target.num_kv_heads)
+        self.block_tokens = block_tokens
         self.head, self.embed = head, embed
         cfg = head.config
         self.capture_layers = tuple(cfg.hidden_layers) if cfg.input_kind == "embedding+hidden" else ()
@@ -350,10 +355,13 @@ class HeadSelector(Selector):
         pinned = (pinned < self.sink_tokens) | (pinned >= (lens[:, None] - self.window_tokens))
         scores = probs.masked_fill(pinned[:, None], 2.0).masked_fill(~valid, -1.0)
         K = self.budget_tokens
-        top = scores.topk(K, dim=-1)
-        indices, chosen_valid = top.indices, None
-        if min(past_lens) < K:
-            chosen_valid = top.values >= 0
+        if self.block_tokens > 1:
+            indices, chosen_valid = self._choose_blocks(scores, lens, P)
+        else:
+            top = scores.topk(K, dim=-1)
+            indices, chosen_valid = top.indices, None
+            if min(past_lens) < K:
+                chosen_valid = top.values >= 0
         if self.fallback_threshold > 0:
             confidence = self._confidence(q, P, valid, indices, chosen_valid)
             self.stats.confidence_sum += confidence
@@ -362,6 +370,23 @@ class HeadSelector(Selector):
         indices, chosen_valid = append_current(indices.sort(dim=-1).values if chosen_valid is None else indices,
                                                 chosen_valid, plan.positions)
         return Selection(indices=indices, valid=chosen_valid)
+
+    def _choose_blocks(self, scores: torch.Tensor, lens: torch.Tensor, P: int):
+        """Top K / N blocks by their best position's score -> positions [B, G, K] and valid mask."""
+        N = self.block_tokens
+        B, G, _ = scores.shape
+        num_blocks = -(-P // N)
+        padded = torch.nn.functional.pad(scores, (0, num_blocks * N - P), value=-1.0)
+        block_scores = padded.view(B, G, num_blocks, N).amax(dim=-1)  # pinned positions make their block 2.0
+        keep = min(self.budget_tokens // N, num_blocks)
+        blocks = block_scores.topk(keep, dim=-1).indices.sort(dim=-1).values  # [B, G, keep]
+        positions = (blocks[..., None] * N + torch.arange(N, device=scores.device)).flatten(2)  # [B, G, keep*N]
+        chosen_valid = positions < lens[:, None, None]
+        pad = self.budget_tokens - positions.shape[-1]
+        if pad > 0:
+            positions = torch.nn.functional.pad(positions, (0, pad))
+            chosen_valid = torch.nn.functional.pad(chosen_valid, (0, pad), value=False)
+        return positions.masked_fill(~chosen_valid, 0), chosen_valid
 
     def _confidence(self, q, P, valid, indices, chosen_valid) -> float:
         """The head's mean (over its query heads and rows) probability mass on the chosen set."""
@@ -390,6 +415,7 @@ class SparsityOptions:
     page_tokens: int = 16
     fallback_threshold: float = 0.0
     measure_recall: bool = False
+    block_tokens: int = 1
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -410,6 +436,14 @@ class SparsityOptions:
             if self.budget_tokens < self.page_tokens:
                 raise InputError(f"budget must be >= one page ({self.page_tokens} tokens) for quest; "
                                  f"got {self.budget_tokens}")
+        if self.block_tokens < 1:
+            raise InputError(f"block_tokens must be >= 1 (1 = token-level selection), got {self.block_tokens}")
+        if self.block_tokens > 1:
+            if self.method != "specontext":
+                raise InputError(f"block_tokens applies to --sparsity specontext only, got {self.method!r}")
+            if self.budget_tokens % self.block_tokens:
+                raise InputError(f"budget must be a multiple of block_tokens ({self.block_tokens}); got "
+                                 f"{self.budget_tokens}, use {self.budget_tokens // self.block_tokens * self.block_tokens or self.block_tokens}")
         if self.method != "dense" and self.budget_tokens < 1:
             raise InputError(f"budget must be >= 1, got {self.budget_tokens}")
         if not 0 <= self.fallback_threshold <= 1:
@@ -431,4 +465,4 @@ def make_selector(opts: SparsityOptions, num_kv_heads: int, head: RetrievalHead 
     if head is None:
         raise InputError("sparsity 'specontext' needs a retrieval head (--retrieval-head PATH or auto)")
     return HeadSelector(head, embed, batch_size, capacity_tokens, opts.budget_tokens, opts.sink_tokens,
-                        opts.window_tokens, opts.fallback_threshold, opts.measure_recall)
+                        opts.window_tokens, opts.fallback_threshold, opts.measure_recall, opts.block_tokens)
