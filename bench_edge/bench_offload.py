@@ -16,6 +16,10 @@ selection at each budget B. Every step's index sets [KV heads, B] are recorded, 
   Targets at B 1024-2048: >= 5x fewer bytes than a full reload with P = B, >= 10x with 1.25 B.
 * bytes per step: tokens x 2 (K, V) x head_dim x dtype bytes x offloaded layers (--offload-layers
   of the model's layers, float16 as on a GPU).
+* the same with block-granular selection (--block-tokens N consecutive tokens scored and moved
+  as one; the newest block is refetched every step, since it grows), with the recall each
+  granularity reaches at the same budget: the trade-off against part 2's throughput for
+  256-byte rows versus whole blocks.
 
 One configuration is also run through the real OffloadedKVCache (worker-thread pipeline on CPU),
 and its counted fetches must equal the replay's.
@@ -95,13 +99,15 @@ def load_text(name: str) -> tuple[str, str]:
     return read_text(name)
 
 
-def record_selections(llm, ids: list[int], prefix_len: int, budget: int) -> list:
-    """Teacher-forced specontext decode; returns each sparse step's past indices [G, B] (CPU)."""
+def record_selections(llm, ids: list[int], prefix_len: int, budget: int, block_tokens: int = 1) -> tuple[list, float]:
+    """Teacher-forced specontext decode; returns (each sparse step's past indices [G, K] and valid
+    mask [G, K], on the CPU; the attention recall measured on the way)."""
     from specontext.retrieval.selection import SparsityOptions
 
     engine = llm.engine
     opts = SparsityOptions(method="specontext", budget_tokens=budget, sink_tokens=engine.sparsity.sink_tokens,
-                           window_tokens=engine.sparsity.window_tokens)
+                           window_tokens=engine.sparsity.window_tokens, block_tokens=block_tokens,
+                           measure_recall=True)
     recorded = []
     original = engine.new_selector
 
@@ -112,37 +118,61 @@ def record_selections(llm, ids: list[int], prefix_len: int, budget: int) -> list
         def wrapped(x, plan):
             sel = select(x, plan)
             if sel is not None:
-                recorded.append(sel.indices[0, :, :-1].cpu())
+                valid = None if sel.valid is None else sel.valid[0, :, :-1].cpu()
+                recorded.append((sel.indices[0, :, :-1].cpu(), valid))
             return sel
         selector.select = wrapped
         return selector
     engine.new_selector = factory
     try:
-        engine.teacher_forced(ids[:prefix_len], ids[prefix_len:], sparsity=opts)
+        _, selector = engine.teacher_forced(ids[:prefix_len], ids[prefix_len:], sparsity=opts)
     finally:
         engine.new_selector = original
-    return recorded
+    return recorded, selector.stats.recall
 
 
-def replay(sets: list, budget: int, factor: float, capacity: int) -> dict:
+def replay(sets: list, budget: int, factor: float, capacity: int, block_tokens: int = 1) -> dict:
+    """Run recorded selections through a slot pool of ``factor * budget`` tokens per KV head
+    (whole blocks of ``block_tokens``, the newest block refetched each step as the cache does)."""
     from specontext.kv.slots import SlotPool
 
-    G = sets[0].shape[0]
-    pool = SlotPool(G, capacity, math.ceil(factor * budget), "cpu")
-    fetched = [int(pool.assign(s).fetched) for s in sets]
+    N = block_tokens
+    G = sets[0][0].shape[0]
+    pool = SlotPool(G, -(-capacity // N), math.ceil(factor * budget / N), "cpu")
+    fetched, selected = [], []
+    for indices, valid in sets:
+        if valid is None:
+            valid = torch_ones_like_bool(indices)
+        if N > 1:
+            units = indices.view(G, -1, N)[..., 0] // N
+            unit_valid = valid.view(G, -1, N).any(-1)
+            newest = int(indices[valid].max()) // N
+            pool.forget_from(newest)
+        else:
+            units, unit_valid = indices, valid
+        fetched.append(int(pool.assign(units, unit_valid).fetched) * N)
+        selected.append(int(valid.sum()))
     steady = fetched[1:]  # the first step fills the pool from empty
-    return {"pool_factor": factor, "pool_slots": pool.pool_slots, "total_fetched_tokens": sum(fetched),
+    return {"pool_factor": factor, "pool_slots": pool.pool_slots * N, "total_fetched_tokens": sum(fetched),
             "fetched_tokens_per_step": round(statistics.mean(steady), 2),
-            "full_reload_tokens_per_step": G * budget,
-            "reduction_vs_full_reload": round(G * budget / max(statistics.mean(steady), 1e-9), 2),
+            "full_reload_tokens_per_step": round(statistics.mean(selected[1:]), 2),
+            "reduction_vs_full_reload": round(statistics.mean(selected[1:]) / max(statistics.mean(steady), 1e-9), 2),
             "first_step_fetched_tokens": fetched[0]}
 
 
+def torch_ones_like_bool(t):
+    import torch
+
+    return torch.ones_like(t, dtype=torch.bool)
+
+
 def overlap(sets: list) -> float:
+    """Mean over steps and KV heads of |S_now & S_last| / |S_now| (valid entries only)."""
     values = []
-    for a, b in zip(sets, sets[1:]):
+    for (a, va), (b, vb) in zip(sets, sets[1:]):
         for g in range(a.shape[0]):
-            sa, sb = set(a[g].tolist()), set(b[g].tolist())
+            sa = set(a[g][va[g]].tolist() if va is not None else a[g].tolist())
+            sb = set(b[g][vb[g]].tolist() if vb is not None else b[g].tolist())
             values.append(len(sa & sb) / len(sb))
     return statistics.mean(values)
 
@@ -158,7 +188,7 @@ def run_transfers(llm, args, out: dict) -> None:
     out["transfers"] = {"offloaded_layers": offloaded, "bytes_per_token_all_offloaded_layers_fp16": bytes_per_token,
                         "texts": {}}
     names = [t for t in args.texts.split(",") if t]
-    with tqdm(total=len(names) * len(args.budgets), desc="transfers", unit="run", file=sys.stderr) as bar:
+    with tqdm(total=2 * len(names) * len(args.budgets), desc="transfers", unit="run", file=sys.stderr) as bar:
         for name in names:
             text, label = load_text(name)
             source = TokenSource(llm.tokenizer, text)
@@ -167,16 +197,18 @@ def run_transfers(llm, args, out: dict) -> None:
             entry = out["transfers"]["texts"].setdefault(name, {"label": label, "text_tokens": source.text_tokens,
                                                                "prefix_tokens": prefix_len, "budgets": {}})
             for budget in args.budgets:
-                bar.set_postfix_str(f"{name} B={budget}")
-                sets = record_selections(llm, ids, prefix_len, budget)
-                curve = [replay(sets, budget, f, prefix_len + args.steps + 1) for f in args.pool_factors]
-                for c in curve:
-                    c["fetched_bytes_per_step"] = round(c["fetched_tokens_per_step"] * bytes_per_token)
-                    c["full_reload_bytes_per_step"] = c["full_reload_tokens_per_step"] * bytes_per_token
-                entry["budgets"][str(budget)] = {"steps": len(sets), "adjacent_overlap": round(overlap(sets), 4),
-                                                 "pool_curve": curve}
-                bar.update(1)
-                save(out, args.out, partial=True)
+                for block in (1, args.block_tokens):
+                    bar.set_postfix_str(f"{name} B={budget} block {block}")
+                    sets, recall = record_selections(llm, ids, prefix_len, budget, block)
+                    curve = [replay(sets, budget, f, prefix_len + args.steps + 1, block) for f in args.pool_factors]
+                    for c in curve:
+                        c["fetched_bytes_per_step"] = round(c["fetched_tokens_per_step"] * bytes_per_token)
+                        c["full_reload_bytes_per_step"] = round(c["full_reload_tokens_per_step"] * bytes_per_token)
+                    key = str(budget) if block == 1 else f"{budget}/block{block}"
+                    entry["budgets"][key] = {"block_tokens": block, "steps": len(sets), "recall": round(recall, 4),
+                                             "adjacent_overlap": round(overlap(sets), 4), "pool_curve": curve}
+                    bar.update(1)
+                    save(out, args.out, partial=True)
 
 
 def check_cache_counts(llm, args, out: dict) -> None:
@@ -191,7 +223,7 @@ def check_cache_counts(llm, args, out: dict) -> None:
     kw = dict(model=llm.path, device="cpu", sparsity="specontext", budget_tokens=budget,
               retrieval_head=args.retrieval_head)
     resident = specontext.load(**kw)
-    sets = record_selections(resident, ids, prefix_len, budget)
+    sets, _ = record_selections(resident, ids, prefix_len, budget)
     expected = replay(sets, budget, 1.25, len(ids))
     logits_resident, _ = resident.engine.teacher_forced(prefix, continuation)
     offloaded = specontext.load(**kw, offload_layers=llm.model.config.num_layers // 2, slot_pool=1.25)
@@ -273,12 +305,13 @@ def report(out: dict) -> None:
         print(f"\ntransfers ({tr['offloaded_layers']} offloaded layers, {tr['bytes_per_token_all_offloaded_layers_fp16']} "
               "bytes per token and KV head, fp16): reduction vs a full reload of B per step")
         factors = [c["pool_factor"] for c in next(iter(next(iter(tr["texts"].values()))["budgets"].values()))["pool_curve"]]
-        print("| text | B | overlap | " + " | ".join(f"P={f:g}B" for f in factors) + " |")
-        print("|---|---|---|" + "---|" * len(factors))
+        print("| text | B | recall | overlap | " + " | ".join(f"P={f:g}B" for f in factors) + " | bytes/step at P=B |")
+        print("|---|---|---|---|" + "---|" * len(factors) + "---|")
         for name, entry in tr["texts"].items():
             for b, row in entry["budgets"].items():
                 cells = [f"{c['reduction_vs_full_reload']:.1f}x" for c in row["pool_curve"]]
-                print(f"| {name} | {b} | {row['adjacent_overlap']:.3f} | " + " | ".join(cells) + " |")
+                print(f"| {name} | {b} | {row['recall']:.3f} | {row['adjacent_overlap']:.3f} | " + " | ".join(cells)
+                      + f" | {row['pool_curve'][0]['fetched_bytes_per_step'] / 1e6:.2f} MB |")
     if out.get("cache_check"):
         print(f"\ncache check: {out['cache_check']}")
     hg = out.get("host_gather")
