@@ -24,6 +24,10 @@ selection at each budget B. Every step's index sets [KV heads, B] are recorded, 
 One configuration is also run through the real OffloadedKVCache (worker-thread pipeline on CPU),
 and its counted fetches must equal the replay's.
 
+Part 1b, the pipeline on CPU: decode step time at --context with B = --pipeline-budget for the
+resident sparse cache, and with two thirds of the layers offloaded (P = 1.25 B), copies on the
+worker thread (async) and inline; the fraction of the added copy time that the worker hides.
+
 Part 2, host gather throughput (the C path that fills slots from host memory on a CPU, and the
 worker that writes back): gathering --rows random rows of --row-bytes (256: one token of one KV
 head at head_dim 128 in float16) out of a large host buffer, with the native library
@@ -66,7 +70,11 @@ def parse_args(argv):
     p.add_argument("--block-tokens", type=int, default=16, help="rows per block in part 2's block gather")
     p.add_argument("--host-mib", type=int, default=1024, help="size of the host buffer gathered from, MiB")
     p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--pipeline-steps", type=int, default=48, help="decode steps per pipeline timing run")
+    p.add_argument("--pipeline-budget", type=int, default=1024)
+    p.add_argument("--pipeline-repeats", type=int, default=3)
     p.add_argument("--skip-transfers", action="store_true")
+    p.add_argument("--skip-pipeline", action="store_true")
     p.add_argument("--skip-gather", action="store_true")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--model", default=None)
@@ -243,6 +251,53 @@ def torch_equal(a, b) -> bool:
     return torch.equal(a, b)
 
 
+def run_pipeline(llm, args, out: dict) -> None:
+    """Decode time with offloaded layers (async worker pipeline vs copies inline) against the
+    device-resident sparse cache, from the same prefilled prompt; the copy work per step comes
+    from the copy engine's own clock."""
+    import specontext
+    from haystack import TokenSource
+
+    from specontext.settings import GenerationConfig
+
+    cfg = llm.model.config
+    prefix_len = min(args.context, llm.engine.context_tokens - args.pipeline_steps - 2)
+    ids = TokenSource(llm.tokenizer, load_text("essays")[0]).ids(prefix_len)
+    gen = GenerationConfig(max_new_tokens=args.pipeline_steps, ignore_eos=True)
+    rows = []
+    offload = args.offload_layers or cfg.num_layers * 2 // 3
+    for name, extra in (("resident", {}),
+                        ("offloaded, async", dict(offload_layers=offload, slot_pool=1.25)),
+                        ("offloaded, inline copies", dict(offload_layers=offload, slot_pool=1.25,
+                                                          async_prefetch=False))):
+        engine = specontext.load(llm.path, device="cpu", sparsity="specontext", budget_tokens=args.pipeline_budget,
+                                 retrieval_head=args.retrieval_head, threads=args.threads, **extra).engine
+        state = engine.prefill_state(ids, prefix_len + args.pipeline_steps + 1)
+        times = []
+        for _ in range(args.pipeline_repeats):
+            g = engine.generate(ids, gen, state=state)
+            for _ in g:
+                pass
+            result = g.result()
+            times.append(result.stats.decode_s / result.stats.decode_steps)
+        row = {"cache": name, "decode_step_s": round(statistics.median(times), 5)}
+        if extra:
+            off = result.stats.offload
+            row.update(offloaded_layers=len(off["offloaded_layers"]), pool_slots=off["pool_slots"],
+                       copy_s_per_step=round(off["copy_s"] / max(off["elastic_steps"], 1), 5),
+                       fetched_bytes_per_step=off["fetched_bytes_per_step"])
+        rows.append(row)
+    base = rows[0]["decode_step_s"]
+    for row in rows[1:]:
+        row["step_vs_resident"] = round(row["decode_step_s"] / base, 3)
+    a, s_ = rows[1], rows[2]
+    added_async, added_inline = a["decode_step_s"] - base, s_["decode_step_s"] - base
+    out["pipeline"] = {"context": prefix_len, "budget": args.pipeline_budget, "steps": args.pipeline_steps,
+                       "rows": rows,
+                       "hidden_fraction_of_copy_time": round(1 - added_async / added_inline, 3) if added_inline > 0
+                       else None}
+
+
 def timed(fn, repeats: int) -> float:
     fn()
     times = []
@@ -314,6 +369,12 @@ def report(out: dict) -> None:
                       + f" | {row['pool_curve'][0]['fetched_bytes_per_step'] / 1e6:.2f} MB |")
     if out.get("cache_check"):
         print(f"\ncache check: {out['cache_check']}")
+    pl = out.get("pipeline")
+    if pl:
+        print(f"\npipeline on CPU ({pl['context']} context, B={pl['budget']}, {pl['steps']} decode steps):")
+        for row in pl["rows"]:
+            print("  " + ", ".join(f"{k} {v}" for k, v in row.items()))
+        print(f"  copy time hidden by the async pipeline: {pl['hidden_fraction_of_copy_time']}")
     hg = out.get("host_gather")
     if hg:
         print("\nhost gather (GB/s)")
@@ -342,6 +403,10 @@ def main(argv=None) -> int:
         out["retrieval_head"] = getattr(llm.retrieval_head, "path", None)
         run_transfers(llm, args, out)
         check_cache_counts(llm, args, out)
+        save(out, args.out, partial=True)
+    if not args.skip_pipeline:
+        llm = specontext.load(args.model, device="cpu", sparsity="specontext", retrieval_head=args.retrieval_head)
+        run_pipeline(llm, args, out)
         save(out, args.out, partial=True)
     if not args.skip_gather:
         run_gather(args, out)

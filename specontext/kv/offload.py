@@ -33,7 +33,7 @@ measuring what the overlap hides).
 
 from __future__ import annotations
 
-import math
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -54,10 +54,19 @@ class CopyEngine:
     worker thread), and this base, which runs every copy inline (no overlap).
     """
 
+    copy_s = 0.0  # host time spent inside copy jobs (CPU engines; the CUDA engine's copies are async)
+
     def submit(self, key, fn: Callable[[], None], keep: Sequence[torch.Tensor] = ()) -> None:
         """Run ``fn`` (copies only) after all compute queued so far; ``wait(key)`` then orders
         compute after it. ``keep``: tensors the copy reads that compute allocated."""
-        fn()
+        self._timed(fn)
+
+    def _timed(self, fn: Callable[[], None]) -> None:
+        t0 = time.perf_counter()
+        try:
+            fn()
+        finally:
+            self.copy_s += time.perf_counter() - t0
 
     def wait(self, key) -> None:
         """Make the compute that follows wait for the copy submitted under ``key`` (no-op if none)."""
@@ -83,7 +92,7 @@ class ThreadCopyEngine(CopyEngine):
         self._all: list[Future] = []
 
     def submit(self, key, fn, keep=()):
-        future = self._pool.submit(_in_inference_mode, fn)  # the mode is thread-local
+        future = self._pool.submit(_in_inference_mode, partial(self._timed, fn))  # the mode is thread-local
         self._all.append(future)
         if key is not None:
             self._pending[key] = future
@@ -255,8 +264,11 @@ class OffloadedKVCache(DenseKVCache):
 
     def transfer_stats(self) -> dict:
         self.copier.drain()
-        return {"offloaded_layers": list(self.offloaded_layers), "pool_slots": self.pool_tokens,
-                **self.transfer.to_dict()}
+        out = {"offloaded_layers": list(self.offloaded_layers), "pool_slots": self.pool_tokens,
+               "block_tokens": self.block_tokens, **self.transfer.to_dict()}
+        if not isinstance(self.copier, CudaCopyEngine):
+            out["copy_s"] = round(self.copier.copy_s, 4)
+        return out
 
     # ---- the step ------------------------------------------------------------------------------
 
