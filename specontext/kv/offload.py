@@ -290,6 +290,7 @@ class OffloadedKVCache(DenseKVCache):
         elif sel is None:
             self._step_kind = "staged"
             self.transfer.staged_steps += 1
+            self._staging()  # allocated on the compute stream, before any copy uses it
             first = self.offloaded_layers[0]
             self._submit_or_defer(("stage", first), partial(self._stage_load, 0, past))
         else:
@@ -315,7 +316,8 @@ class OffloadedKVCache(DenseKVCache):
         k = units.shape[-1]
         step = self.slot_pool.assign(units.reshape(self.num_rows, k),
                                      None if unit_valid is None else unit_valid.reshape(self.num_rows, k))
-        self.transfer.add(step.fetched * Nb, valid.sum() if valid is not None else torch.tensor(B * G * K))
+        selected = valid.sum() if valid is not None else torch.tensor(B * G * K, device=self.device)
+        self.transfer.add(step.fetched * Nb, selected)
         slots = step.slots.view(B, G, k)
         if Nb > 1:  # token slot = block slot * N + offset in the block
             slots = slots.repeat_interleave(Nb, dim=-1) * Nb + wanted % Nb
