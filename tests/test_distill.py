@@ -117,3 +117,24 @@ def test_cli_errors_are_one_line(tiny, capsys):
                "--quiet"])
     err = capsys.readouterr().err
     assert rc == 1 and "distillation needs at least" in err and err.count("\n") == 1
+
+
+def test_question_answering_examples_query_the_answer_positions(tiny):
+    """A QA example is a document with a fact, a question and the model's own greedy answer; the
+    head learns the attention at the positions that produce the answer (plus sampled ones)."""
+    from specontext.retrieval.distill import qa_teacher_sequence
+
+    llm = tiny["llm"]
+    ids = llm.tokenizer.encode(tiny["text"], add_bos=False)
+    cfg = small_config(seq_tokens=200, qa_sequences=1, qa_answer_tokens=6, queries_per_sequence=10)
+    seq = qa_teacher_sequence(llm, ids, cfg, seed=3)
+    S = len(seq.ids)
+    assert S <= cfg.seq_tokens
+    answer_positions = set(range(S - 1 - cfg.qa_answer_tokens, S - 1))
+    assert answer_positions <= set(seq.query_positions.tolist())
+    assert len(seq.query_positions) == 10 and seq.query_positions.tolist() == sorted(set(seq.query_positions.tolist()))
+    # the answer is the model's own greedy continuation of the prompt
+    prompt = seq.ids[:S - cfg.qa_answer_tokens].tolist()
+    logits, _ = llm.engine.teacher_forced(prompt, seq.ids[S - cfg.qa_answer_tokens:].tolist())
+    assert logits.argmax(-1).tolist() == seq.ids[S - cfg.qa_answer_tokens:].tolist()
+    assert torch.allclose(seq.attention.float().sum(-1), torch.ones(seq.attention.shape[:2]), atol=1e-2)

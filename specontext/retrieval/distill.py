@@ -34,11 +34,10 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import InputError, SpecontextError
 from ..kv.cache import DenseKVCache
-from .head import RetrievalHead, RetrievalHeadConfig, TargetInfo, save_head, user_head_dir
+from .head import RetrievalHead, RetrievalHeadConfig, save_head, user_head_dir
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -63,10 +62,13 @@ class DistillConfig:
     eval_budgets: tuple[int, ...] = (256, 512, 1024, 2048)
     sink_tokens: int = 4
     window_tokens: int = 60
+    qa_sequences: int = 0
+    qa_answer_tokens: int = 20
 
     def train_key(self, teacher_key: str) -> str:
         """Checkpoints resume only a run with the same data and training settings (--steps may grow)."""
-        fields = (teacher_key, self.num_heads, self.head_dim, self.lr, self.target_aggregate)
+        fields = (teacher_key, self.num_heads, self.head_dim, self.lr, self.target_aggregate, self.qa_sequences,
+                  self.qa_answer_tokens)
         return hashlib.sha256(repr(fields).encode()).hexdigest()[:16]
 
     def teacher_key(self, fingerprint: str, text_digest: str) -> str:
@@ -127,14 +129,20 @@ def _sequences(ids: list[int], cfg: DistillConfig) -> tuple[list[list[int]], lis
 
 
 @torch.no_grad()  # not inference_mode: the returned tensors feed training
-def teacher_sequence(model, ids: list[int], cfg: DistillConfig, chunk_tokens: int, seed: int) -> TeacherSequence:
-    """Run the target over ``ids`` once and record what the head learns from (see module docstring)."""
+def teacher_sequence(model, ids: list[int], cfg: DistillConfig, chunk_tokens: int, seed: int,
+                     query_positions: torch.Tensor | None = None) -> TeacherSequence:
+    """Run the target over ``ids`` once and record what the head learns from (see module docstring).
+
+    Query positions are sampled from the sequence unless given ([Q] int64, sorted, unique)."""
     mcfg = model.config
     S = len(ids)
-    g = torch.Generator().manual_seed(seed)
-    span = S - cfg.min_query_position
-    num_q = min(cfg.queries_per_sequence, span)
-    qpos = (cfg.min_query_position + torch.randperm(span, generator=g)[:num_q]).sort().values
+    if query_positions is None:
+        g = torch.Generator().manual_seed(seed)
+        span = S - cfg.min_query_position
+        num_q = min(cfg.queries_per_sequence, span)
+        qpos = (cfg.min_query_position + torch.randperm(span, generator=g)[:num_q]).sort().values
+    else:
+        qpos = query_positions
     probe = TeacherProbe(mcfg.num_layers, mcfg.num_kv_heads, mcfg.head_dim, S, model.dtype, model.device,
                          mcfg.num_heads, qpos)
     layers = cfg.hidden_layers
@@ -147,6 +155,75 @@ def teacher_sequence(model, ids: list[int], cfg: DistillConfig, chunk_tokens: in
         hidden[start:start + len(part)] = torch.cat([captured[i][0] for i in layers], dim=-1).to(torch.float16).cpu()
     attention = (probe.probs_sum / mcfg.num_layers).to(device="cpu", dtype=torch.float16)
     return TeacherSequence(torch.tensor(ids), hidden, qpos, attention)
+
+
+# Retrieval-style training examples. Text continuation alone teaches the head where the model
+# looks while reading; answering a question about one fact buried in a long document needs the
+# few layers that retrieve it, which the layer mean of plain reading underweights (measured: the
+# head trained on text alone passed 1-3 of 11 needle depths where dense passed 8-9). These
+# synthetic facts and questions (none is the benchmark's needle) put the model in that mode.
+_QA_TEMPLATES = (
+    ("The secret ingredient in {person}'s famous soup is {thing}.",
+     "What is the secret ingredient in {person}'s famous soup?"),
+    ("{person} keeps the spare key to the workshop {place}.", "Where does {person} keep the spare key to the workshop?"),
+    ("The password for the {org} archive is {word}.", "What is the password for the {org} archive?"),
+    ("{person}'s first job was {job}.", "What was {person}'s first job?"),
+    ("The {org} meeting was moved to {day} because {reason}.", "Why was the {org} meeting moved to {day}?"),
+    ("The most useful advice {person} ever got was to {advice}.", "What was the most useful advice {person} ever got?"),
+)
+_QA_FILL = {
+    "person": ("Marta Kowalski", "Tomas Lindqvist", "Aiko Tanaka", "Rafael Ortiz", "Nadia Haddad", "Ben Okafor",
+               "Ingrid Solberg", "Priya Raman"),
+    "thing": ("smoked paprika", "a spoon of honey", "roasted fennel seeds", "lemon zest", "a pinch of cinnamon"),
+    "place": ("under the blue flowerpot", "inside an old tea tin", "behind the calendar", "in the left boot"),
+    "org": ("chess club", "harbour museum", "robotics society", "city choir", "film archive"),
+    "word": ("marigold", "copperfield", "tangerine", "northwind", "basilisk"),
+    "job": ("delivering newspapers", "washing dishes at a diner", "teaching swimming", "repairing bicycles"),
+    "day": ("Thursday", "Monday", "Saturday"),
+    "reason": ("the roof was leaking", "the projector broke", "the speaker missed her train"),
+    "advice": ("write every day before breakfast", "ask the question nobody else will", "finish what you start",
+               "read the manual first"),
+}
+
+
+def _qa_example(llm, ids: list[int], length: int, g: torch.Generator) -> tuple[list[int], str, str]:
+    """(chat prompt ids, fact, question): ``length`` tokens of ``ids`` with a fact at a random depth."""
+    fact_t, question_t = _QA_TEMPLATES[int(torch.randint(len(_QA_TEMPLATES), (1,), generator=g))]
+    fill = {k: v[int(torch.randint(len(v), (1,), generator=g))] for k, v in _QA_FILL.items()}
+    fact, question = fact_t.format(**fill), question_t.format(**fill)
+    start = int(torch.randint(max(len(ids) - length, 1), (1,), generator=g))
+    doc_ids = ids[start:start + length]
+    cut = int(len(doc_ids) * float(torch.rand((), generator=g)))
+    before, after = llm.tokenizer.decode(doc_ids[:cut]), llm.tokenizer.decode(doc_ids[cut:])
+    stop = before.rfind(". ")
+    if stop > 0:
+        before, after = before[:stop + 1], before[stop + 1:] + after
+    prompt = llm.encode_prompt(f"{before} {fact} {after}\n\n{question} Answer in one sentence.")
+    return prompt, fact, question
+
+
+@torch.no_grad()
+def qa_teacher_sequence(llm, ids: list[int], cfg: DistillConfig, seed: int) -> TeacherSequence:
+    """A retrieval example: a fact in a document, a question, and the model's own greedy answer;
+    the queries are the positions that produce the answer, plus sampled ones."""
+    from ..retrieval.selection import SparsityOptions
+    from ..settings import GenerationConfig
+
+    g = torch.Generator().manual_seed(seed)
+    room = cfg.seq_tokens - cfg.qa_answer_tokens - 64
+    length = int(torch.randint(min(1024, room), room + 1, (1,), generator=g))
+    prompt, _, _ = _qa_example(llm, ids, length, g)
+    prompt = prompt[-(cfg.seq_tokens - cfg.qa_answer_tokens - 1):]
+    run = llm.engine.generate(prompt, GenerationConfig(max_new_tokens=cfg.qa_answer_tokens),
+                              sparsity=SparsityOptions())
+    for _ in run:
+        pass
+    answer = run.result().token_ids
+    seq = prompt + answer
+    answer_q = torch.arange(len(prompt) - 1, len(seq) - 1)
+    others = cfg.min_query_position + torch.randperm(len(prompt) - 1 - cfg.min_query_position, generator=g)
+    qpos = torch.cat([answer_q, others[:max(cfg.queries_per_sequence - len(answer_q), 0)]]).unique().sort().values
+    return teacher_sequence(llm.model, seq, cfg, llm.settings.prefill_chunk_tokens, seed, query_positions=qpos)
 
 
 def _save_teacher(seq: TeacherSequence, path: str) -> None:
@@ -326,6 +403,14 @@ def distill(llm, text: str, output: str, cfg: DistillConfig, restart: bool = Fal
                                    seed=cfg.seed * 100003 + (i if kind == "train" else 50000 + i))
             _save_teacher(seq, path)
         loaded[kind].append(_load_teacher(path))
+    if cfg.qa_sequences:
+        qa_key = hashlib.sha256(repr((key, cfg.qa_sequences, cfg.qa_answer_tokens, "qa-v1")).encode()).hexdigest()[:16]
+        train_ids = ids[cfg.holdout_tokens:]
+        for i in tqdm(range(cfg.qa_sequences), desc="teacher (questions)", unit="seq", disable=not progress):
+            path = os.path.join(work, f"teacher-{qa_key}-qa{i:03d}.safetensors")
+            if not os.path.exists(path):
+                _save_teacher(qa_teacher_sequence(llm, train_ids, cfg, seed=cfg.seed * 100003 + 90000 + i), path)
+            loaded["train"].append(_load_teacher(path))
 
     # 2. training
     torch.manual_seed(cfg.seed)
@@ -369,7 +454,7 @@ def distill(llm, text: str, output: str, cfg: DistillConfig, restart: bool = Fal
     recall = evaluate(head, embed, loaded["eval"], cfg, G)
     quality = {"recall_heldout": recall, "train_kl": round(loss_avg or 0.0, 4),
                "distill": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
-               "train_tokens": len(loaded["train"]) * cfg.seq_tokens,
+               "train_tokens": sum(len(t.ids) for t in loaded["train"]),
                "heldout_tokens": f"first {cfg.holdout_tokens} tokens of the text"}
     final = RetrievalHead(RetrievalHeadConfig.from_dict({**head_cfg.to_dict(), "quality": quality}))
     final.load_state_dict(head.state_dict())
@@ -412,6 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-dim", type=int, default=0, help="head dimension (0: the model's)")
     p.add_argument("--steps", type=int, default=d.steps, help="Adam steps")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (cosine decay)")
+    p.add_argument("--qa-sequences", type=int, default=d.qa_sequences,
+                   help="also train on this many question-answering examples: a synthetic fact put in a stretch "
+                        "of the training text, a question about it, and the model's own answer, whose attention "
+                        "while answering the head learns (retrieval, as in needle-in-a-haystack prompts)")
     p.add_argument("--target-aggregate", choices=("mean", "max"), default=d.target_aggregate,
                    help="how a KV group's query heads are combined in the teacher target")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for query positions, init and order")
@@ -433,6 +522,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
         if args.num_heads < 0 or args.head_dim < 0:
             raise InputError("--num-heads and --head-dim must be >= 0 (0: the model's)")
+        if args.qa_sequences < 0:
+            raise InputError(f"--qa-sequences must be >= 0, got {args.qa_sequences}")
         if args.holdout_tokens < 0 or args.threads < 0 or not (args.lr > 0 and math.isfinite(args.lr)):
             raise InputError("--holdout-tokens and --threads must be >= 0 and --lr a positive number")
         texts = []
@@ -459,7 +550,8 @@ def main(argv: list[str] | None = None) -> int:
                             eval_sequences=args.eval_sequences, queries_per_sequence=args.queries_per_sequence,
                             min_query_position=min(DistillConfig.min_query_position, seq_tokens // 2),
                             hidden_layers=layers, num_heads=args.num_heads, head_dim=args.head_dim, steps=args.steps,
-                            lr=args.lr, target_aggregate=args.target_aggregate, seed=args.seed)
+                            lr=args.lr, target_aggregate=args.target_aggregate, seed=args.seed,
+                            qa_sequences=args.qa_sequences)
         name = os.path.splitext(os.path.basename(os.path.normpath(llm.path)))[0].lower()
         output = args.output or os.path.join(user_head_dir(), f"{name}-{llm.target.fingerprint[:12]}")
         t0 = time.perf_counter()
