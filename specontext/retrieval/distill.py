@@ -64,11 +64,12 @@ class DistillConfig:
     window_tokens: int = 60
     qa_sequences: int = 0
     qa_answer_tokens: int = 20
+    qa_answer_weight: float = 1.0
 
     def train_key(self, teacher_key: str) -> str:
         """Checkpoints resume only a run with the same data and training settings (--steps may grow)."""
         fields = (teacher_key, self.num_heads, self.head_dim, self.lr, self.target_aggregate, self.qa_sequences,
-                  self.qa_answer_tokens)
+                  self.qa_answer_tokens, self.qa_answer_weight)
         return hashlib.sha256(repr(fields).encode()).hexdigest()[:16]
 
     def teacher_key(self, fingerprint: str, text_digest: str) -> str:
@@ -404,13 +405,22 @@ def distill(llm, text: str, output: str, cfg: DistillConfig, restart: bool = Fal
             _save_teacher(seq, path)
         loaded[kind].append(_load_teacher(path))
     if cfg.qa_sequences:
-        qa_key = hashlib.sha256(repr((key, cfg.qa_sequences, cfg.qa_answer_tokens, "qa-v1")).encode()).hexdigest()[:16]
+        # one file per example, keyed without the count, so asking for more examples keeps the first ones
+        qa_key = hashlib.sha256(repr((key, cfg.qa_answer_tokens, "qa-v1")).encode()).hexdigest()[:16]
         train_ids = ids[cfg.holdout_tokens:]
         for i in tqdm(range(cfg.qa_sequences), desc="teacher (questions)", unit="seq", disable=not progress):
             path = os.path.join(work, f"teacher-{qa_key}-qa{i:03d}.safetensors")
             if not os.path.exists(path):
                 _save_teacher(qa_teacher_sequence(llm, train_ids, cfg, seed=cfg.seed * 100003 + 90000 + i), path)
             loaded["train"].append(_load_teacher(path))
+    num_text = len(loaded["train"]) - cfg.qa_sequences
+    # per-query loss weights: the queries that produce a QA example's answer may count more
+    weights = []
+    for i, seq in enumerate(loaded["train"]):
+        w = torch.ones(len(seq.query_positions))
+        if i >= num_text:
+            w[seq.query_positions >= len(seq.ids) - 1 - cfg.qa_answer_tokens] = cfg.qa_answer_weight
+        weights.append(w)
 
     # 2. training
     torch.manual_seed(cfg.seed)
@@ -435,7 +445,8 @@ def distill(llm, text: str, output: str, cfg: DistillConfig, restart: bool = Fal
         scores = head_scores(head, embed, seq)  # [G, Q, S]
         student = scores / scores.sum(-1, keepdim=True).clamp_min(1e-12)
         target_d = targets[i]
-        loss = (target_d * (target_d.clamp_min(1e-12).log() - student.clamp_min(1e-12).log())).sum(-1).mean()
+        kl = (target_d * (target_d.clamp_min(1e-12).log() - student.clamp_min(1e-12).log())).sum(-1)  # [G, Q]
+        loss = (kl * weights[i]).sum() / (weights[i].sum() * kl.shape[0])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -501,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also train on this many question-answering examples: a synthetic fact put in a stretch "
                         "of the training text, a question about it, and the model's own answer, whose attention "
                         "while answering the head learns (retrieval, as in needle-in-a-haystack prompts)")
+    p.add_argument("--qa-answer-weight", type=float, default=d.qa_answer_weight,
+                   help="loss weight of the queries that produce a question-answering example's answer")
     p.add_argument("--target-aggregate", choices=("mean", "max"), default=d.target_aggregate,
                    help="how a KV group's query heads are combined in the teacher target")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for query positions, init and order")
@@ -524,6 +537,8 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError("--num-heads and --head-dim must be >= 0 (0: the model's)")
         if args.qa_sequences < 0:
             raise InputError(f"--qa-sequences must be >= 0, got {args.qa_sequences}")
+        if not (args.qa_answer_weight > 0 and math.isfinite(args.qa_answer_weight)):
+            raise InputError(f"--qa-answer-weight must be a positive number, got {args.qa_answer_weight}")
         if args.holdout_tokens < 0 or args.threads < 0 or not (args.lr > 0 and math.isfinite(args.lr)):
             raise InputError("--holdout-tokens and --threads must be >= 0 and --lr a positive number")
         texts = []
@@ -551,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
                             min_query_position=min(DistillConfig.min_query_position, seq_tokens // 2),
                             hidden_layers=layers, num_heads=args.num_heads, head_dim=args.head_dim, steps=args.steps,
                             lr=args.lr, target_aggregate=args.target_aggregate, seed=args.seed,
-                            qa_sequences=args.qa_sequences)
+                            qa_sequences=args.qa_sequences, qa_answer_weight=args.qa_answer_weight)
         name = os.path.splitext(os.path.basename(os.path.normpath(llm.path)))[0].lower()
         output = args.output or os.path.join(user_head_dir(), f"{name}-{llm.target.fingerprint[:12]}")
         t0 = time.perf_counter()
