@@ -254,3 +254,17 @@ def test_block_tokens_must_divide_the_budget_and_need_specontext(tiny):
         _load(tiny, sparsity="specontext", budget_tokens=40, block_tokens=16, sink_tokens=2, window_tokens=4)
     with pytest.raises(InputError, match="specontext only"):
         _load(tiny, sparsity="streaming", budget_tokens=32, block_tokens=16)
+
+
+@pytest.mark.parametrize("async_prefetch", [True, False])
+def test_a_failing_copy_reaches_the_caller(tiny, monkeypatch, async_prefetch):
+    """An error in the prefetch path is raised to the caller, never a hang or a wrong answer."""
+    from specontext import native
+
+    def broken(*args, **kwargs):
+        raise native.NativeError(4, "CUDA error", "injected copy failure")
+    llm = _load(tiny, sparsity="streaming", budget_tokens=24, sink_tokens=2, offload_layers=2,
+                async_prefetch=async_prefetch)
+    monkeypatch.setattr(native, "copy_rows_planes", broken)
+    with pytest.raises(native.NativeError, match="injected copy failure"):
+        llm.generate(tiny["ids"][:PREFIX], max_new_tokens=8, ignore_eos=True)

@@ -100,7 +100,12 @@ class ThreadCopyEngine(CopyEngine):
     def wait(self, key):
         future = self._pending.pop(key, None)
         if future is not None:
-            future.result()
+            future.result()  # re-raises a failed copy here, in the caller's thread
+        # write-backs have no key: a failed one surfaces at the next wait instead of being lost
+        done = [f for f in self._all if f.done()]
+        self._all = [f for f in self._all if not f.done()]
+        for f in done:
+            f.result()
 
     def drain(self):
         for future in self._all:
