@@ -112,9 +112,12 @@ def test_ctrl_c_keeps_the_partial_answer(tiny_gguf, tmp_path):
     out = tmp_path / "partial.txt"
     exe = shutil.which("specontext-run")
     cmd = [exe] if exe else [sys.executable, "-m", "specontext.cli"]
+    # stdout goes to a file, not a pipe: nobody reads a pipe until after SIGINT, and a child blocked
+    # writing to a full pipe is a state of this harness, not of a user at a terminal
+    stdout_file = open(tmp_path / "stdout.txt", "w+", encoding="utf-8")
     proc = subprocess.Popen([*cmd, "--model", tiny_gguf, "-q", "the", "--max-new-tokens", "150000", "--ignore-eos",
                              "--output", str(out), "--quiet", "--device", "cpu"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=stdout_file, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     partial = tmp_path / "partial.txt.partial"  # tokens stream here; it becomes partial.txt at the end
     while time.time() < deadline and (not partial.exists() or partial.stat().st_size < 50):
@@ -124,11 +127,14 @@ def test_ctrl_c_keeps_the_partial_answer(tiny_gguf, tmp_path):
     assert proc.poll() is None, proc.stderr.read()
     proc.send_signal(signal.SIGINT)
     try:
-        stdout, stderr = proc.communicate(timeout=180)
+        _, stderr = proc.communicate(timeout=180)
     except subprocess.TimeoutExpired:
         proc.kill()
-        stdout, stderr = proc.communicate()
+        _, stderr = proc.communicate()
         pytest.fail(f"no exit within 180 s of SIGINT; stderr: {stderr[-2000:]}")
+    finally:
+        stdout_file.close()
+    stdout = (tmp_path / "stdout.txt").read_text(encoding="utf-8")
     assert proc.returncode == 130
     assert "Traceback" not in stderr and "interrupted after" in stderr
     kept = out.read_text(encoding="utf-8")
