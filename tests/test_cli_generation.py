@@ -117,7 +117,11 @@ def test_ctrl_c_keeps_the_partial_answer(tiny_gguf, tmp_path):
     stdout_file = open(tmp_path / "stdout.txt", "w+", encoding="utf-8")
     proc = subprocess.Popen([*cmd, "--model", tiny_gguf, "-q", "the", "--max-new-tokens", "150000", "--ignore-eos",
                              "--output", str(out), "--quiet", "--device", "cpu"],
-                            stdout=stdout_file, stderr=subprocess.PIPE, text=True)
+                            stdout=stdout_file, stderr=subprocess.PIPE, text=True,
+                            # a test runner started in the background (`cmd &`, nohup) ignores SIGINT, and its
+                            # children inherit that; Python then installs no KeyboardInterrupt handler and the
+                            # SIGINT below would be dropped. A user's terminal gives the default disposition.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     partial = tmp_path / "partial.txt.partial"  # tokens stream here; it becomes partial.txt at the end
     while time.time() < deadline and (not partial.exists() or partial.stat().st_size < 50):
