@@ -41,10 +41,13 @@ def tiny(tmp_path_factory):
             "num_layers": llm.model.config.num_layers}
 
 
-def _load(tiny, **options):
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _load(tiny, device="cpu", **options):
     if options.get("sparsity") == "specontext":
         options.setdefault("retrieval_head", tiny["head"])
-    return specontext.load(tiny["path"], device="cpu", prefill_chunk_tokens=32, **options)
+    return specontext.load(tiny["path"], device=device, prefill_chunk_tokens=32, **options)
 
 
 def _reference_lru(sets: list[list[list[int]]], pool_slots: int) -> list[list[list[int]]]:
@@ -268,3 +271,64 @@ def test_a_failing_copy_reaches_the_caller(tiny, monkeypatch, async_prefetch):
     monkeypatch.setattr(native, "copy_rows_planes", broken)
     with pytest.raises(native.NativeError, match="injected copy failure"):
         llm.generate(tiny["ids"][:PREFIX], max_new_tokens=8, ignore_eos=True)
+
+
+def test_a_failed_pinned_allocation_falls_back_to_pageable_with_a_warning(monkeypatch):
+    from specontext.kv import offload
+
+    real_zeros = torch.zeros
+
+    def no_pinning(*args, pin_memory=False, **kwargs):
+        if pin_memory:
+            raise RuntimeError("CUDA error: out of memory\nmore detail")
+        return real_zeros(*args, **kwargs)
+    monkeypatch.setattr(offload.torch, "zeros", no_pinning)
+    with pytest.warns(RuntimeWarning, match=r"could not pin 0\.0 MiB .*\(CUDA error: out of memory\); using pageable"):
+        t, pinned = offload.allocate_host((2, 3, 4), torch.float16, pin=True)
+    assert not pinned and t.shape == (2, 3, 4) and t.dtype == torch.float16 and not bool(t.any())
+    t, pinned = offload.allocate_host((5,), torch.float32, pin=False)  # no pinning asked: no warning
+    assert not pinned and t.shape == (5,)
+
+
+def test_cli_prints_warnings_on_one_line(tiny, tmp_path, monkeypatch, capsys):
+    from specontext import cli
+    from specontext.kv import offload
+
+    def no_pinning(shape, dtype, pin):
+        import warnings
+        warnings.warn("could not pin host memory (test)", RuntimeWarning)
+        return torch.zeros(shape, dtype=dtype), False
+    monkeypatch.setattr(offload, "allocate_host", no_pinning)
+    code = cli.main(["--model", tiny["path"], "-q", "x", "--max-new-tokens", "3", "--ignore-eos", "--quiet",
+                     "--device", "cpu", "--sparsity", "streaming", "--budget", "24", "--offload-layers", "1"])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "specontext-run: warning: could not pin host memory (test)\n" in err
+    assert "warnings.warn" not in err and "RuntimeWarning" not in err
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("pinned", [True, False])
+@pytest.mark.parametrize("async_prefetch", [True, False])
+def test_cuda_offloaded_equals_device_resident_sparse(tiny, monkeypatch, pinned, async_prefetch):
+    """On a GPU: pinned host KV (kernel, copy stream) and the pageable fallback give the resident answer."""
+    from specontext.kv import offload
+
+    if not pinned:
+        monkeypatch.setattr(offload, "allocate_host",
+                            lambda shape, dtype, pin: (torch.zeros(shape, dtype=dtype), False))
+    ids, L = tiny["ids"], tiny["num_layers"]
+    common = dict(sparsity="specontext", budget_tokens=24, sink_tokens=2, window_tokens=4)
+    resident = _load(tiny, device="cuda", **common)
+    ref_logits, _ = resident.engine.teacher_forced(ids[:PREFIX], ids[PREFIX:])
+    ref_tokens = resident.generate(ids[:PREFIX], max_new_tokens=24, ignore_eos=True).token_ids
+    llm = _load(tiny, device="cuda", offload_layers=L - 1, slot_pool=1.25, async_prefetch=async_prefetch, **common)
+    cache = llm.engine.new_cache(TOTAL)
+    assert cache.host_pinned == pinned and cache.kv_host.is_pinned() == pinned
+    logits, _ = llm.engine.teacher_forced(ids[:PREFIX], ids[PREFIX:])
+    assert torch.equal(logits, ref_logits)
+    result = llm.generate(ids[:PREFIX], max_new_tokens=24, ignore_eos=True)
+    assert result.token_ids == ref_tokens
+    assert 0 < result.stats.offload["fetched_tokens"] < result.stats.offload["full_reload_tokens"]
+    assert result.stats.offload["host_pinned"] == pinned

@@ -29,11 +29,16 @@ The copy engine is a CUDA copy stream with one event per layer, or, on a machine
 one worker thread between host buffers running the same copies (the native host path), so CI
 exercises the same pipeline. ``async_prefetch=False`` runs each copy where it is needed (for
 measuring what the overlap hides).
+
+If pinned host memory cannot be allocated (a locked-memory limit, a container), the host KV
+falls back to pageable memory with a warning: the copies then go through torch and block the
+host (no kernel can read pageable memory, and copies from it are staged synchronously).
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -189,6 +194,26 @@ class TransferStats:
         }
 
 
+def allocate_host(shape: Sequence[int], dtype: torch.dtype, pin: bool) -> tuple[torch.Tensor, bool]:
+    """A zeroed host tensor, pinned when ``pin`` and the system allows; returns it and whether it is pinned.
+
+    A failed pinned allocation (locked-memory limit, no CUDA context) falls back to pageable
+    memory with a :class:`RuntimeWarning` rather than failing the run.
+    """
+    if not pin:
+        return torch.zeros(shape, dtype=dtype), False
+    try:
+        return torch.zeros(shape, dtype=dtype, pin_memory=True), True
+    except RuntimeError as exc:
+        size = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+        reason = (str(exc).strip().splitlines() or ["unknown error"])[0]
+        warnings.warn(f"could not pin {size / 2**20:.1f} MiB of host memory for the offloaded KV ({reason}); "
+                      f"using pageable memory, so host-device copies are synchronous and slower "
+                      f"(raise the locked-memory limit, `ulimit -l`, to get pinned memory)",
+                      RuntimeWarning, stacklevel=3)
+        return torch.zeros(shape, dtype=dtype), False
+
+
 class OffloadedKVCache(DenseKVCache):
     """Resident layers on the device, offloaded layers in host memory with device slots.
 
@@ -231,7 +256,7 @@ class OffloadedKVCache(DenseKVCache):
         cuda = self.device.type == "cuda"
         # [N, 2 (K, V), B, G, S, D]: each (layer, K|V) is a plane of R*S rows of D (R*S/N rows of
         # N*D in block mode), the layout the native plane copy moves one diff through
-        self.kv_host = torch.zeros(N, 2, B, G, S, D, dtype=dtype, pin_memory=cuda)
+        self.kv_host, self.host_pinned = allocate_host((N, 2, B, G, S, D), dtype, pin=cuda)
         # [N, 2, B, G, P + N, D]: the extra block's first slot, P, holds the current token
         self.kv_slots_device = torch.zeros(N, 2, B, G, P + Nb, D, dtype=dtype, device=self.device)
         self.kv_staging_device: torch.Tensor | None = None  # [2 buffers, 2, B, G, S, D], made on first use
@@ -270,7 +295,7 @@ class OffloadedKVCache(DenseKVCache):
     def transfer_stats(self) -> dict:
         self.copier.drain()
         out = {"offloaded_layers": list(self.offloaded_layers), "pool_slots": self.pool_tokens,
-               "block_tokens": self.block_tokens, **self.transfer.to_dict()}
+               "block_tokens": self.block_tokens, "host_pinned": self.host_pinned, **self.transfer.to_dict()}
         if not isinstance(self.copier, CudaCopyEngine):
             out["copy_s"] = round(self.copier.copy_s, 4)
         return out
@@ -349,8 +374,13 @@ class OffloadedKVCache(DenseKVCache):
         if src.numel() == 0:
             return
         row = self.kv_host.shape[-1] * self.block_tokens  # one token, or one whole block
-        native.copy_rows_planes(self.kv_host[i].view(2, -1, row), src, self.kv_slots_device[i].view(2, -1, row), dst,
-                                num_threads=self.host_threads)
+        host, slots = self.kv_host[i].view(2, -1, row), self.kv_slots_device[i].view(2, -1, row)
+        if self._pageable_on_cuda():  # no kernel reads pageable memory: gather on the host, then copy
+            keep = src >= 0
+            src_cpu, dst = src[keep].cpu(), dst[keep]
+            slots.index_copy_(1, dst, host.index_select(1, src_cpu).to(self.device))
+            return
+        native.copy_rows_planes(host, src, slots, dst, num_threads=self.host_threads)
 
     def _host_rows(self, plan: StepPlan, T: int) -> torch.Tensor:
         """Host-plane rows [B, G, T] (r * S + position) of this step's new tokens; -1 for padding."""
@@ -371,6 +401,15 @@ class OffloadedKVCache(DenseKVCache):
             if not bool(keep.all()):
                 rows, k, v = rows[keep], k[keep], v[keep]
         host = self.kv_host[i].view(2, -1, D)
+        if self._pageable_on_cuda():
+            def copy():  # torch copies to pageable memory (synchronous), then the host scatter
+                rows_cpu = rows.cpu()
+                keep = rows_cpu >= 0
+                k_cpu, v_cpu = k.cpu()[keep], v.cpu()[keep]
+                native.scatter_rows(k_cpu, rows_cpu[keep], host[0], num_threads=self.host_threads)
+                native.scatter_rows(v_cpu, rows_cpu[keep], host[1], num_threads=self.host_threads)
+            self.copier.submit(None, copy, keep=(k, v, rows))
+            return
 
         def copy():
             native.scatter_rows(k, rows, host[0], num_threads=self.host_threads)
@@ -389,6 +428,9 @@ class OffloadedKVCache(DenseKVCache):
                 for g in range(G):
                     buf[kv, b, g, :past].copy_(src[kv, b, g, :past], non_blocking=True)
         self.transfer.staged_tokens += past
+
+    def _pageable_on_cuda(self) -> bool:
+        return self.device.type == "cuda" and not self.host_pinned
 
     def _staging(self) -> torch.Tensor:
         if self.kv_staging_device is None:
