@@ -94,7 +94,39 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--version", action="version", version=f"specontext {__version__}")
     _add_dataclass_options(parser, GenerationConfig, "generation")
     _add_dataclass_options(parser, RuntimeSettings, "runtime")
+    plan = parser.add_argument_group("memory planning (no weights loaded, no device needed)")
+    plan.add_argument("--plan", action="store_true",
+                      help="print the memory plan for --model on --device-profile instead of generating: bytes per "
+                           "buffer and tier, which layers move to host memory as the context grows, the thresholds, "
+                           "the predicted decode step and the maximum context (--json: as JSON; --output FILE: "
+                           "the JSON also to FILE). --model may be a config.json alone")
+    plan.add_argument("--context-tokens", type=int, default=None, metavar="INT",
+                      help="--plan: tokens per request, prompt plus answer (default: the model's context limit)")
+    plan.add_argument("--requests", type=int, default=1, metavar="INT",
+                      help="--plan: requests decoding together (default: 1)")
     return parser
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """``--plan``: the memory plan as a table (or JSON), without loading weights."""
+    from .planner.plan import make_plan
+
+    settings = _from_args(RuntimeSettings, args)
+    if args.output:
+        check_output_path(args.output)
+    dtype = settings.dtype
+    plan = make_plan(args.model, settings.device_profile, context_tokens=args.context_tokens, requests=args.requests,
+                     budget_tokens=settings.budget_tokens, sparsity=settings.sparsity, dtype=dtype,
+                     slot_pool=settings.slot_pool, block_tokens=settings.block_tokens,
+                     prefill_chunk_tokens=settings.prefill_chunk_tokens, retrieval_head=settings.retrieval_head)
+    payload = json.dumps(plan.to_dict(), indent=2)
+    if args.output:
+        tmp = args.output + ".partial"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(payload + "\n")
+        os.replace(tmp, args.output)
+    print(payload if args.json else plan.table())
+    return 0
 
 
 def read_document(path: str) -> str:
@@ -242,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             if not args.debug:
                 warnings.showwarning = _show_warning
-            return run(args)
+            return run_plan(args) if args.plan else run(args)
     except SpecontextError as exc:
         if args.debug:
             raise

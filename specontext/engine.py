@@ -406,6 +406,10 @@ class Generation:
     def _record_memory(self) -> None:
         self._record_sparsity()
         self._record_offload()
+        cache, selector = getattr(self, "_cache", None), getattr(self, "_selector", None)
+        if cache is not None:  # buffers made on first use (staging, gathered rows) count once they exist
+            self.stats.kv_cache_bytes = cache.allocated_bytes()
+            self.stats.selector_bytes = selector.allocated_bytes()
         self.stats.peak_host_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         if self.engine.model.device.type == "cuda":
             self.stats.peak_device_bytes = torch.cuda.max_memory_allocated(self.engine.model.device)

@@ -50,6 +50,8 @@ class RuntimeSettings:
                             "above 1, recently dropped tokens stay resident, so re-selected ones need no transfer")
     async_prefetch: bool = _opt(True, "load offloaded layers' tokens on a copy stream (CPU: a worker thread) right "
                                 "after selection, overlapping compute; off: copy before compute (for measurement)")
+    device_profile: str = _opt("auto", "device for the memory plan (--plan): auto (detect this machine), a shipped "
+                               "profile name (see profiles/), or a profile JSON file")
     measure_recall: bool = _opt(False, "on sparse steps also compute dense attention and report the fraction of its "
                                 "mass on the chosen tokens (slower; for evaluation)")
 

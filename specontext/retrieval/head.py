@@ -354,8 +354,8 @@ def head_search_dirs() -> list[str]:
     return dirs
 
 
-def find_head(target: TargetInfo) -> str | None:
-    """The first artefact in :func:`head_search_dirs` made for ``target`` (its .json path), or None."""
+def iter_head_configs():
+    """(path, config) of every readable head artefact in :func:`head_search_dirs`, in search order."""
     for folder in head_search_dirs():
         if not os.path.isdir(folder):
             continue
@@ -364,11 +364,16 @@ def find_head(target: TargetInfo) -> str | None:
                 continue
             path = os.path.join(folder, name)
             try:
-                cfg = read_head_config(path)
+                yield path, read_head_config(path)
             except ModelFileError:
                 continue  # not a head (or a broken one): auto skips it; naming it explicitly reports why
-            if cfg.target.mismatch(target) is None and os.path.isfile(head_paths(path)[0]):
-                return path
+
+
+def find_head(target: TargetInfo) -> str | None:
+    """The first artefact in :func:`head_search_dirs` made for ``target`` (its .json path), or None."""
+    for path, cfg in iter_head_configs():
+        if cfg.target.mismatch(target) is None and os.path.isfile(head_paths(path)[0]):
+            return path
     return None
 
 

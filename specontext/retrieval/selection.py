@@ -305,7 +305,7 @@ class HeadSelector(Selector):
         self.carry_hidden = torch.zeros(batch_size, len(self.capture_layers) * e, dtype=p.dtype, device=p.device)
 
     def allocated_bytes(self) -> int:
-        return self.k_device.numel() * self.k_device.element_size()
+        return sum(t.numel() * t.element_size() for t in (self.k_device, self.carry_hidden))
 
     def _hidden(self, captured: dict) -> torch.Tensor | None:
         if not self.capture_layers:

@@ -1,0 +1,402 @@
+"""The theoretical memory model (SPECONTEXT.md §3): bytes per named buffer and per tier.
+
+Pure functions of shapes and settings: nothing here loads weights or touches a device, so the
+planning mode runs anywhere and the model is unit-tested on CPU.
+
+Symbols (one request = one batch row):
+
+====  ==========================================================================================
+L     target layers; N of them offloaded (the last N), L - N device-resident
+G, D  target KV heads, head dim; H query heads, E hidden size, I MLP width, V vocabulary
+Gh,Dh the retrieval head's K heads and head dim; Lf target layers it fuses
+R     requests decoding together
+S     cache capacity in tokens per request (prompt + new tokens), rounded up to whole blocks
+K     budget: past tokens attended per KV head on a sparse step
+P     slots per KV head of an offloaded layer (P >= K), rounded up to whole blocks of Nb tokens
+C     prefill chunk tokens
+e, w  bytes per KV element, per weight / activation element
+====  ==========================================================================================
+
+The paper's model is ``1.3 (M_O + M_D) + 4 R [(L_gpu + 1 + α) S + L_cpu B] H D`` (2-byte KV).
+This one differs where the runtime differs, term by term (each :class:`Buffer` carries its
+formula):
+
+- bytes per element are parameters (``e``, ``w``), not 2;
+- weights are counted from the config (or measured from loaded tensors), not scaled by 1.3;
+  the overhead is the workspace terms below, which count the prefill peak too;
+- the retrieval head's cache holds K only, sized by its own heads (``R Gh S Dh``), not a full
+  target layer (the paper's ``+1``);
+- no ``α`` (repeat_kv) buffer: attention folds each KV group's query heads into the query
+  axis, so repeated K/V are never materialised;
+- an offloaded layer keeps ``P + Nb`` slots per KV head (``P >= K``: the slot pool, plus the
+  current token's block), and steps that attend to whole offloaded layers (prefill chunks,
+  dense steps) stream them through two device staging buffers of ``S`` tokens each;
+- the host tier (pinned on a discrete GPU) is counted and checked against host memory.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..config import ModelConfig
+from ..errors import InputError
+
+GLOBAL_METHODS = ("specontext", "streaming")  # one selection for every layer: offloaded layers use slots
+SPARSE_METHODS = ("specontext", "oracle", "quest", "streaming")
+INDEX_BYTES = 8  # int64 slot maps
+
+
+@dataclass(frozen=True)
+class HeadShape:
+    """What the memory model needs of a retrieval head (from its artefact, or assumed)."""
+
+    num_parameters: int
+    num_kv_heads: int  # Gh: heads of its K cache
+    head_dim: int  # Dh
+    num_fused_layers: int  # Lf: target hidden states it carries between steps
+
+    @classmethod
+    def eagle3_like(cls, model: ModelConfig) -> "HeadShape":
+        """The head the paper distils from EAGLE-3 when no artefact is given: fc fusion of three
+        target layers (3E x E), two norms, and q/k projections shaped like one target layer."""
+        E, H, G, D = model.hidden_size, model.num_heads, model.num_kv_heads, model.head_dim
+        return cls(num_parameters=3 * E * E + 2 * E + E * H * D + E * G * D, num_kv_heads=G, head_dim=D,
+                   num_fused_layers=3)
+
+    @classmethod
+    def from_config(cls, cfg) -> "HeadShape":
+        """From a :class:`~specontext.retrieval.head.RetrievalHeadConfig` (no weights read)."""
+        E = cfg.target.hidden_size
+        fused = len(cfg.hidden_layers) if cfg.input_kind == "embedding+hidden" else 0
+        width = cfg.input_width
+        n = E + (fused * E * E + E if fused else 0)  # input norm; fc and its norm
+        n += width * cfg.num_heads * cfg.head_dim + width * cfg.num_kv_heads * cfg.head_dim
+        if cfg.qk_bias:
+            n += (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim
+        return cls(num_parameters=n, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, num_fused_layers=fused)
+
+
+@dataclass(frozen=True)
+class MemoryInputs:
+    """Everything the model depends on besides S and N.
+
+    Args:
+        model: the target's shape.
+        weight_bytes: bytes per weight and activation element (4 float32, 2 float16/bfloat16).
+        kv_bytes: bytes per KV element (the runtime keeps KV in the weights' dtype; 1 for fp8).
+        requests: R.
+        sparsity: dense, specontext, oracle, quest or streaming.
+        budget_tokens: K (ignored when dense).
+        head: the retrieval head (specontext only); None assumes :meth:`HeadShape.eagle3_like`.
+        slot_pool: P / K, at least 1.
+        block_tokens: Nb, the selection granularity (1 = tokens).
+        prefill_chunk_tokens: C.
+        fused_attention: attention never materialises its score matrix (CUDA's memory-efficient
+            SDPA kernels); False counts the ``H C S`` float32 scores of the math kernel (CPU).
+        measured_weight_bytes: the loaded tensors' bytes, used instead of the config count.
+    """
+
+    model: ModelConfig
+    weight_bytes: int = 2
+    kv_bytes: int = 2
+    requests: int = 1
+    sparsity: str = "specontext"
+    budget_tokens: int = 2048
+    head: HeadShape | None = None
+    slot_pool: float = 1.0
+    block_tokens: int = 1
+    prefill_chunk_tokens: int = 512
+    fused_attention: bool = True
+    measured_weight_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("weight_bytes", "kv_bytes", "requests", "budget_tokens", "block_tokens", "prefill_chunk_tokens"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.sparsity not in ("dense", *SPARSE_METHODS):
+            raise InputError(f"sparsity must be dense, {', '.join(SPARSE_METHODS)}; got {self.sparsity!r}")
+        if not (math.isfinite(self.slot_pool) and self.slot_pool >= 1):
+            raise InputError(f"slot_pool must be >= 1, got {self.slot_pool}")
+
+    @property
+    def head_shape(self) -> HeadShape | None:
+        if self.sparsity != "specontext":
+            return None
+        return self.head or HeadShape.eagle3_like(self.model)
+
+    def budget(self, seq_tokens: int) -> int:
+        """K actually attended: the budget, never more than the context."""
+        return min(self.budget_tokens, seq_tokens)
+
+    def pool_tokens(self, seq_tokens: int, slot_pool: float | None = None) -> int:
+        """P, as the runtime sizes it: ceil(slot_pool * K), at most S, in whole blocks."""
+        if self.sparsity not in GLOBAL_METHODS:
+            return 0
+        factor = self.slot_pool if slot_pool is None else slot_pool
+        p = min(math.ceil(factor * self.budget_tokens), seq_tokens)
+        return -(-p // self.block_tokens) * self.block_tokens
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """One named allocation: its tier (``device`` or ``host``), size and the formula it comes from."""
+
+    name: str
+    tier: str
+    num_bytes: int
+    formula: str
+
+
+def model_weight_bytes(model: ModelConfig, bytes_per_element: int) -> int:
+    """Parameters of the target counted from its config, times the element size."""
+    E, I, V, L = model.hidden_size, model.intermediate_size, model.vocab_size, model.num_layers
+    H, G, D = model.num_heads, model.num_kv_heads, model.head_dim
+    per_layer = E * (H + 2 * G) * D + H * D * E + 3 * E * I + 2 * E  # qkv, o, gate/up/down, 2 norms
+    if model.qkv_bias:
+        per_layer += (H + 2 * G) * D
+    if model.o_bias:
+        per_layer += E
+    if model.mlp_bias:
+        per_layer += 2 * I + E
+    if model.qk_norm:
+        per_layer += 2 * D
+    embeddings = V * E * (1 if model.tie_word_embeddings else 2)
+    return (L * per_layer + embeddings + E) * bytes_per_element
+
+
+def buffers(inputs: MemoryInputs, seq_tokens: int, num_offloaded: int, slot_pool: float | None = None) -> list[Buffer]:
+    """Every buffer of one run at capacity ``seq_tokens`` (S) with the last ``num_offloaded`` (N) layers offloaded.
+
+    The KV and slot terms are exactly the runtime's allocations (DenseKVCache,
+    OffloadedKVCache, SlotPool, the specontext selector); the workspace terms are estimates of
+    the transient activations at their peak.
+    """
+    m, x = inputs.model, inputs
+    L, G, D, H, E, I, V = (m.num_layers, m.num_kv_heads, m.head_dim, m.num_heads, m.hidden_size,
+                           m.intermediate_size, m.vocab_size)
+    R, e, w, Nb, N = x.requests, x.kv_bytes, x.weight_bytes, x.block_tokens, num_offloaded
+    if not 0 <= N <= L:
+        raise InputError(f"num_offloaded must be in 0..{L}, got {N}")
+    S = -(-seq_tokens // Nb) * Nb if N else seq_tokens
+    K = x.budget(seq_tokens)
+    out = []
+
+    def add(name, tier, num_bytes, formula):
+        out.append(Buffer(name, tier, int(num_bytes), formula))
+
+    weights = x.measured_weight_bytes if x.measured_weight_bytes is not None else model_weight_bytes(m, w)
+    add("weights", "device", weights, "measured" if x.measured_weight_bytes is not None else "params(config) * w")
+    head = x.head_shape
+    if head is not None:
+        add("head_weights", "device", head.num_parameters * w, "params(head) * w")
+        add("head_k_cache", "device", R * head.num_kv_heads * seq_tokens * head.head_dim * w + R * head.num_fused_layers * E * w,
+            "R Gh S Dh w + R Lf E w")
+    add("kv_device", "device", 2 * R * (L - N) * G * seq_tokens * D * e, "2 R (L - N) G S D e")
+    if x.sparsity in SPARSE_METHODS and K < seq_tokens:
+        add("kv_selected", "device", 2 * R * G * (K + 1) * D * e, "2 R G (K + 1) D e")
+    if N:
+        P = x.pool_tokens(seq_tokens, slot_pool)
+        if P:
+            add("kv_slots", "device", N * 2 * R * G * (P + Nb) * D * e, "N 2 R G (P + Nb) D e")
+            rows = R * G
+            add("slot_maps", "device", rows * (S // Nb + 1 + 2 * (P // Nb + 1)) * INDEX_BYTES,
+                "R G (S/Nb + 1 + 2 (P/Nb + 1)) 8")
+        add("kv_staging", "device", 2 * 2 * R * G * S * D * e, "2 buffers 2 R G S D e")
+        add("kv_host", "host", N * 2 * R * G * S * D * e, "N 2 R G S D e")
+    # transient activations, at the larger of the two phases
+    C = min(x.prefill_chunk_tokens, seq_tokens)
+    scores = 0 if x.fused_attention else 2 * H * C * seq_tokens * 4
+    prefill = C * (3 * E + 2 * (H + 2 * G) * D + 3 * I) * w + scores + C * seq_tokens * 4 + V * 4
+    attended = K + 1 if x.sparsity in SPARSE_METHODS else seq_tokens
+    decode = R * ((3 * E + 2 * (H + 2 * G) * D + 3 * I) * w + (0 if x.fused_attention else 2 * H * attended * 4)
+                  + 2 * V * 4)
+    if prefill >= decode:
+        add("workspace_prefill", "device", prefill,
+            "C (3E + 2(H + 2G)D + 3I) w + C S 4 (mask) + V 4" + ("" if x.fused_attention else " + 2 H C S 4 (scores)"))
+    else:
+        add("workspace_decode", "device", decode, "R ((3E + 2(H + 2G)D + 3I) w + 2 V 4)")
+    return out
+
+
+def tier_bytes(bufs: list[Buffer], tier: str, include_workspace: bool = True) -> int:
+    return sum(b.num_bytes for b in bufs if b.tier == tier and (include_workspace or not b.name.startswith("workspace")))
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Predicted decode step: bytes read from device memory and moved over the host link, over bandwidth."""
+
+    device_read_bytes: int
+    link_bytes: int
+    compute_s: float
+    transfer_s: float
+
+    @property
+    def step_s(self) -> float:
+        """Transfers overlap compute (asynchronous prefetch), so the slower of the two bounds the step."""
+        return max(self.compute_s, self.transfer_s)
+
+
+# Measured on the default model, 8k essays (bench_edge/results/offload_cpu.json, B = 1024): the
+# fraction of a full reload of K tokens an elastic step fetches, by P / K. Interpolated between.
+FETCH_FRACTION_BY_POOL = ((1.0, 1 / 5.8), (1.125, 1 / 7.9), (1.25, 1 / 10.8), (1.5, 1 / 20.1), (2.0, 1 / 70.9))
+
+
+def fetch_fraction(pool_factor: float) -> float:
+    pts = FETCH_FRACTION_BY_POOL
+    if pool_factor <= pts[0][0]:
+        return pts[0][1]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if pool_factor <= x1:
+            return y0 + (y1 - y0) * (pool_factor - x0) / (x1 - x0)
+    return pts[-1][1]
+
+
+def step_time(inputs: MemoryInputs, seq_tokens: int, num_offloaded: int, memory_bandwidth: float,
+              link_bandwidth: float, slot_pool: float | None = None) -> StepTime:
+    """Bytes over bandwidth for one decode step of every request (bandwidths in bytes/s)."""
+    m, x = inputs.model, inputs
+    L, G, D, R, e, w, N = m.num_layers, m.num_kv_heads, m.head_dim, x.requests, x.kv_bytes, x.weight_bytes, num_offloaded
+    weights = x.measured_weight_bytes if x.measured_weight_bytes is not None else model_weight_bytes(m, w)
+    sparse = x.sparsity in SPARSE_METHODS
+    K = x.budget(seq_tokens)
+    attended = K if sparse else seq_tokens
+    read = weights + 2 * R * L * G * attended * D * e
+    head = x.head_shape
+    if head is not None:
+        read += head.num_parameters * w + R * head.num_kv_heads * seq_tokens * head.head_dim * w
+    if x.sparsity == "quest":  # page key bounds of every layer
+        read += 2 * R * L * G * -(-seq_tokens // 16) * D * e
+    link = 0
+    if N:
+        if x.sparsity in GLOBAL_METHODS and K < seq_tokens:
+            factor = x.pool_tokens(seq_tokens, slot_pool) / max(K, 1)
+            link = int(2 * R * N * G * K * D * e * fetch_fraction(factor))
+        else:  # whole offloaded layers streamed every step
+            link = 2 * R * N * G * seq_tokens * D * e
+    return StepTime(device_read_bytes=read, link_bytes=link, compute_s=read / memory_bandwidth,
+                    transfer_s=link / link_bandwidth if link else 0.0)
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """From ``seq_tokens`` on (until the next threshold), ``num_offloaded`` layers live in host memory."""
+
+    seq_tokens: int
+    num_offloaded: int
+
+
+@dataclass
+class Placement:
+    """The plan: thresholds S_i, the slot pool, and the largest context that fits."""
+
+    device_budget_bytes: int
+    host_budget_bytes: int
+    unified_memory: bool
+    slot_pool: float
+    thresholds: list[Threshold] = field(default_factory=list)
+    max_context_tokens: int = 0
+    limit_reason: str = ""
+
+    def num_offloaded_at(self, seq_tokens: int) -> int:
+        """Offloaded layers at capacity ``seq_tokens``; raises when it does not fit at all."""
+        if seq_tokens > self.max_context_tokens:
+            raise InputError(f"a context of {seq_tokens} tokens does not fit: the maximum is {self.max_context_tokens} "
+                             f"({self.limit_reason})")
+        n = 0
+        for t in self.thresholds:
+            if seq_tokens >= t.seq_tokens:
+                n = t.num_offloaded
+        return n
+
+
+def _fits(inputs: MemoryInputs, S: int, N: int, placement: Placement, slot_pool: float) -> bool:
+    bufs = buffers(inputs, S, N, slot_pool)
+    dev, host = tier_bytes(bufs, "device"), tier_bytes(bufs, "host")
+    if placement.unified_memory:
+        return dev + host <= placement.device_budget_bytes
+    return dev <= placement.device_budget_bytes and host <= placement.host_budget_bytes
+
+
+def _max_fitting(inputs: MemoryInputs, N: int, placement: Placement, slot_pool: float, limit: int) -> int:
+    """Largest S in [0, limit] that fits with N offloaded (memory grows with S, so bisect)."""
+    if not _fits(inputs, 1, N, placement, slot_pool):
+        return 0
+    lo, hi = 1, limit
+    if _fits(inputs, hi, N, placement, slot_pool):
+        return hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if _fits(inputs, mid, N, placement, slot_pool):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def plan_placement(inputs: MemoryInputs, device_budget_bytes: int, host_budget_bytes: int, unified_memory: bool,
+                   target_seq_tokens: int, max_seq_tokens: int, max_slot_pool: float = 2.0) -> Placement:
+    """Maximise device-resident layers as S grows, then spend what is left on slot pools.
+
+    For each N (offloaded layers), the largest S that fits is found; the placement at S is the
+    smallest N that fits, which gives the thresholds S_i where one more layer must leave the
+    device. Offloaded layers need a global selection to decode from slots; with other methods
+    they stream whole layers every step (the plan still holds, the step is slower). On a
+    unified-memory device offload adds no capacity, so every layer stays resident.
+
+    The slot pool is chosen for ``target_seq_tokens`` (the run's capacity): the largest
+    P / K <= ``max_slot_pool`` that still fits there with the same N, since the offload
+    benchmark shows fetched bytes falling steeply with P (FETCH_FRACTION_BY_POOL).
+
+    Args:
+        device_budget_bytes, host_budget_bytes: usable memory (profile minus reserves); for
+            unified memory the device budget is the whole shared pool.
+        target_seq_tokens: S of the run (prompt + new tokens).
+        max_seq_tokens: the model's context limit (the search bound).
+    """
+    L = inputs.model.num_layers
+    place = Placement(device_budget_bytes, host_budget_bytes, unified_memory, inputs.slot_pool)
+    layer_choices = [0] if unified_memory else list(range(L + 1))
+
+    def schedule(slot_pool: float) -> tuple[dict, list[Threshold]]:
+        best = {N: _max_fitting(inputs, N, place, slot_pool, max_seq_tokens) for N in layer_choices}
+        thresholds, current = [], None
+        for S in sorted({1, *[best[N] + 1 for N in layer_choices]}):
+            fitting = [n for n in layer_choices if best[n] >= S]
+            if not fitting:
+                break
+            if min(fitting) != current:
+                current = min(fitting)
+                thresholds.append(Threshold(S, current))
+        return best, thresholds
+
+    # the capability: the smallest pool (P = K), the largest context
+    best, place.thresholds = schedule(inputs.slot_pool)
+    place.max_context_tokens = max(best.values())
+    if place.max_context_tokens == 0:
+        place.limit_reason = "the weights and fixed buffers alone exceed the device memory"
+    elif place.max_context_tokens >= max_seq_tokens:
+        place.limit_reason = f"the model's context limit of {max_seq_tokens} tokens"
+    else:
+        N = max(best, key=best.get)
+        bufs = buffers(inputs, place.max_context_tokens + 1, N)
+        dev = tier_bytes(bufs, "device") + (tier_bytes(bufs, "host") if unified_memory else 0)
+        place.limit_reason = ("device memory is full" if dev > device_budget_bytes
+                              else "host memory for the offloaded KV is full")
+    # the run: grow P at its capacity while that placement still fits, then re-derive the thresholds
+    if inputs.sparsity in GLOBAL_METHODS and 0 < target_seq_tokens <= place.max_context_tokens:
+        N = place.num_offloaded_at(target_seq_tokens)
+        if N:
+            lo, hi = inputs.slot_pool, max(max_slot_pool, inputs.slot_pool)
+            if _fits(inputs, target_seq_tokens, N, place, hi):
+                lo = hi
+            else:
+                for _ in range(20):
+                    mid = (lo + hi) / 2
+                    lo, hi = (mid, hi) if _fits(inputs, target_seq_tokens, N, place, mid) else (lo, mid)
+            pool = math.floor(lo * 1000) / 1000
+            if pool > inputs.slot_pool:
+                # a larger pool only adds memory: N still fits at the target and no smaller N does
+                place.slot_pool, (_, place.thresholds) = pool, schedule(pool)
+    return place

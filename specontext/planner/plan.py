@@ -1,0 +1,206 @@
+"""The planning mode: a memory plan for model x device x context x requests x budget, with no weights
+loaded and no device needed (``specontext-run --plan``, :func:`specontext.plan`)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+from ..config import ModelConfig
+from ..errors import InputError
+from .memory import (GLOBAL_METHODS, Buffer, HeadShape, MemoryInputs, Placement, buffers, plan_placement,
+                     step_time, tier_bytes)
+from .profiles import DeviceProfile, load_profile
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+MIB = 2**20
+
+
+def read_model_config(path: str | None) -> tuple[ModelConfig, str]:
+    """The target's shape from a .gguf file, a Hugging Face folder, or a config.json alone."""
+    from .. import assets
+
+    path = path or assets.default_model_path()
+    if not os.path.exists(path):
+        raise InputError(f"model not found: {path} (give a .gguf file, a Hugging Face folder or a config.json)")
+    if path.endswith(".gguf"):
+        from ..loaders.gguf_loader import GGUFFile
+
+        return GGUFFile(path).model_config(), path
+    if os.path.isdir(path):
+        return ModelConfig.from_hf_file(path), path
+    if path.endswith(".json"):  # a config.json alone: named after the file unless it is config.json
+        cfg = ModelConfig.from_hf_file(path)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        return (cfg if stem == "config" else replace(cfg, name=stem)), path
+    raise InputError(f"cannot plan for {path}: give a .gguf file, a Hugging Face folder or a config.json")
+
+
+def head_shape_for(model: ModelConfig, spec: str) -> tuple[HeadShape, str]:
+    """The retrieval head the plan counts: a named artefact, a shipped or trained one made for a
+    model of this shape (``auto``; the weights' fingerprint is not checked, since none are
+    read), or else the EAGLE-3-shaped head the paper uses."""
+    from ..retrieval.head import iter_head_configs, read_head_config
+
+    if spec != "auto":
+        return HeadShape.from_config(read_head_config(spec)), spec
+    shape = (model.architecture, model.num_layers, model.hidden_size, model.num_heads, model.num_kv_heads,
+             model.head_dim, model.vocab_size)
+    for path, cfg in iter_head_configs():
+        t = cfg.target
+        if (t.architecture, t.num_layers, t.hidden_size, t.num_heads, t.num_kv_heads, t.head_dim, t.vocab_size) == shape:
+            return HeadShape.from_config(cfg), path
+    return HeadShape.eagle3_like(model), "assumed: EAGLE-3 shape (fc over 3 layers, one layer's q/k)"
+
+
+@dataclass
+class MemoryPlan:
+    """A plan: the inputs, the placement as S grows, and the buffers at the planned context."""
+
+    model_path: str
+    model: ModelConfig
+    profile: DeviceProfile
+    inputs: MemoryInputs
+    head_source: str
+    context_tokens: int
+    placement: Placement
+
+    def at(self, seq_tokens: int) -> tuple[int, list[Buffer]]:
+        n = self.placement.num_offloaded_at(seq_tokens)
+        return n, buffers(self.inputs, seq_tokens, n, self.placement.slot_pool)
+
+    def lengths(self) -> list[int]:
+        """The context grid of the per-length table: powers of two, the thresholds and the context."""
+        grid, s = set(), 1024
+        while s < self.context_tokens:
+            grid.add(s)
+            s *= 2
+        grid.update(t.seq_tokens for t in self.placement.thresholds if 1 < t.seq_tokens <= self.context_tokens)
+        grid.add(self.context_tokens)
+        return sorted(grid)
+
+    def to_dict(self) -> dict:
+        p, x, m, L = self.profile, self.inputs, self.model, self.model.num_layers
+        n, bufs = self.at(self.context_tokens)
+        rows = []
+        for S in self.lengths():
+            k, b = self.at(S)
+            t = step_time(x, S, k, p.memory_bandwidth_gb_s * 1e9, p.host_link_gb_s * 1e9, self.placement.slot_pool)
+            rows.append({"seq_tokens": S, "num_offloaded": k, "device_bytes": tier_bytes(b, "device"),
+                         "host_bytes": tier_bytes(b, "host"), "step_ms": round(t.step_s * 1e3, 3),
+                         "compute_ms": round(t.compute_s * 1e3, 3), "transfer_ms": round(t.transfer_s * 1e3, 3),
+                         "device_read_bytes": t.device_read_bytes, "link_bytes": t.link_bytes})
+        t = step_time(x, self.context_tokens, n, p.memory_bandwidth_gb_s * 1e9, p.host_link_gb_s * 1e9,
+                      self.placement.slot_pool)
+        return {
+            "model": {"path": self.model_path, "name": m.name, "architecture": m.architecture, "num_layers": L,
+                      "num_heads": m.num_heads, "num_kv_heads": m.num_kv_heads, "head_dim": m.head_dim,
+                      "hidden_size": m.hidden_size, "vocab_size": m.vocab_size,
+                      "max_position_embeddings": m.max_position_embeddings},
+            "device_profile": p.to_dict(),
+            "settings": {"context_tokens": self.context_tokens, "requests": x.requests, "sparsity": x.sparsity,
+                         "budget_tokens": x.budget_tokens, "block_tokens": x.block_tokens,
+                         "weight_bytes_per_element": x.weight_bytes, "kv_bytes_per_element": x.kv_bytes,
+                         "prefill_chunk_tokens": x.prefill_chunk_tokens, "retrieval_head": self.head_source},
+            "device_budget_bytes": self.placement.device_budget_bytes,
+            "host_budget_bytes": self.placement.host_budget_bytes,
+            "unified_memory": self.placement.unified_memory,
+            "max_context_tokens": self.placement.max_context_tokens,
+            "max_context_limited_by": self.placement.limit_reason,
+            "slot_pool": self.placement.slot_pool,
+            "pool_tokens": x.pool_tokens(self.context_tokens, self.placement.slot_pool) if n else 0,
+            "thresholds": [{"seq_tokens": th.seq_tokens, "num_offloaded": th.num_offloaded,
+                            "device_resident_layers": L - th.num_offloaded} for th in self.placement.thresholds],
+            "at_context": {"seq_tokens": self.context_tokens, "num_offloaded": n,
+                           "offloaded_layers": list(range(L - n, L)),
+                           "buffers": [{"name": b.name, "tier": b.tier, "bytes": b.num_bytes, "formula": b.formula}
+                                       for b in bufs],
+                           "device_bytes": tier_bytes(bufs, "device"), "host_bytes": tier_bytes(bufs, "host"),
+                           "predicted_step_ms": round(t.step_s * 1e3, 3),
+                           "predicted_tokens_per_s": round(x.requests / t.step_s, 2) if t.step_s else None},
+            "per_length": rows,
+        }
+
+    def table(self) -> str:
+        """The plan as readable text."""
+        d = self.to_dict()
+        p, s, a = self.profile, d["settings"], d["at_context"]
+        out = [f"memory plan: {d['model']['name'] or self.model_path} ({d['model']['num_layers']} layers) on {p.name} "
+               f"({p.description})",
+               f"  {s['requests']} request(s), context {s['context_tokens']} tokens, {s['sparsity']}"
+               + (f" budget {s['budget_tokens']}" if s["sparsity"] != "dense" else "")
+               + f", weights {s['weight_bytes_per_element']} B/elem, KV {s['kv_bytes_per_element']} B/elem",
+               f"  usable: device {d['device_budget_bytes'] / MIB:,.0f} MiB, host {d['host_budget_bytes'] / MIB:,.0f} MiB"
+               + (" (one shared pool: unified memory)" if d["unified_memory"] else ""),
+               f"  maximum context: {d['max_context_tokens']} tokens (limited by {d['max_context_limited_by']})",
+               "", "  buffers at the planned context:"]
+        for b in a["buffers"]:
+            out.append(f"    {b['name']:<18} {b['tier']:<6} {b['bytes'] / MIB:>12,.1f} MiB   {b['formula']}")
+        out.append(f"    {'total':<18} device {a['device_bytes'] / MIB:>10,.1f} MiB, host {a['host_bytes'] / MIB:,.1f} MiB")
+        out += ["", f"  placement as the context grows (slot pool {d['slot_pool']} x budget):",
+                f"    {'tokens':>8} {'offloaded':>9} {'device MiB':>11} {'host MiB':>10} {'step ms':>9} "
+                f"{'compute':>9} {'transfer':>9}"]
+        for r in d["per_length"]:
+            out.append(f"    {r['seq_tokens']:>8} {r['num_offloaded']:>9} {r['device_bytes'] / MIB:>11,.0f} "
+                       f"{r['host_bytes'] / MIB:>10,.0f} {r['step_ms']:>9.2f} {r['compute_ms']:>9.2f} "
+                       f"{r['transfer_ms']:>9.2f}")
+        ths = ", ".join(f"S >= {t['seq_tokens']}: {t['num_offloaded']}" for t in d["thresholds"])
+        out.append(f"  thresholds (offloaded layers from S on): {ths}")
+        out.append(f"  predicted decode at {s['context_tokens']} tokens: {a['predicted_step_ms']:.2f} ms per step "
+                   f"({a['predicted_tokens_per_s']} tok/s over {s['requests']} request(s); bytes over bandwidth)")
+        return "\n".join(out)
+
+
+def make_plan(model: str | None = None, device_profile: str | DeviceProfile = "auto", context_tokens: int | None = None,
+              requests: int = 1, budget_tokens: int = 2048, sparsity: str = "specontext", dtype: str = "auto",
+              slot_pool: float = 1.0, block_tokens: int = 1, prefill_chunk_tokens: int = 512,
+              retrieval_head: str = "auto") -> MemoryPlan:
+    """Plan memory without loading weights or touching the device.
+
+    Args:
+        model: a .gguf file, a Hugging Face folder, or a config.json (None: the default model).
+        device_profile: ``auto``, a shipped profile name, a JSON file, or a :class:`DeviceProfile`.
+        context_tokens: S, prompt plus new tokens per request (None: the model's context limit).
+        requests: R; budget_tokens: K; sparsity: the decode method; slot_pool: the smallest P / K.
+        dtype: ``auto`` (bfloat16 on a GPU profile, float32 on a CPU one) or an explicit dtype.
+
+    Raises:
+        InputError: the plan cannot work (the weights alone exceed the device, or the context
+            does not fit), saying what would fit; or a bad input, named.
+
+    Example:
+        >>> plan = make_plan("config.json", "rtx-4060-laptop-8gb", context_tokens=32768)  # doctest: +SKIP
+        >>> print(plan.table())  # doctest: +SKIP
+    """
+    cfg, path = read_model_config(model)
+    profile = device_profile if isinstance(device_profile, DeviceProfile) else load_profile(device_profile)
+    if dtype == "auto":
+        dtype = "bfloat16" if profile.kind == "cuda" else "float32"
+    if dtype not in DTYPE_BYTES:
+        raise InputError(f"dtype must be auto, {', '.join(DTYPE_BYTES)}; got {dtype!r}")
+    if requests < 1:
+        raise InputError(f"requests must be >= 1, got {requests}")
+    limit = cfg.max_position_embeddings
+    S = context_tokens if context_tokens is not None else limit
+    if not 1 <= S <= limit:
+        raise InputError(f"context_tokens must be in 1..{limit} (the model's context limit), got {S}")
+    head, head_source = (head_shape_for(cfg, retrieval_head) if sparsity == "specontext" else (None, "none"))
+    inputs = MemoryInputs(model=cfg, weight_bytes=DTYPE_BYTES[dtype], kv_bytes=DTYPE_BYTES[dtype], requests=requests,
+                          sparsity=sparsity, budget_tokens=budget_tokens, head=head, slot_pool=slot_pool,
+                          block_tokens=block_tokens, prefill_chunk_tokens=prefill_chunk_tokens,
+                          fused_attention=profile.kind == "cuda")
+    placement = plan_placement(inputs, profile.device_budget_bytes, profile.host_budget_bytes, profile.unified_memory,
+                               target_seq_tokens=S, max_seq_tokens=limit)
+    if placement.max_context_tokens == 0:
+        fixed = buffers(inputs, 1, cfg.num_layers if not profile.unified_memory else 0)
+        weights = sum(b.num_bytes for b in fixed if b.name in ("weights", "head_weights"))
+        raise InputError(f"{path} cannot run on {profile.name}: its weights alone need {weights / MIB:,.0f} MiB in "
+                         f"{dtype} but the device has {profile.device_budget_bytes / MIB:,.0f} MiB usable; use a "
+                         f"smaller model or a larger device")
+    if S > placement.max_context_tokens:
+        mode = "" if profile.unified_memory or sparsity in GLOBAL_METHODS else (
+            "; with --sparsity specontext or streaming, offloaded layers need only slots on the device")
+        raise InputError(f"a context of {S} tokens x {requests} request(s) does not fit on {profile.name}: at most "
+                         f"{placement.max_context_tokens} tokens fit ({placement.limit_reason}); use "
+                         f"--context-tokens {placement.max_context_tokens} or fewer, or fewer requests{mode}")
+    return MemoryPlan(path, cfg, profile, inputs, head_source, S, placement)

@@ -1,0 +1,192 @@
+"""The memory model, device profiles and the planning mode (specontext/planner/).
+
+References: parameter counts of Hugging Face transformers models; the runtime's own accounting of
+the buffers it allocated (weights, caches, slots, the retrieval head and its K cache) after real
+generation runs; a brute-force search for the placement thresholds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import specontext
+from specontext.config import ModelConfig
+from specontext.errors import InputError
+from specontext.planner.memory import (HeadShape, MemoryInputs, buffers, model_weight_bytes, plan_placement,
+                                       tier_bytes)
+from specontext.planner.profiles import DeviceProfile, detect_profile, load_profile, read_profile, shipped_profiles
+from specontext.planner.plan import make_plan
+from specontext.retrieval.head import RetrievalHead, RetrievalHeadConfig, save_head
+
+from conftest import make_hf_model
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHAPES = os.path.join(os.path.dirname(HERE), "bench_edge", "shapes")
+
+
+@pytest.mark.parametrize("family,overrides", [("llama", {}), ("llama", {"tie_word_embeddings": True}),
+                                               ("qwen2", {}), ("qwen3", {"head_dim": 24})])
+def test_weight_bytes_from_the_config_equal_transformers_parameter_count(tmp_path, family, overrides):
+    hf = make_hf_model(family, str(tmp_path / "m"), **overrides)
+    cfg = ModelConfig.from_hf_file(str(tmp_path / "m"))
+    assert model_weight_bytes(cfg, 4) == 4 * hf.num_parameters()
+    assert model_weight_bytes(cfg, 2) == 2 * hf.num_parameters()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("planner")
+    make_hf_model("llama", str(root / "m"), max_position_embeddings=512)
+    llm = specontext.load(str(root / "m"), device="cpu", prefill_chunk_tokens=32)
+    cfg = RetrievalHeadConfig(target=llm.target, input_kind="embedding+hidden", hidden_layers=(0, 1), num_heads=4,
+                              num_kv_heads=2, head_dim=8, kv_group_of_head=(0, 0, 1, 1))
+    save_head(RetrievalHead(cfg), str(root / "head" / "tiny"))
+    return {"path": str(root / "m"), "head": str(root / "head" / "tiny.json"), "head_cfg": cfg,
+            "config": llm.model.config}
+
+
+# a grid of contexts x budgets x placements x methods, as the runtime runs them
+GRID = [(ctx, budget, offload, method, pool, block)
+        for ctx, budget in ((100, 24), (200, 48), (300, 96))
+        for offload, method, pool, block in ((0, "dense", 1.0, 1), (0, "specontext", 1.0, 1), (2, "streaming", 1.0, 1),
+                                             (3, "specontext", 1.5, 1), (1, "specontext", 1.25, 8))]
+
+
+@pytest.mark.parametrize("ctx,budget,offload,method,pool,block", GRID)
+def test_predicted_memory_matches_the_runtime_accounting(tiny, ctx, budget, offload, method, pool, block):
+    """Item 6 on CPU: the model's buffers against what the runtime allocated (within 5%; in fact exact)."""
+    options = dict(sparsity=method, offload_layers=offload, slot_pool=pool, block_tokens=block)
+    if method != "dense":
+        options.update(budget_tokens=budget, sink_tokens=2, window_tokens=4)
+    if method == "specontext":
+        options["retrieval_head"] = tiny["head"]
+    llm = specontext.load(tiny["path"], device="cpu", prefill_chunk_tokens=32, **options)
+    prompt = torch.randint(3, 90, (ctx - 8,), generator=torch.Generator().manual_seed(ctx)).tolist()
+    gen = llm.engine.generate(prompt, specontext.GenerationConfig(max_new_tokens=8, ignore_eos=True))
+    for _ in gen:
+        pass
+    stats = gen.result().stats
+    head_bytes = sum(p.numel() * p.element_size() for p in llm.retrieval_head.parameters()) if method == "specontext" else 0
+    measured = stats.weights_bytes + head_bytes + stats.kv_cache_bytes + stats.selector_bytes
+    capacity = len(prompt) + 8
+    head = HeadShape.from_config(tiny["head_cfg"]) if method == "specontext" else None
+    inputs = MemoryInputs(model=tiny["config"], weight_bytes=4, kv_bytes=4, sparsity=method, budget_tokens=budget,
+                          head=head, slot_pool=pool, block_tokens=block, prefill_chunk_tokens=32, fused_attention=False)
+    bufs = buffers(inputs, capacity, offload)
+    predicted = tier_bytes(bufs, "device", include_workspace=False) + tier_bytes(bufs, "host")
+    assert abs(predicted - measured) <= 0.05 * measured, (predicted, measured, bufs)
+    assert predicted == measured
+
+
+def test_thresholds_equal_a_brute_force_search(tiny):
+    head = HeadShape.from_config(tiny["head_cfg"])
+    inputs = MemoryInputs(model=tiny["config"], weight_bytes=4, kv_bytes=4, sparsity="specontext", budget_tokens=24,
+                          head=head, prefill_chunk_tokens=32)
+    fixed = tier_bytes(buffers(inputs, 1, 0), "device")
+    device_budget = fixed + 200_000  # room for a few hundred tokens of KV
+    place = plan_placement(inputs, device_budget, 10**9, unified_memory=False, target_seq_tokens=400,
+                           max_seq_tokens=512)
+    L = tiny["config"].num_layers
+    for S in range(1, 513):
+        fitting = [n for n in range(L + 1) if tier_bytes(buffers(inputs, S, n), "device") <= device_budget]
+        if not fitting:
+            assert S > place.max_context_tokens
+            continue
+        assert place.num_offloaded_at(S) == min(fitting), S
+    assert [t.num_offloaded for t in place.thresholds] == sorted({t.num_offloaded for t in place.thresholds})
+    with pytest.raises(InputError, match=f"the maximum is {place.max_context_tokens}"):
+        place.num_offloaded_at(place.max_context_tokens + 1)
+
+
+def test_unified_memory_never_offloads(tiny):
+    inputs = MemoryInputs(model=tiny["config"], sparsity="streaming", budget_tokens=24)
+    fixed = tier_bytes(buffers(inputs, 1, 0), "device")
+    place = plan_placement(inputs, fixed + 100_000, fixed + 100_000, unified_memory=True, target_seq_tokens=100,
+                           max_seq_tokens=512)
+    assert [t.num_offloaded for t in place.thresholds] == [0]
+    assert 0 < place.max_context_tokens < 512 and place.limit_reason == "device memory is full"
+
+
+def test_the_slot_pool_grows_into_memory_left_over():
+    cfg = ModelConfig.from_hf_file(os.path.join(SHAPES, "llama-3.1-8b.json"))
+    inputs = MemoryInputs(model=cfg, sparsity="specontext", budget_tokens=2048)
+    small = plan_placement(inputs, 20 * 2**30, 200 * 2**30, False, target_seq_tokens=100_000, max_seq_tokens=131072)
+    assert small.num_offloaded_at(100_000) > 0 and small.slot_pool > 1.0
+    assert tier_bytes(buffers(inputs, 100_000, small.num_offloaded_at(100_000), small.slot_pool), "device") <= 20 * 2**30
+
+
+def test_shipped_profiles_load_and_bad_ones_name_the_field(tmp_path):
+    names = set(shipped_profiles())
+    assert {"jetson-orin-nano-8gb", "jetson-orin-nx-16gb", "jetson-agx-orin-64gb", "rtx-4060-laptop-8gb",
+            "rtx-4090-24gb", "a100-80gb", "h100-80gb", "h200-141gb", "cpu"} <= names
+    for name in names:
+        p = load_profile(name)
+        assert p.source and p.device_budget_bytes > 0 and p.host_budget_bytes > 0
+        assert p.unified_memory == (name.startswith("jetson") or name == "cpu")
+    good = load_profile("h100-80gb").to_dict()
+    cases = [({k: v for k, v in good.items() if k != "host_link_gb_s"}, "missing field 'host_link_gb_s'"),
+             ({**good, "memory_bandwidth_gb_s": "fast"}, "field 'memory_bandwidth_gb_s' must be a number"),
+             ({**good, "unified_memory": "no"}, "field 'unified_memory' must be true or false"),
+             ({**good, "device_memory_gib": -1}, "field 'device_memory_gib' must be a number >= 0"),
+             ({**good, "vram": 1}, "unknown field 'vram'"),
+             ({**good, "kind": "tpu"}, "field 'kind' must be one of cuda, cpu"),
+             ({**good, "reserved_device_gib": 90}, "field 'reserved_device_gib'")]
+    for data, message in cases:
+        path = tmp_path / "p.json"
+        path.write_text(json.dumps(data))
+        with pytest.raises(InputError, match=message):
+            read_profile(str(path))
+    (tmp_path / "bad.json").write_text("{nope")
+    with pytest.raises(InputError, match="not valid JSON"):
+        load_profile(str(tmp_path / "bad.json"))
+    with pytest.raises(InputError, match="unknown device profile 'h900'.*h100-80gb"):
+        load_profile("h900")
+
+
+def test_detection_without_a_gpu_reads_host_ram(monkeypatch):
+    import psutil
+
+    from specontext.planner import profiles
+
+    monkeypatch.setattr(profiles, "_nvml_gpu", lambda index: None)
+    monkeypatch.setattr(profiles, "_jetson_model", lambda: None)
+    p = detect_profile()
+    assert p.kind == "cpu" and p.unified_memory
+    assert abs(p.device_memory_gib * 2**30 - psutil.virtual_memory().total) < 2**30 * 0.01
+    monkeypatch.setattr(profiles, "_jetson_model", lambda: "NVIDIA Jetson Orin NX Engineering Reference Developer Kit")
+    p = detect_profile()
+    assert p.kind == "cuda" and p.unified_memory and p.memory_bandwidth_gb_s == 102.4
+    monkeypatch.setattr(profiles, "_jetson_model", lambda: None)
+    monkeypatch.setattr(profiles, "_nvml_gpu", lambda index: ("NVIDIA H100 80GB HBM3", 79.6, 3352.3, 63.0))
+    p = detect_profile()
+    assert p.kind == "cuda" and not p.unified_memory and p.description == "NVIDIA H100 80GB HBM3"
+
+
+def test_plan_from_a_config_alone_and_its_errors(tmp_path, capsys):
+    from specontext import cli
+
+    config = os.path.join(SHAPES, "llama-3.1-8b.json")
+    plan = make_plan(config, "rtx-4090-24gb", context_tokens=131072, sparsity="specontext", budget_tokens=2048)
+    d = plan.to_dict()
+    assert d["model"]["name"] == "llama-3.1-8b" and d["max_context_tokens"] == 131072
+    assert d["at_context"]["num_offloaded"] > 0 and d["at_context"]["device_bytes"] <= d["device_budget_bytes"]
+    assert d["thresholds"][0] == {"seq_tokens": 1, "num_offloaded": 0, "device_resident_layers": 32}
+    assert [r["num_offloaded"] for r in d["per_length"]] == sorted(r["num_offloaded"] for r in d["per_length"])
+    with pytest.raises(InputError, match=r"weights alone need 15,317 MiB in bfloat16 .* 7,578 MiB usable"):
+        make_plan(config, "rtx-4060-laptop-8gb", context_tokens=4096, sparsity="dense")
+    small = os.path.join(SHAPES, "llama-3.2-1b.json")
+    with pytest.raises(InputError, match=r"does not fit on jetson-orin-nano-8gb: at most \d+ tokens fit .* --context-tokens"):
+        make_plan(small, "jetson-orin-nano-8gb", context_tokens=131072, requests=4, sparsity="dense")
+    out = tmp_path / "plan.json"
+    code = cli.main(["--plan", "--model", config, "--device-profile", "h100-80gb", "--context-tokens", "32768",
+                     "--requests", "8", "--sparsity", "specontext", "--budget", "2048", "--json", "--output", str(out)])
+    printed = json.loads(capsys.readouterr().out)
+    assert code == 0 and printed == json.loads(out.read_text())
+    assert printed["settings"]["requests"] == 8 and printed["device_profile"]["name"] == "h100-80gb"
+    code = cli.main(["--plan", "--model", config, "--device-profile", "rtx-4060-laptop-8gb"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "weights alone need" in err
