@@ -203,6 +203,8 @@ class Engine:
         """The cache for one generation: dense, or with the last ``offload_layers`` in host memory."""
         cfg = self.model.config
         offload = self.settings.offload_layers
+        if self.settings.adaptive_offload:
+            return self._managed_cache(capacity_tokens, batch_size)
         if offload:
             if offload > cfg.num_layers:
                 raise InputError(f"offload_layers is {offload} but the model has {cfg.num_layers} layers; "
@@ -219,6 +221,32 @@ class Engine:
                                     block_tokens=opts.block_tokens)
         return DenseKVCache(cfg.num_layers, batch_size, cfg.num_kv_heads, cfg.head_dim, capacity_tokens,
                             self.model.dtype, self.model.device, sliding_window=cfg.sliding_window)
+
+    def _managed_cache(self, capacity_tokens: int, batch_size: int) -> KVCache:
+        """The memory manager's cache: placement from the plan for the device profile."""
+        from .planner.manager import schedule_layers
+        from .planner.memory import HeadShape
+        from .planner.profiles import load_profile
+
+        cfg, opts = self.model.config, self.sparsity
+        if cfg.sliding_window is not None:
+            raise InputError("adaptive offload is not supported for sliding-window models")
+        head = self.retrieval_head
+        schedule = schedule_layers(
+            cfg, load_profile(self.settings.device_profile), capacity_tokens=capacity_tokens, batch_size=batch_size,
+            dtype=self.model.dtype, sparsity=opts.method, budget_tokens=opts.budget_tokens,
+            head=HeadShape.from_config(head.config) if head is not None and opts.method == "specontext" else None,
+            slot_pool=self.settings.slot_pool, block_tokens=opts.block_tokens,
+            prefill_chunk_tokens=self.settings.prefill_chunk_tokens,
+            weights_bytes=sum(p.numel() * p.element_size() for p in self.model.parameters()),
+            fused_attention=self.model.device.type == "cuda")
+        cache = OffloadedKVCache(cfg.num_layers, batch_size, cfg.num_kv_heads, cfg.head_dim, capacity_tokens,
+                                 self.model.dtype, self.model.device, offloaded=schedule.host_layers,
+                                 pool_tokens=schedule.pool_tokens, async_prefetch=self.settings.async_prefetch,
+                                 block_tokens=opts.block_tokens, grow_tokens=schedule.grow_tokens,
+                                 offload_from_tokens=[s or 0 for s in schedule.offload_from_tokens])
+        cache.schedule = schedule
+        return cache
 
     def new_selector(self, capacity_tokens: int, batch_size: int = 1,
                      sparsity: SparsityOptions | None = None) -> Selector:
@@ -402,6 +430,9 @@ class Generation:
         if isinstance(cache, OffloadedKVCache):
             self.stats.offload = {"kv_device_bytes": cache.device_bytes(), "kv_host_bytes": cache.host_bytes(),
                                   **cache.transfer_stats()}
+            schedule = getattr(cache, "schedule", None)
+            if schedule is not None:
+                self.stats.offload["memory_plan"] = schedule.to_dict()
 
     def _record_memory(self) -> None:
         self._record_sparsity()

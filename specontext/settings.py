@@ -50,8 +50,12 @@ class RuntimeSettings:
                             "above 1, recently dropped tokens stay resident, so re-selected ones need no transfer")
     async_prefetch: bool = _opt(True, "load offloaded layers' tokens on a copy stream (CPU: a worker thread) right "
                                 "after selection, overlapping compute; off: copy before compute (for measurement)")
-    device_profile: str = _opt("auto", "device for the memory plan (--plan): auto (detect this machine), a shipped "
-                               "profile name (see profiles/), or a profile JSON file")
+    adaptive_offload: bool = _opt(False, "let the memory manager place layers for --device-profile: every layer's KV "
+                                  "stays on the device while it fits, and each time the context crosses the plan's "
+                                  "next threshold the last device-resident layer moves to host memory (with slots, as "
+                                  "--offload-layers); a context that cannot fit is refused up front with the maximum")
+    device_profile: str = _opt("auto", "device for the memory plan (--plan, --adaptive-offload): auto (detect this "
+                               "machine), a shipped profile name (see profiles/), or a profile JSON file")
     measure_recall: bool = _opt(False, "on sparse steps also compute dense attention and report the fraction of its "
                                 "mass on the chosen tokens (slower; for evaluation)")
 
@@ -77,6 +81,8 @@ class RuntimeSettings:
         if not (math.isfinite(self.slot_pool) and self.slot_pool >= 1):
             raise InputError(f"slot_pool must be a number >= 1 (slots per KV head as a multiple of the budget), "
                              f"got {self.slot_pool}")
+        if self.adaptive_offload and self.offload_layers:
+            raise InputError("adaptive_offload places layers itself; drop offload_layers (or adaptive_offload)")
         if self.offload_layers and self.sparsity in ("oracle", "quest"):
             raise InputError(f"sparsity {self.sparsity} chooses inside each layer, so it needs every layer's keys on "
                              "the device; with offload_layers use specontext, streaming or dense")

@@ -190,3 +190,80 @@ def test_plan_from_a_config_alone_and_its_errors(tmp_path, capsys):
     code = cli.main(["--plan", "--model", config, "--device-profile", "rtx-4060-laptop-8gb"])
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "weights alone need" in err
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    """A tiny model whose KV dominates its memory (8 MHA layers, short prefill chunks), and a head."""
+    root = tmp_path_factory.mktemp("managed")
+    make_hf_model("llama", str(root / "m"), num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=4,
+                  max_position_embeddings=512)
+    llm = specontext.load(str(root / "m"), device="cpu", prefill_chunk_tokens=8)
+    cfg = RetrievalHeadConfig(target=llm.target, input_kind="embedding+hidden", hidden_layers=(0, 3), num_heads=4,
+                              num_kv_heads=4, head_dim=8, kv_group_of_head=(0, 1, 2, 3))
+    torch.manual_seed(0)
+    head = RetrievalHead(cfg)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.3)
+    save_head(head, str(root / "head" / "deep"))
+    return {"path": str(root / "m"), "head": str(root / "head" / "deep.json"), "head_cfg": cfg,
+            "config": llm.model.config}
+
+
+def _tight_profile(tmp_path, model, room_tokens: int, sparsity: str, budget: int) -> str:
+    """A profile whose device holds everything, every layer resident, up to ``room_tokens``."""
+    head = HeadShape.from_config(model["head_cfg"]) if sparsity == "specontext" else None
+    inputs = MemoryInputs(model=model["config"], weight_bytes=4, kv_bytes=4, sparsity=sparsity, budget_tokens=budget,
+                          head=head, prefill_chunk_tokens=8, fused_attention=False, grow_tokens=8)
+    device = tier_bytes(buffers(inputs, room_tokens, 0), "device")
+    data = {**load_profile("cpu").to_dict(), "name": "tight", "unified_memory": False,
+            "device_memory_gib": device / 2**30, "reserved_device_gib": 0.0,
+            "host_memory_gib": 1.0, "reserved_host_gib": 0.0}
+    path = tmp_path / "tight.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+@pytest.mark.parametrize("sparsity,budget", [("specontext", 24), ("streaming", 24), ("dense", 1024)])
+def test_the_manager_moves_layers_as_the_context_grows_with_the_same_answers(deep, tmp_path, sparsity, budget):
+    """Item 2: layers leave the device at the plan's thresholds mid-generation; tokens are unchanged."""
+    common = dict(sparsity=sparsity, budget_tokens=budget, sink_tokens=2, window_tokens=4)
+    if sparsity == "specontext":
+        common["retrieval_head"] = deep["head"]
+    prompt = torch.randint(3, 90, (100,), generator=torch.Generator().manual_seed(5)).tolist()
+    resident = specontext.load(deep["path"], device="cpu", prefill_chunk_tokens=8, **common)
+    ref = resident.generate(prompt, max_new_tokens=140, ignore_eos=True)
+    profile = _tight_profile(tmp_path, deep, room_tokens=150, sparsity=sparsity, budget=budget)
+    llm = specontext.load(deep["path"], device="cpu", prefill_chunk_tokens=8, adaptive_offload=True,
+                          device_profile=profile, **common)
+    result = llm.generate(prompt, max_new_tokens=140, ignore_eos=True)
+    assert result.token_ids == ref.token_ids
+    off = result.stats.offload
+    moves, plan = off["moves"], off["memory_plan"]
+    L = deep["config"].num_layers
+    assert len(moves) >= 2, "the context grows well past the first threshold, so layers must move"
+    assert [m["layer"] for m in moves] == list(range(L - 1, L - 1 - len(moves), -1))  # the last resident one first
+    # each layer moves at the step that first reaches its threshold (a decode step: one token)
+    first_at = {}
+    for t in plan["thresholds"]:
+        for n in range(1, t["num_offloaded"] + 1):
+            first_at.setdefault(n, t["seq_tokens"])
+    for n, m in enumerate(moves, start=1):
+        assert m["seq_tokens"] == first_at[n] - 1
+    assert plan["max_context_tokens"] >= 240
+    if sparsity != "dense":
+        assert 0 < off["fetched_tokens"] < off["full_reload_tokens"]
+
+
+def test_the_manager_refuses_a_context_that_cannot_fit_up_front(deep, tmp_path):
+    profile = _tight_profile(tmp_path, deep, room_tokens=40, sparsity="streaming", budget=24)
+    data = json.loads(open(profile).read())
+    data["host_memory_gib"] = data["device_memory_gib"] / 8  # little room on the host either
+    open(profile, "w").write(json.dumps(data))
+    llm = specontext.load(deep["path"], device="cpu", prefill_chunk_tokens=8, adaptive_offload=True,
+                          device_profile=profile, sparsity="streaming", budget_tokens=24, sink_tokens=2)
+    with pytest.raises(specontext.ContextLengthError, match=r"does not fit on tight: at most \d+ tokens fit"):
+        llm.generate(list(range(3, 90)) * 3, max_new_tokens=200, ignore_eos=True)
+    with pytest.raises(InputError, match="drop offload_layers"):
+        specontext.load(deep["path"], device="cpu", adaptive_offload=True, offload_layers=1)

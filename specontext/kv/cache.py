@@ -108,6 +108,10 @@ class DenseKVCache(KVCache):
         sliding_window: if set, a query at position p sees keys in (p - window, p].
         on_device: per layer, whether this class stores it (default all); a subclass stores the
             others elsewhere (``k_device[layer]`` is None for them).
+        grow_tokens: 0 preallocates ``capacity_tokens``; N > 0 starts with N positions and grows
+            every device buffer to the next multiple of N as the cache fills (one layer at a
+            time, so the transient is one layer's old buffer). For the memory manager, which
+            moves layers to host memory as the context grows: memory then follows the length.
 
     Example::
 
@@ -117,13 +121,15 @@ class DenseKVCache(KVCache):
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int,
                  capacity_tokens: int, dtype: torch.dtype, device: torch.device | str,
-                 sliding_window: int | None = None, on_device: list[bool] | None = None):
+                 sliding_window: int | None = None, on_device: list[bool] | None = None, grow_tokens: int = 0):
         self.num_layers = num_layers
         self.batch_size = batch_size
         self.capacity_tokens = capacity_tokens
         self.device = torch.device(device)
         self.sliding_window = sliding_window
-        shape = (batch_size, num_kv_heads, capacity_tokens, head_dim)
+        self.grow_tokens = grow_tokens
+        self.device_tokens = min(grow_tokens, capacity_tokens) if grow_tokens else capacity_tokens
+        shape = (batch_size, num_kv_heads, self.device_tokens, head_dim)
         on_device = [True] * num_layers if on_device is None else list(on_device)
         self.k_device = [torch.zeros(shape, dtype=dtype, device=self.device) if on else None for on in on_device]
         self.v_device = [torch.zeros(shape, dtype=dtype, device=self.device) if on else None for on in on_device]
@@ -149,6 +155,8 @@ class DenseKVCache(KVCache):
             raise ContextLengthError(
                 f"KV cache holds {self.capacity_tokens} tokens, step needs {max(new_lens)}"
             )
+        if max(new_lens) > self.device_tokens:
+            self._grow(max(new_lens))
         dev = self.device
         starts = torch.tensor(self.seq_lens, dtype=torch.int64, device=dev)
         positions = starts[:, None] + torch.arange(num_new, device=dev)[None, :]  # [B, T]
@@ -175,6 +183,17 @@ class DenseKVCache(KVCache):
                         attn_mask=attn_mask, valid_index=valid_index)
         self.seq_lens = new_lens
         return plan
+
+    def _grow(self, num_tokens: int) -> None:
+        """Reallocate every device layer to hold ``num_tokens`` (rounded up to ``grow_tokens``)."""
+        size = min(-(-num_tokens // self.grow_tokens) * self.grow_tokens, self.capacity_tokens)
+        for bufs in (self.k_device, self.v_device):
+            for layer, old in enumerate(bufs):
+                if old is not None:
+                    new = torch.zeros(*old.shape[:2], size, old.shape[3], dtype=old.dtype, device=old.device)
+                    new[:, :, :old.shape[2]] = old
+                    bufs[layer] = new  # the old one is freed here: one layer's transient at a time
+        self.device_tokens = size
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: StepPlan,
                queries: torch.Tensor | None = None):

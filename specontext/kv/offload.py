@@ -229,6 +229,12 @@ class OffloadedKVCache(DenseKVCache):
             whole, aligned blocks, as ``specontext`` with ``block_tokens`` makes them): the slot
             pool then holds blocks, and each fetch is one N * D row.
         host_threads: threads of the native host copy (<= 0: the library chooses).
+        offload_from_tokens: for the memory manager, per layer of ``offloaded``, the cache length
+            at which it leaves the device (0: from the start, the default). Until then the layer
+            is device-resident (its buffer grows with the length, see ``grow_tokens``); the
+            step that would reach that length first moves its KV to host memory and fills its
+            slots from the resident copy, so generation goes on with the same results.
+        grow_tokens: growth step of the device-resident buffers (see :class:`DenseKVCache`).
 
     Example::
 
@@ -238,29 +244,45 @@ class OffloadedKVCache(DenseKVCache):
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, capacity_tokens: int,
                  dtype: torch.dtype, device: torch.device | str, offloaded: Sequence[bool], pool_tokens: int,
-                 async_prefetch: bool = True, host_threads: int = 0, block_tokens: int = 1):
+                 async_prefetch: bool = True, host_threads: int = 0, block_tokens: int = 1,
+                 offload_from_tokens: Sequence[int] | None = None, grow_tokens: int = 0):
         if len(offloaded) != num_layers:
             raise ValueError(f"offloaded has {len(offloaded)} entries for {num_layers} layers")
+        host_layers = [layer for layer, o in enumerate(offloaded) if o]
+        if offload_from_tokens is None:
+            offload_from_tokens = [0] * num_layers
+        # layer -> cache length from which it lives in host memory (absent: always resident)
+        self.offload_from = {layer: int(offload_from_tokens[layer]) for layer in host_layers}
         super().__init__(num_layers, batch_size, num_kv_heads, head_dim, capacity_tokens, dtype, device,
-                         on_device=[not o for o in offloaded])
-        self.offloaded = tuple(bool(o) for o in offloaded)
+                         on_device=[layer not in self.offload_from or self.offload_from[layer] > 0
+                                    for layer in range(num_layers)], grow_tokens=grow_tokens)
+        # currently offloaded; the host storage index of a layer is fixed (_index) and consecutive
+        # layers have consecutive indices, so the staging double buffer alternates by index
+        self.offloaded = [layer in self.offload_from and self.offload_from[layer] == 0 for layer in range(num_layers)]
         self.offloaded_layers = [layer for layer, o in enumerate(self.offloaded) if o]
-        self._index = {layer: i for i, layer in enumerate(self.offloaded_layers)}
+        self._index = {layer: i for i, layer in enumerate(host_layers)}
+        self.moves: list[dict] = []  # layers the manager moved to host memory, and when
         self.block_tokens = Nb = block_tokens
         # whole blocks on both sides: host rows and the pool round up to a multiple of N
         self.pool_tokens = P = -(-pool_tokens // Nb) * Nb
         self.host_threads = host_threads
-        N, B, G, D = len(self.offloaded_layers), batch_size, num_kv_heads, head_dim
+        N, B, G, D = len(host_layers), batch_size, num_kv_heads, head_dim
         S = -(-capacity_tokens // Nb) * Nb
         self.num_rows = B * G
         cuda = self.device.type == "cuda"
         # [N, 2 (K, V), B, G, S, D]: each (layer, K|V) is a plane of R*S rows of D (R*S/N rows of
         # N*D in block mode), the layout the native plane copy moves one diff through
         self.kv_host, self.host_pinned = allocate_host((N, 2, B, G, S, D), dtype, pin=cuda)
-        # [N, 2, B, G, P + N, D]: the extra block's first slot, P, holds the current token
-        self.kv_slots_device = torch.zeros(N, 2, B, G, P + Nb, D, dtype=dtype, device=self.device)
+        # per host layer [2, B, G, P + N, D] (None while it is resident): the extra block's first
+        # slot, P, holds the current token
+        self._slot_shape = (2, B, G, P + Nb, D)
+        self.kv_slots_device: list[torch.Tensor | None] = [
+            torch.zeros(self._slot_shape, dtype=dtype, device=self.device) if self.offloaded[layer] else None
+            for layer in host_layers]
         self.kv_staging_device: torch.Tensor | None = None  # [2 buffers, 2, B, G, S, D], made on first use
-        self.slot_pool = SlotPool(self.num_rows, S // Nb, P // Nb, self.device, row_pitch=P // Nb + 1) if P else None
+        # made when the first layer is offloaded (the memory manager may move none)
+        self._make_pool = partial(SlotPool, self.num_rows, S // Nb, P // Nb, self.device, row_pitch=P // Nb + 1)
+        self.slot_pool = self._make_pool() if P and self.offloaded_layers else None
         self.transfer = TransferStats(bytes_per_token=2 * N * D * torch.empty(0, dtype=dtype).element_size())
         if not async_prefetch:
             self.copier: CopyEngine = CopyEngine()
@@ -279,7 +301,7 @@ class OffloadedKVCache(DenseKVCache):
 
     def device_bytes(self) -> int:
         """Bytes on the compute device: resident layers, slots, staging, gathered rows, slot maps."""
-        extra = [self.kv_slots_device, self.kv_staging_device]
+        extra = [*self.kv_slots_device, self.kv_staging_device]
         pool = self.slot_pool.allocated_bytes() if self.slot_pool is not None else 0
         return super().allocated_bytes() + pool + sum(t.numel() * t.element_size() for t in extra if t is not None)
 
@@ -294,11 +316,49 @@ class OffloadedKVCache(DenseKVCache):
 
     def transfer_stats(self) -> dict:
         self.copier.drain()
-        out = {"offloaded_layers": list(self.offloaded_layers), "pool_slots": self.pool_tokens,
+        out = {"offloaded_layers": list(self.offloaded_layers), "moves": list(self.moves), "pool_slots": self.pool_tokens,
                "block_tokens": self.block_tokens, "host_pinned": self.host_pinned, **self.transfer.to_dict()}
         if not isinstance(self.copier, CudaCopyEngine):
             out["copy_s"] = round(self.copier.copy_s, 4)
         return out
+
+    # ---- the memory manager's moves -------------------------------------------------------------
+
+    def plan_step(self, input_lens: list[int]) -> StepPlan:
+        reach = max(s + n for s, n in zip(self.seq_lens, input_lens))
+        for layer in sorted(self.offload_from, reverse=True):  # the last resident layer leaves first
+            if not self.offloaded[layer] and reach >= self.offload_from[layer]:
+                self._move_to_host(layer)
+        return super().plan_step(input_lens)
+
+    def _move_to_host(self, layer: int) -> None:
+        """Move a resident layer's cached positions to host memory and give it slots, filled with
+        the positions the slot pool holds now, so the next elastic step fetches only its diff."""
+        self.copier.drain()
+        i, length = self._index[layer], max(self.seq_lens)
+        k_dev, v_dev = self.k_device[layer], self.v_device[layer]
+        host = self.kv_host[i]  # [2, B, G, S, D]
+        host[0, :, :, :length].copy_(k_dev[:, :, :length])
+        host[1, :, :, :length].copy_(v_dev[:, :, :length])
+        slots = torch.zeros(self._slot_shape, dtype=k_dev.dtype, device=self.device)
+        if self.slot_pool is None and self.pool_tokens:
+            self.slot_pool = self._make_pool()
+        elif self.slot_pool is not None:
+            # token t of slot block s holds position pos_of_slot[r, s] * N + t (empty blocks: -1)
+            Nb, R, D = self.block_tokens, self.num_rows, k_dev.shape[-1]
+            blocks = self.slot_pool.pos_of_slot  # [R, P/N + 1]
+            tokens = (blocks[:, :, None] * Nb + torch.arange(Nb, device=self.device)).reshape(R, -1)  # [R, P + N]
+            ok = (blocks[:, :, None] >= 0).expand(-1, -1, Nb).reshape(R, -1) & (tokens < length)
+            src = tokens.clamp(0, length - 1)[..., None].expand(R, -1, D) if length else None
+            if src is not None:
+                for kv, buf in enumerate((k_dev, v_dev)):
+                    rows = buf.reshape(R, buf.shape[2], D).gather(1, src)  # [R, P + N, D]
+                    slots[kv].view(R, -1, D).copy_(rows * ok[..., None].to(rows.dtype))
+        self.kv_slots_device[i] = slots
+        self.k_device[layer] = self.v_device[layer] = None
+        self.offloaded[layer] = True
+        self.offloaded_layers = [l for l, o in enumerate(self.offloaded) if o]
+        self.moves.append({"layer": layer, "seq_tokens": length})
 
     # ---- the step ------------------------------------------------------------------------------
 
@@ -322,7 +382,7 @@ class OffloadedKVCache(DenseKVCache):
             self.transfer.staged_steps += 1
             self._staging()  # allocated on the compute stream, before any copy uses it
             first = self.offloaded_layers[0]
-            self._submit_or_defer(("stage", first), partial(self._stage_load, 0, past))
+            self._submit_or_defer(("stage", first), partial(self._stage_load, self._index[first], past))
         else:
             self._plan_slots(sel.indices[..., :-1], None if sel.valid is None else sel.valid[..., :-1], plan)
 
@@ -363,8 +423,8 @@ class OffloadedKVCache(DenseKVCache):
             keep = src >= 0
             src, dst = src[keep], dst[keep]
         self._step_kind = "slots"
-        for i, layer in enumerate(self.offloaded_layers):
-            self._submit_or_defer(("fetch", layer), partial(self._fetch, i, src, dst), keep=(src, dst))
+        for layer in self.offloaded_layers:
+            self._submit_or_defer(("fetch", layer), partial(self._fetch, self._index[layer], src, dst), keep=(src, dst))
 
     def _submit_or_defer(self, key, fn, keep=()) -> None:
         self.copier.submit(key, fn, keep)
@@ -469,7 +529,7 @@ class OffloadedKVCache(DenseKVCache):
             buf[0][b_idx, :, pos] = k[b_idx, :, t_idx]
             buf[1][b_idx, :, pos] = v[b_idx, :, t_idx]
         self._write_back(i, k, v, plan)
-        if i + 1 < len(self.offloaded_layers):  # the other buffer: its layer's attention is queued
-            nxt = self.offloaded_layers[i + 1]
+        if i + 1 < len(self.kv_slots_device):  # the other buffer: its layer's attention is queued
+            nxt = layer + 1  # offloaded layers are a suffix: the next layer is offloaded too
             self._submit_or_defer(("stage", nxt), partial(self._stage_load, i + 1, plan.kv_len - T))
         return buf[0, :, :, :plan.kv_len], buf[1, :, :, :plan.kv_len], plan.attn_mask

@@ -95,6 +95,9 @@ class MemoryInputs:
         fused_attention: attention never materialises its score matrix (CUDA's memory-efficient
             SDPA kernels); False counts the ``H C S`` float32 scores of the math kernel (CPU).
         measured_weight_bytes: the loaded tensors' bytes, used instead of the config count.
+        grow_tokens: 0 when resident KV is preallocated for S; g > 0 when it grows in steps of g
+            (the memory manager's runtime): resident layers then hold S rounded up to g, and
+            one buffer's old copy is alive while it grows.
     """
 
     model: ModelConfig
@@ -109,6 +112,7 @@ class MemoryInputs:
     prefill_chunk_tokens: int = 512
     fused_attention: bool = True
     measured_weight_bytes: int | None = None
+    grow_tokens: int = 0
 
     def __post_init__(self) -> None:
         for name in ("weight_bytes", "kv_bytes", "requests", "budget_tokens", "block_tokens", "prefill_chunk_tokens"):
@@ -192,7 +196,12 @@ def buffers(inputs: MemoryInputs, seq_tokens: int, num_offloaded: int, slot_pool
         add("head_weights", "device", head.num_parameters * w, "params(head) * w")
         add("head_k_cache", "device", R * head.num_kv_heads * seq_tokens * head.head_dim * w + R * head.num_fused_layers * E * w,
             "R Gh S Dh w + R Lf E w")
-    add("kv_device", "device", 2 * R * (L - N) * G * seq_tokens * D * e, "2 R (L - N) G S D e")
+    if x.grow_tokens and N < L:
+        held = -(-seq_tokens // x.grow_tokens) * x.grow_tokens
+        add("kv_device", "device", 2 * R * (L - N) * G * held * D * e, "2 R (L - N) G ceil(S / g) g D e")
+        add("kv_growth", "device", R * G * held * D * e, "R G ceil(S / g) g D e (one old buffer while growing)")
+    else:
+        add("kv_device", "device", 2 * R * (L - N) * G * seq_tokens * D * e, "2 R (L - N) G S D e")
     if x.sparsity in SPARSE_METHODS and K < seq_tokens:
         add("kv_selected", "device", 2 * R * G * (K + 1) * D * e, "2 R G (K + 1) D e")
     if N:
