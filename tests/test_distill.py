@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 import specontext
-from specontext.retrieval.distill import (DistillConfig, distill, evaluate, group_target, head_scores, main,
-                                          selection_recall, teacher_sequence)
+from specontext.retrieval.distill import (DistillConfig, distill, distill_loss, evaluate, group_target, head_scores,
+                                          main, selection_recall, teacher_sequence)
 from specontext.retrieval.head import load_head
 
 from conftest import make_hf_model
@@ -58,6 +60,31 @@ def test_recall_of_the_group_mean_oracle_is_optimal_and_hand_checked():
     assert selection_recall(att, group_target(att, 1, "max"), 2, 0, 0, qpos) == pytest.approx(0.55)
     # streaming with a budget of one token keeps the most recent: (0.05 + 0.55) / 2
     assert selection_recall(att, torch.zeros(1, 1, 4), 1, 0, 1, qpos) == pytest.approx(0.3)
+
+
+def test_middle_loss_region_ignores_sinks_and_window_and_is_hand_checked():
+    # one group, S = 10, sinks = 2, window = 3: at query 9 the region is positions 2..5, at query 4 empty
+    qpos = torch.tensor([9, 4])
+    target = torch.zeros(1, 2, 10)
+    target[0, 0] = torch.tensor([0.3, 0.1, 0.1, 0.0, 0.1, 0.0, 0.1, 0.2, 0.1, 0.0])
+    target[0, 1, :4] = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    student = target.clone()
+    # the student differs from the target only on sinks and window at query 9, everywhere at query 4
+    student[0, 0, [0, 1, 6, 7, 8]] = torch.tensor([0.05, 0.05, 0.3, 0.1, 0.2])
+    student[0, 1, :4] = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    weights = torch.ones(2)
+    assert distill_loss(target, student, qpos, weights, "all", 2, 3) > 0.05
+    assert distill_loss(target, student, qpos, weights, "middle", 2, 3) == pytest.approx(0.0, abs=1e-6)
+    # inside the region both are renormalised: target (0.5, 0, 0.5, 0), student (0.25, 0, 0.75, 0);
+    # the query with an empty region has weight 0, so the loss is that one query's KL
+    student[0, 0, [2, 4]] = torch.tensor([0.05, 0.15])
+    expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert distill_loss(target, student, qpos, weights, "middle", 2, 3) == pytest.approx(expected, rel=1e-5)
+    # the scale of the student's scores does not matter (it is renormalised)
+    assert distill_loss(target, 3 * student, qpos, weights, "middle", 2, 3) == pytest.approx(expected, rel=1e-5)
+    assert DistillConfig(loss_region="middle").train_key("t") != DistillConfig().train_key("t")
+    with pytest.raises(ValueError, match="loss region"):
+        distill_loss(target, student, qpos, weights, "edges", 2, 3)
 
 
 def test_distill_trains_resumes_and_saves_a_head_auto_can_find(tiny, monkeypatch, capsys):

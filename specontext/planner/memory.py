@@ -202,7 +202,8 @@ def buffers(inputs: MemoryInputs, seq_tokens: int, num_offloaded: int, slot_pool
         add("kv_growth", "device", R * G * held * D * e, "R G ceil(S / g) g D e (one old buffer while growing)")
     else:
         add("kv_device", "device", 2 * R * (L - N) * G * seq_tokens * D * e, "2 R (L - N) G S D e")
-    if x.sparsity in SPARSE_METHODS and K < seq_tokens:
+    # gathered rows: sparse steps, and offloaded decode steps whose whole past fits in the slots
+    if x.sparsity in SPARSE_METHODS and (K < seq_tokens or (N and x.sparsity in GLOBAL_METHODS)):
         add("kv_selected", "device", 2 * R * G * (K + 1) * D * e, "2 R G (K + 1) D e")
     if N:
         P = x.pool_tokens(seq_tokens, slot_pool)
