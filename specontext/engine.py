@@ -121,6 +121,54 @@ class StopMatcher:
         return out
 
 
+class RequestStream:
+    """One request's output side: its ids, text (detokenized, stop strings applied) and stop reason.
+
+    ``accept(token)`` takes each sampled token and returns the text now safe to emit; once the
+    request is finished (``eos``, ``stop_string``, ``length`` or ``context``), ``stop_reason``
+    says why and ``flush()`` returns any text held back.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, gen: GenerationConfig, num_prompt_tokens: int, capacity_tokens: int,
+                 eos_ids: set[int]):
+        self.gen, self.num_prompt_tokens, self.capacity_tokens, self.eos_ids = gen, num_prompt_tokens, capacity_tokens, eos_ids
+        self.token_ids: list[int] = []
+        self.stop_reason = "running"
+        self._detok = IncrementalDetokenizer(tokenizer)
+        self._stops = StopMatcher(gen.stop)
+
+    @property
+    def text(self) -> str:
+        return self._stops.text
+
+    @property
+    def finished(self) -> bool:
+        return self.stop_reason != "running"
+
+    def accept(self, token: int) -> str:
+        if token in self.eos_ids:
+            self.stop_reason = "eos"
+            return ""
+        self.token_ids.append(token)
+        piece, hit = self._stops.feed(self._detok.push(token))
+        if hit:
+            self.stop_reason = "stop_string"
+        elif len(self.token_ids) >= self.gen.max_new_tokens:
+            self.stop_reason = "length"
+        elif self.num_prompt_tokens + len(self.token_ids) >= self.capacity_tokens:
+            self.stop_reason = "context"
+        return piece
+
+    def flush(self) -> str:
+        return self._stops.flush() if self.stop_reason != "stop_string" else ""
+
+
+def eos_ids(engine: "Engine", gen: GenerationConfig) -> set[int]:
+    if gen.ignore_eos:
+        return set()
+    return set(engine.tokenizer.eos_token_ids) | set(engine.model.config.eos_token_ids)
+
+
 @dataclass
 class GenerationStats:
     """Timings and memory of one generation. Times in seconds, memory in bytes."""
@@ -249,37 +297,70 @@ class Engine:
         return cache
 
     def new_selector(self, capacity_tokens: int, batch_size: int = 1,
-                     sparsity: SparsityOptions | None = None) -> Selector:
-        """A fresh selector (with its own K cache for ``specontext``) for one generation."""
-        return make_selector(sparsity or self.sparsity, self.model.config.num_kv_heads, self.retrieval_head,
-                             self.model.model.embed_tokens, batch_size, capacity_tokens)
+                     sparsity: SparsityOptions | None = None, cache: KVCache | None = None) -> Selector:
+        """A fresh selector (with its own K cache for ``specontext``) for one generation.
+
+        With an offloaded ``cache`` (whose slots cannot hold one row's whole past), a confidence
+        fallback in any batch row runs the whole step dense.
+        """
+        selector = make_selector(sparsity or self.sparsity, self.model.config.num_kv_heads, self.retrieval_head,
+                                 self.model.model.embed_tokens, batch_size, capacity_tokens)
+        if isinstance(selector, HeadSelector):
+            selector.whole_step_fallback = isinstance(cache, OffloadedKVCache)
+        return selector
 
     def prefill(self, ids: list[int], cache: KVCache, logits_for: str = "last",
                 progress: Callable[[int, int], None] | None = None,
                 selector: Selector | None = None) -> torch.Tensor:
-        """Run the prompt through the model in chunks (always dense); returns logits of the last chunk.
+        """Run one prompt through the model in chunks (always dense); returns logits of the last chunk.
 
         ``selector`` sees every chunk, so a retrieval head builds its K cache from the same inputs.
+        ``logits_for="all"`` returns [1, len(ids), V]; otherwise [1, V] at the last token.
+        """
+        return self.prefill_rows([ids], cache, logits_for=logits_for, progress=progress, selector=selector)
+
+    def prefill_rows(self, rows: list[list[int]], cache: KVCache, logits_for: str = "last",
+                     progress: Callable[[int, int], None] | None = None,
+                     selector: Selector | None = None) -> torch.Tensor:
+        """Prefill one prompt per cache row together, in chunks of ``prefill_chunk_tokens`` per row.
+
+        Each chunk carries every unfinished row's next tokens (rows padded on the right), so rows
+        of different lengths share the model calls. Returns [B, V] logits at each row's last
+        prompt token (or, for one row and ``logits_for="all"``, [1, T, V]).
         """
         chunk = self.settings.prefill_chunk_tokens
         device = self.model.device
         capture = selector.capture_layers if selector is not None else ()
+        if logits_for == "all" and len(rows) != 1:
+            raise ValueError("logits_for='all' needs a single row")
+        total, done = sum(len(r) for r in rows), 0
+        last: list[torch.Tensor | None] = [None] * len(rows)
         pieces = []
-        for start in range(0, len(ids), chunk):
-            part = ids[start:start + chunk]
-            is_last = start + chunk >= len(ids)
-            want = logits_for if (is_last or logits_for == "all") else "none"
-            x = torch.tensor([part], dtype=torch.int64, device=device)
-            plan = cache.plan_step([len(part)])
+        for start in range(0, max(len(r) for r in rows), chunk):
+            parts = [r[start:start + chunk] for r in rows]
+            lens = [len(p) for p in parts]
+            ends = [b for b, r in enumerate(rows) if start < len(r) <= start + chunk]
+            want = "all" if logits_for == "all" else ("last" if ends and logits_for != "none" else "none")
+            width = max(lens)
+            x = torch.tensor([p + [0] * (width - len(p)) for p in parts], dtype=torch.int64, device=device)
+            plan = cache.plan_step(lens)
             captured: dict = {}
             out = self.model(x, plan, cache, logits_for=want, capture_layers=capture, captured=captured)
             if selector is not None:
                 selector.observe(x, plan, captured, is_prefill=True)
-            if want != "none":
+            if want == "all":
                 pieces.append(out)
+            elif want == "last":
+                for b in ends:
+                    last[b] = out[b:b + 1]
+            done += sum(lens)
             if progress is not None:
-                progress(min(start + chunk, len(ids)), len(ids))
-        return torch.cat(pieces, dim=1) if logits_for == "all" else pieces[-1]
+                progress(done, total)
+        if logits_for == "all":
+            return torch.cat(pieces, dim=1)
+        if logits_for == "none":
+            return torch.empty(0)
+        return torch.cat(last, dim=0)
 
     def prefill_state(self, prompt_ids: list[int], capacity_tokens: int,
                       progress: Callable[[int, int], None] | None = None) -> "PrefillState":
@@ -302,7 +383,7 @@ class Engine:
         """Rewind ``state`` to its prompt and give a fresh selector for ``sparsity`` (or ``selector``) over it."""
         state.cache.rewind(len(state.prompt_ids))
         if selector is None:
-            selector = self.new_selector(state.cache.capacity_tokens, sparsity=sparsity)
+            selector = self.new_selector(state.cache.capacity_tokens, sparsity=sparsity, cache=state.cache)
         if isinstance(selector, HeadSelector):
             if state.head_selector is None:
                 raise InputError("this prefill state was made without a retrieval head")
@@ -355,6 +436,12 @@ class Engine:
             raise InputError("generate: the prefill state was made for a different prompt")
         return Generation(self, list(prompt_ids), gen, progress, state=state, sparsity=sparsity)
 
+    def generate_batch(self, prompts: list[list[int]], gens: list[GenerationConfig],
+                       progress: Callable[[int, int], None] | None = None,
+                       sparsity: SparsityOptions | None = None) -> "BatchGeneration":
+        """Start generating several requests together (see :class:`BatchGeneration`)."""
+        return BatchGeneration(self, prompts, gens, progress, sparsity=sparsity)
+
 
 @dataclass
 class PrefillState:
@@ -382,12 +469,17 @@ class Generation:
                  sparsity: SparsityOptions | None = None):
         self.engine, self.prompt_ids, self.gen, self.progress = engine, prompt_ids, gen, progress
         self.state, self.sparsity = state, sparsity or engine.sparsity
-        self.token_ids: list[int] = []
         self.stop_reason = "running"
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
-        self._detok = IncrementalDetokenizer(engine.tokenizer)
-        self._stops = StopMatcher(gen.stop)
+        capacity = min(len(prompt_ids) + gen.max_new_tokens, engine.context_tokens)
+        if state is not None:
+            capacity = min(capacity, state.cache.capacity_tokens)
+        self._out = RequestStream(engine.tokenizer, gen, len(prompt_ids), capacity, eos_ids(engine, gen))
         self._iter = self._run()
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self._out.token_ids
 
     def __iter__(self) -> Iterator[str]:
         return self
@@ -403,36 +495,43 @@ class Generation:
 
     def result(self) -> GenerationResult:
         self._record_memory()
-        return GenerationResult(text=self._stops.text, token_ids=list(self.token_ids),
+        return GenerationResult(text=self._out.text, token_ids=list(self.token_ids),
                                 stop_reason=self.stop_reason, stats=self.stats)
 
     def _record_sparsity(self) -> None:
         selector = getattr(self, "_selector", None)
         if selector is None:
             return
-        opts = self.sparsity
+        self.stats.sparsity = self._sparsity_info(self.engine, self.sparsity, selector)
+
+    @staticmethod
+    def _sparsity_info(engine: Engine, opts: SparsityOptions, selector: Selector) -> dict:
         info = {"method": opts.method}
         if opts.method != "dense":
             info["budget_tokens"] = opts.budget_tokens
             if opts.method in ("specontext", "streaming"):
                 info["sink_tokens"] = opts.sink_tokens
             if opts.method == "specontext":
-                info["retrieval_head"] = getattr(self.engine.retrieval_head, "path", None)
+                info["retrieval_head"] = getattr(engine.retrieval_head, "path", None)
                 info["window_tokens"] = opts.window_tokens
                 info["fallback_threshold"] = opts.fallback_threshold
             if opts.method == "quest":
                 info["page_tokens"] = opts.page_tokens
             info.update(selector.stats.to_dict())
-        self.stats.sparsity = info
+        return info
 
     def _record_offload(self) -> None:
-        cache = getattr(self, "_cache", None)
-        if isinstance(cache, OffloadedKVCache):
-            self.stats.offload = {"kv_device_bytes": cache.device_bytes(), "kv_host_bytes": cache.host_bytes(),
-                                  **cache.transfer_stats()}
-            schedule = getattr(cache, "schedule", None)
-            if schedule is not None:
-                self.stats.offload["memory_plan"] = schedule.to_dict()
+        self.stats.offload = self._offload_info(getattr(self, "_cache", None))
+
+    @staticmethod
+    def _offload_info(cache: KVCache | None) -> dict:
+        if not isinstance(cache, OffloadedKVCache):
+            return {}
+        info = {"kv_device_bytes": cache.device_bytes(), "kv_host_bytes": cache.host_bytes(), **cache.transfer_stats()}
+        schedule = getattr(cache, "schedule", None)
+        if schedule is not None:
+            info["memory_plan"] = schedule.to_dict()
+        return info
 
     def _record_memory(self) -> None:
         self._record_sparsity()
@@ -446,15 +545,13 @@ class Generation:
             self.stats.peak_device_bytes = torch.cuda.max_memory_allocated(self.engine.model.device)
 
     def _run(self) -> Iterator[str]:
-        engine, gen, model = self.engine, self.gen, self.engine.model
-        eos = set() if gen.ignore_eos else set(engine.tokenizer.eos_token_ids) | set(model.config.eos_token_ids)
-        capacity = min(len(self.prompt_ids) + gen.max_new_tokens, engine.context_tokens)
+        engine, gen, model, out = self.engine, self.gen, self.engine.model, self._out
+        capacity = out.capacity_tokens
         if self.state is not None:
-            capacity = min(capacity, self.state.cache.capacity_tokens)
             cache, selector = engine._decoder(self.state, self.sparsity)
         else:
             cache = engine.new_cache(capacity)
-            selector = engine.new_selector(capacity, sparsity=self.sparsity)
+            selector = engine.new_selector(capacity, sparsity=self.sparsity, cache=cache)
         self._selector, self._cache = selector, cache
         self.stats.kv_cache_bytes = cache.allocated_bytes()
         self.stats.selector_bytes = selector.allocated_bytes()
@@ -469,25 +566,14 @@ class Generation:
         token = int(sampler(logits)[0])  # int() waits for the device
         self.stats.prefill_s = time.perf_counter() - t0
 
-        num_prompt = len(self.prompt_ids)
         try:
             while True:
-                if token in eos:
-                    self.stop_reason = "eos"
-                    break
-                self.token_ids.append(token)
-                self.stats.generated_tokens = len(self.token_ids)
-                piece, hit = self._stops.feed(self._detok.push(token))
+                piece = out.accept(token)
+                self.stats.generated_tokens = len(out.token_ids)
                 if piece:
                     yield piece
-                if hit:
-                    self.stop_reason = "stop_string"
-                    break
-                if len(self.token_ids) >= gen.max_new_tokens:
-                    self.stop_reason = "length"
-                    break
-                if num_prompt + len(self.token_ids) >= capacity:
-                    self.stop_reason = "context"
+                if out.finished:
+                    self.stop_reason = out.stop_reason
                     break
                 t0 = time.perf_counter()
                 x = torch.tensor([[token]], dtype=torch.int64, device=model.device)
@@ -499,8 +585,161 @@ class Generation:
                 token = int(sampler(logits)[0])
                 self.stats.decode_s += time.perf_counter() - t0
                 self.stats.decode_steps += 1
-            tail = self._stops.flush() if self.stop_reason != "stop_string" else ""
+            tail = out.flush()
             if tail:
                 yield tail
         finally:
             self._record_memory()
+
+
+@dataclass
+class BatchStats:
+    """The whole batch's timings: what throughput comparisons use. Times in seconds."""
+
+    num_requests: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    decode_steps: int = 0  # batched model calls after prefill
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        total = self.prefill_s + self.decode_s
+        out["total_s"] = round(total, 4)
+        # end to end, prefill included: every generated token over the batch's wall time
+        out["tokens_per_s"] = round(self.generated_tokens / total, 3) if total > 0 else 0.0
+        out["decode_tokens_per_s"] = round((self.generated_tokens - self.num_requests) / self.decode_s, 3) \
+            if self.decode_s > 0 else 0.0
+        return out
+
+
+class BatchGeneration:
+    """Several requests decoding together in one cache: iterate it for ``(request index, text piece)``.
+
+    Every request has its own prompt length, generation settings (sampling seed, stop strings,
+    length), selection (the selector chooses per batch row), slots and stopping; a finished
+    request stays in the batch with no token (its row computes nothing new) until all are done.
+    Each request's output equals running it alone with the same settings: rows never mix, and
+    the same selection is made for each.
+
+    Example::
+
+        batch = engine.generate_batch([ids_a, ids_b], [GenerationConfig(max_new_tokens=32)] * 2)
+        for i, piece in batch:
+            print(i, piece)
+        results = batch.results()          # [GenerationResult] in request order
+        print(batch.stats.to_dict()["tokens_per_s"])
+    """
+
+    def __init__(self, engine: Engine, prompts: list[list[int]], gens: list[GenerationConfig],
+                 progress: Callable[[int, int], None] | None = None, sparsity: SparsityOptions | None = None):
+        if not prompts:
+            raise InputError("a batch needs at least one request")
+        if len(gens) != len(prompts):
+            raise InputError(f"{len(prompts)} prompts but {len(gens)} generation settings")
+        for i, ids in enumerate(prompts):
+            try:
+                engine.check_prompt_fits(len(ids))
+            except ContextLengthError as exc:
+                raise ContextLengthError(f"request {i}: {exc}") from None
+        self.engine, self.prompts, self.gens, self.progress = engine, [list(p) for p in prompts], list(gens), progress
+        self.sparsity = sparsity or engine.sparsity
+        ctx = engine.context_tokens
+        self._out = [RequestStream(engine.tokenizer, g, len(p), min(len(p) + g.max_new_tokens, ctx), eos_ids(engine, g))
+                     for p, g in zip(self.prompts, self.gens)]
+        self._stats = [GenerationStats(prompt_tokens=len(p)) for p in self.prompts]
+        self.stats = BatchStats(num_requests=len(prompts), prompt_tokens=sum(len(p) for p in self.prompts))
+        self._iter = self._run()
+
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        return self
+
+    def __next__(self) -> tuple[int, str]:
+        return next(self._iter)
+
+    def interrupt(self) -> None:
+        """Stop every unfinished request (stop reason ``interrupted``); what was generated is kept."""
+        for out in self._out:
+            if not out.finished:
+                out.stop_reason = "interrupted"
+        self._iter.close()
+
+    def finished(self, index: int) -> bool:
+        return self._out[index].finished
+
+    def result(self, index: int) -> GenerationResult:
+        """Request ``index``'s result so far. ``stats.prefill_s`` is the batch's shared prefill;
+        ``decode_s`` the time of the steps it took part in; ``sparsity`` its own step counts
+        (``selection_s`` and ``recall`` are the batch's)."""
+        out, stats = self._out[index], self._stats[index]
+        stats.generated_tokens = len(out.token_ids)
+        selector, cache = getattr(self, "_selector", None), getattr(self, "_cache", None)
+        if selector is not None:
+            info = Generation._sparsity_info(self.engine, self.sparsity, selector)
+            if "sparse_steps" in info:
+                info.update(selector.row_stats(index))
+                info["batch_size"] = len(self.prompts)
+            stats.sparsity = info
+        if cache is not None:
+            stats.kv_cache_bytes = cache.allocated_bytes()
+            stats.selector_bytes = selector.allocated_bytes()
+            stats.offload = Generation._offload_info(cache)  # the batch's transfers (one cache)
+        stats.peak_host_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if self.engine.model.device.type == "cuda":
+            stats.peak_device_bytes = torch.cuda.max_memory_allocated(self.engine.model.device)
+        return GenerationResult(text=out.text, token_ids=list(out.token_ids), stop_reason=out.stop_reason,
+                                stats=stats)
+
+    def results(self) -> list[GenerationResult]:
+        return [self.result(i) for i in range(len(self.prompts))]
+
+    def _run(self) -> Iterator[tuple[int, str]]:
+        engine, model, outs = self.engine, self.engine.model, self._out
+        R = len(self.prompts)
+        capacity = max(o.capacity_tokens for o in outs)
+        cache = engine.new_cache(capacity, batch_size=R)
+        selector = engine.new_selector(capacity, batch_size=R, sparsity=self.sparsity, cache=cache)
+        self._selector, self._cache = selector, cache
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        for st in self._stats:
+            st.weights_bytes = weights
+        samplers = [Sampler(g, model.device) for g in self.gens]
+
+        t0 = time.perf_counter()
+        logits = engine.prefill_rows(self.prompts, cache, progress=self.progress, selector=selector)  # [R, V]
+        tokens = [int(samplers[b](logits[b:b + 1])[0]) for b in range(R)]
+        self.stats.prefill_s = time.perf_counter() - t0
+        for st in self._stats:
+            st.prefill_s = self.stats.prefill_s
+
+        while True:
+            for b, out in enumerate(outs):
+                if out.finished:
+                    continue
+                piece = out.accept(tokens[b])
+                if piece:
+                    yield b, piece
+                if out.finished:
+                    tail = out.flush()
+                    if tail:
+                        yield b, tail
+            active = [not o.finished for o in outs]
+            if not any(active):
+                break
+            t0 = time.perf_counter()
+            x = torch.tensor([[t if a else 0] for t, a in zip(tokens, active)], dtype=torch.int64, device=model.device)
+            plan = cache.plan_step([int(a) for a in active])
+            plan.selection = selector.select(x, plan)
+            captured: dict = {}
+            logits = model(x, plan, cache, capture_layers=selector.capture_layers, captured=captured)
+            selector.observe(x, plan, captured)
+            tokens = [int(samplers[b](logits[b:b + 1])[0]) if a else 0 for b, a in enumerate(active)]
+            dt = time.perf_counter() - t0
+            self.stats.decode_s += dt
+            self.stats.decode_steps += 1
+            for b, a in enumerate(active):
+                if a:
+                    self._stats[b].decode_s += dt
+                    self._stats[b].decode_steps += 1
+        self.stats.generated_tokens = sum(len(o.token_ids) for o in outs)

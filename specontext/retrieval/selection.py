@@ -76,6 +76,8 @@ class Selection:
             None) -> (indices [B, G, K], valid or None)`` for methods that choose inside each layer.
         measure_recall: accumulate the dense attention mass on the chosen set into ``stats``.
         stats: where recall is accumulated.
+        fallback_rows: batch rows that attend to every past position this step (the head was not
+            confident for them while it was for others); their ``indices`` cover the whole past.
     """
 
     indices: torch.Tensor | None
@@ -83,6 +85,7 @@ class Selection:
     per_layer: Callable | None = None
     measure_recall: bool = False
     stats: SelectionStats | None = None
+    fallback_rows: tuple[int, ...] = ()
 
 
 def past_attention(queries: torch.Tensor, past_keys: torch.Tensor,
@@ -136,9 +139,29 @@ class Selector:
         self.window_tokens = window_tokens
         self.measure_recall = measure_recall
         self.stats = SelectionStats()
+        # per batch row: decode steps that ran sparse / dense (past within the budget) / fallback
+        self.row_steps: dict[str, list[int]] = {}
 
     def allocated_bytes(self) -> int:
         return 0
+
+    def row_stats(self, row: int) -> dict:
+        """One batch row's step counts (``sparse_steps``, ``dense_steps``, ``fallback_steps``)."""
+        return {k: (v[row] if row < len(v) else 0) for k, v in self.row_steps.items()}
+
+    def _count_rows(self, plan, past_lens: list[int], sel: "Selection | None", fallback: bool) -> None:
+        B = len(plan.input_lens)
+        for key in ("sparse_steps", "dense_steps", "fallback_steps"):
+            self.row_steps.setdefault(key, [0] * B)
+        for b, (n, past) in enumerate(zip(plan.input_lens, past_lens)):
+            if n == 0:  # a finished row riding along in the batch
+                continue
+            if fallback or (sel is not None and b in sel.fallback_rows):
+                self.row_steps["fallback_steps"][b] += 1
+            elif sel is None or past <= self.budget_tokens:
+                self.row_steps["dense_steps"][b] += 1
+            else:
+                self.row_steps["sparse_steps"][b] += 1
 
     def observe(self, ids: torch.Tensor, plan, captured: dict, is_prefill: bool = False) -> None:
         """Called after the target ran ``ids`` [B, T]; ``captured`` holds ``capture_layers`` outputs.
@@ -154,13 +177,16 @@ class Selector:
         t0 = time.perf_counter()
         self.prepare(ids, plan)
         past_lens = [int(p) for p in plan.positions[:, 0].tolist()]
-        if max(past_lens) <= self.budget_tokens:
+        # rows with no token this step (finished requests of a batch) do not decide anything
+        if max(p for p, n in zip(past_lens, plan.input_lens) if n > 0) <= self.budget_tokens:
             self.stats.dense_steps += 1
+            self._count_rows(plan, past_lens, None, False)
             return None
         sel = self.choose(ids, plan, past_lens)
         if sel is not None and sel.indices is not None and sel.indices.device.type == "cuda":
             torch.cuda.synchronize(sel.indices.device)
         self.stats.selection_s += time.perf_counter() - t0
+        self._count_rows(plan, past_lens, sel, sel is None)
         if sel is None:
             self.stats.fallback_steps += 1
             return None
@@ -243,8 +269,25 @@ class QuestSelector(Selector):
         self.page_tokens = page_tokens
 
     def choose_in_layer(self, layer, queries, past_keys, past_valid):
-        if past_valid is not None:
-            raise InputError("quest selection supports rows of equal length only")
+        if past_valid is None:
+            return self._choose_pages(queries, past_keys)
+        # rows of different lengths (a batch): each row's pages over its own past
+        B, G, _, _ = past_keys.shape
+        K = self.budget_tokens
+        indices = past_keys.new_zeros(B, G, K, dtype=torch.int64)
+        valid = torch.zeros(B, G, K, dtype=torch.bool, device=past_keys.device)
+        for b, n in enumerate(past_valid.sum(-1).tolist()):
+            if n <= K:
+                indices[b, :, :n] = torch.arange(n, device=past_keys.device)
+                valid[b, :, :n] = True
+                continue
+            idx, ok = self._choose_pages(queries[b:b + 1], past_keys[b:b + 1, :, :n])
+            indices[b] = idx[0]
+            valid[b] = True if ok is None else ok[0]
+        return indices, valid
+
+    def _choose_pages(self, queries, past_keys):
+        """Rows of equal length: ([B, G, K] positions, valid mask or None)."""
         B, G, P, D = past_keys.shape
         H = queries.shape[1]
         page = self.page_tokens
@@ -297,6 +340,9 @@ class HeadSelector(Selector):
         cfg = head.config
         self.capture_layers = tuple(cfg.hidden_layers) if cfg.input_kind == "embedding+hidden" else ()
         self.fallback_threshold = fallback_threshold
+        # set by the engine for caches that cannot serve one row's whole past (offloaded layers'
+        # slots hold K tokens): any row's fallback then runs the whole step dense
+        self.whole_step_fallback = False
         p = next(head.parameters())
         self.k_device = torch.zeros(batch_size, cfg.num_kv_heads, capacity_tokens, cfg.head_dim,
                                     dtype=p.dtype, device=p.device)
@@ -323,24 +369,32 @@ class HeadSelector(Selector):
                 shifted = None
             x = self.head.inputs(self.embed(ids).to(self.k_device.dtype),
                                  None if shifted is None else shifted.to(self.k_device.dtype))
-            _, k = self.head.project(x, plan.positions)
-            if plan.write_start is None:
-                raise InputError("the retrieval head supports prefill of equal-length rows only")
-            self.k_device[:, :, plan.write_start:plan.write_start + T] = k
+            _, k = self.head.project(x, plan.positions)  # [B, Gh, T, Dh]
+            if plan.write_start is not None:
+                self.k_device[:, :, plan.write_start:plan.write_start + T] = k
+            else:  # rows of different lengths (batched prompts): only the real tokens
+                b_idx, pos = plan.valid_index
+                t_idx = pos - plan.positions[b_idx, 0]
+                self.k_device[b_idx, :, pos] = k[b_idx, :, t_idx]
         if hidden is not None:
-            last = torch.tensor([n - 1 for n in plan.input_lens], device=hidden.device)
-            self.carry_hidden = hidden[torch.arange(B, device=hidden.device), last].to(self.k_device.dtype)
+            # A new tensor, never written in place: a prefill state shares its carry with every
+            # decode started from it. A row with no tokens this step (finished) keeps its carry.
+            last = torch.tensor([max(n - 1, 0) for n in plan.input_lens], device=hidden.device)
+            carry = hidden[torch.arange(B, device=hidden.device), last].to(self.k_device.dtype)
+            if min(plan.input_lens) == 0:
+                idle = torch.tensor([n == 0 for n in plan.input_lens], device=hidden.device)
+                carry = torch.where(idle[:, None], self.carry_hidden, carry)
+            self.carry_hidden = carry
 
     @torch.inference_mode()
     def prepare(self, ids, plan):
         # The new token's key enters the head's cache on every step, dense ones included, so
         # it competes for the budget once the context outgrows it.
-        B = ids.shape[0]
         hidden = self.carry_hidden[:, None] if self.capture_layers else None
         x = self.head.inputs(self.embed(ids).to(self.k_device.dtype), hidden)
         self._q, k = self.head.project(x, plan.positions)  # [B, H, 1, Dh], [B, Gh, 1, Dh]
-        pos = plan.positions[:, 0]
-        self.k_device[torch.arange(B, device=self.k_device.device), :, pos] = k[:, :, 0]
+        rows = torch.tensor([b for b, n in enumerate(plan.input_lens) if n > 0], device=self.k_device.device)
+        self.k_device[rows, :, plan.positions[rows, 0]] = k[rows, :, 0]
 
     @torch.inference_mode()
     def choose(self, ids, plan, past_lens):
@@ -362,14 +416,38 @@ class HeadSelector(Selector):
             indices, chosen_valid = top.indices, None
             if min(past_lens) < K:
                 chosen_valid = top.values >= 0
+        if chosen_valid is None:
+            indices = indices.sort(dim=-1).values
+        fallback_rows: tuple[int, ...] = ()
         if self.fallback_threshold > 0:
-            confidence = self._confidence(q, P, valid, indices, chosen_valid)
-            self.stats.confidence_sum += confidence
-            if confidence < self.fallback_threshold:
+            confidence = self._confidence(q, P, valid, indices, chosen_valid)  # [B]
+            live = torch.tensor([n > 0 for n in plan.input_lens], device=dev)
+            self.stats.confidence_sum += float(confidence[live].mean())
+            low = (confidence < self.fallback_threshold) & live
+            if bool(low[live].all()) or (self.whole_step_fallback and bool(low.any())):
                 return None
-        indices, chosen_valid = append_current(indices.sort(dim=-1).values if chosen_valid is None else indices,
-                                                chosen_valid, plan.positions)
-        return Selection(indices=indices, valid=chosen_valid)
+            if bool(low.any()):  # only some rows: those attend to their whole past this step
+                fallback_rows = tuple(low.nonzero()[:, 0].tolist())
+                indices, chosen_valid = self._whole_past_rows(indices, chosen_valid, low, lens, P)
+        indices, chosen_valid = append_current(indices, chosen_valid, plan.positions)
+        return Selection(indices=indices, valid=chosen_valid, fallback_rows=fallback_rows)
+
+    @staticmethod
+    def _whole_past_rows(indices, chosen_valid, rows, lens, P):
+        """Widen [B, G, K] choices to max(K, P) columns; ``rows`` [B] bool get every past position,
+        in order (so their attention reads exactly what a dense step reads)."""
+        B, G, K = indices.shape
+        W = max(K, P)
+        dev = indices.device
+        if chosen_valid is None:
+            chosen_valid = torch.ones(B, G, K, dtype=torch.bool, device=dev)
+        wide = torch.nn.functional.pad(indices, (0, W - K))
+        wide_valid = torch.nn.functional.pad(chosen_valid, (0, W - K), value=False)
+        every = torch.arange(W, device=dev)
+        every_valid = (every[None, :] < lens[:, None])[:, None].expand(B, G, W)
+        wide = torch.where(rows[:, None, None], every.clamp_max(P - 1)[None, None].expand(B, G, W), wide)
+        wide_valid = torch.where(rows[:, None, None], every_valid, wide_valid)
+        return wide, wide_valid
 
     def _choose_blocks(self, scores: torch.Tensor, lens: torch.Tensor, P: int):
         """Top K / N blocks by their best position's score -> positions [B, G, K] and valid mask."""
@@ -388,8 +466,8 @@ class HeadSelector(Selector):
             chosen_valid = torch.nn.functional.pad(chosen_valid, (0, pad), value=False)
         return positions.masked_fill(~chosen_valid, 0), chosen_valid
 
-    def _confidence(self, q, P, valid, indices, chosen_valid) -> float:
-        """The head's mean (over its query heads and rows) probability mass on the chosen set."""
+    def _confidence(self, q, P, valid, indices, chosen_valid) -> torch.Tensor:
+        """Per row [B], the head's probability mass on the chosen set, mean over its query heads."""
         cfg = self.head.config
         B, H, _, D = q.shape
         Gh = cfg.num_kv_heads
@@ -401,7 +479,7 @@ class HeadSelector(Selector):
         mass = probs.gather(-1, idx)
         if chosen_valid is not None:
             mass = mass * chosen_valid.repeat_interleave(H // G, dim=1)
-        return float(mass.sum(-1).mean())
+        return mass.sum(-1).mean(-1)
 
 
 @dataclass(frozen=True)
