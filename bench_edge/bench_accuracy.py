@@ -71,11 +71,30 @@ def int_list(text: str) -> list[int]:
     return values
 
 
+FALLBACK_PREFIX = "specontext+fb"  # e.g. specontext+fb0.9: the head with confidence fallback at 0.9
+
+
+def split_method(method: str) -> tuple[str, float | None]:
+    """('specontext', 0.9) for 'specontext+fb0.9'; (method, None) otherwise."""
+    if method.startswith(FALLBACK_PREFIX):
+        return "specontext", float(method[len(FALLBACK_PREFIX):])
+    return method, None
+
+
 def method_list(text: str) -> list[str]:
     methods = [m for m in text.replace(" ", "").split(",") if m]
-    bad = [m for m in methods if m not in METHODS]
+
+    def known(m: str) -> bool:
+        if not m.startswith(FALLBACK_PREFIX):
+            return m in METHODS
+        try:
+            return 0 < split_method(m)[1] <= 1
+        except ValueError:
+            return False
+    bad = [m for m in methods if not known(m)]
     if bad or not methods:
-        raise argparse.ArgumentTypeError(f"methods must be among {', '.join(METHODS)}; got {text!r}")
+        raise argparse.ArgumentTypeError(f"methods must be among {', '.join(METHODS)}, or {FALLBACK_PREFIX}X "
+                                         f"(specontext with confidence fallback at X in (0, 1]); got {text!r}")
     return methods
 
 
@@ -92,7 +111,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--contexts", type=int_list, default=[2048, 4096, 8192], help="comma-separated context lengths")
     p.add_argument("--budgets", type=int_list, default=[256, 512, 1024, 2048], help="comma-separated budgets")
     p.add_argument("--methods", type=method_list, default=list(METHODS),
-                   help="comma-separated, among " + ", ".join(METHODS) + " (dense always runs as the reference)")
+                   help="comma-separated, among " + ", ".join(METHODS) + ", or " + FALLBACK_PREFIX + "X (specontext "
+                        "with confidence fallback at threshold X, e.g. specontext+fb0.9); dense always runs as the "
+                        "reference")
     p.add_argument("--continuation-tokens", type=int, default=256, help="teacher-forced tokens scored per context")
     p.add_argument("--depths", type=int_list, default=list(range(0, 101, 10)), help="needle depths in percent")
     p.add_argument("--needle-new-tokens", type=int, default=32, help="greedy tokens generated per needle answer")
@@ -182,10 +203,12 @@ def sparsity_options(method: str, budget: int | None, args, measure_recall: bool
 
     if method == "dense":
         return SparsityOptions(method="dense")
+    method, fallback = split_method(method)
+    if fallback is None:
+        fallback = args.fallback_threshold if method == "specontext" else 0.0
     return SparsityOptions(method=method, budget_tokens=budget, sink_tokens=args.sink_tokens,
                            window_tokens=args.window_tokens, page_tokens=args.page_tokens,
-                           fallback_threshold=args.fallback_threshold if method == "specontext" else 0.0,
-                           measure_recall=measure_recall)
+                           fallback_threshold=fallback, measure_recall=measure_recall)
 
 
 class Recorder:
@@ -301,6 +324,9 @@ def run_teacher_forced(llm, source, context: int, args, rec: Recorder, bar) -> N
             "prefix_tokens": prefix_len, "scored_tokens": n, "sparse_steps": stats.sparse_steps,
             "dense_steps": stats.dense_steps, "fallback_steps": stats.fallback_steps,
             "selection_s": round(stats.selection_s, 4), "wall_s": round(time.perf_counter() - t0, 3)}
+        if stats.confidence_sum:
+            row["teacher_forced"]["mean_head_confidence"] = round(
+                stats.confidence_sum / max(stats.sparse_steps + stats.fallback_steps, 1), 5)
         bar.update(1)
         rec.save()
 
@@ -534,14 +560,14 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     llm = specontext.load(args.model, device=args.device, dtype=args.dtype, threads=args.threads)
     head_info, head_note = (None, None)
-    if "specontext" in args.methods:
+    if any(split_method(m)[0] == "specontext" for m in args.methods):
         head_info, head_note = load_retrieval_head(llm, args.retrieval_head)
         if head_info is None and args.retrieval_head != "auto":
             print(f"error: {head_note}", file=sys.stderr)  # a head named explicitly must load
             return 1
         if head_info is None:
-            print(f"note: skipping method specontext: {head_note}", file=sys.stderr)
-            args.methods.remove("specontext")
+            print(f"note: skipping the retrieval head's methods: {head_note}", file=sys.stderr)
+            args.methods = [m for m in args.methods if split_method(m)[0] != "specontext"]
     source = TokenSource(llm.tokenizer, text)
     settings = {k: v for k, v in vars(args).items() if k not in ("keywords", "from_json")}
     settings.update(text=text_label, text_tokens=source.text_tokens, model=llm.path,

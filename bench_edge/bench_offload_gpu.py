@@ -49,6 +49,11 @@ SHAPES = {
                          rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True,
                          rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    # Qwen3-8B: q/k RMSNorm, head_dim 128 given explicitly (4096 / 32 heads happens to agree)
+    "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                     max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                     tie_word_embeddings=False),
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32, vocab_size=1000, max_position_embeddings=4096,
                  rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False),
@@ -72,7 +77,9 @@ def parse_args(argv):
 
 
 def hf_config(shape: str) -> dict:
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "float16",
+    family = SHAPES[shape].get("model_type", "llama")
+    arch = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}[family]
+    return {"architectures": [arch], "model_type": family, "torch_dtype": "float16",
             "bos_token_id": 1, "eos_token_id": 2, **SHAPES[shape]}
 
 
@@ -86,11 +93,13 @@ def build_models(args):
 
     torch.manual_seed(args.seed)
     raw = hf_config(args.shape)
-    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in raw.items() if k not in ("architectures", "torch_dtype")})
+    prefix = {"llama": "Llama", "qwen3": "Qwen3"}[raw["model_type"]]
+    hf_cfg = getattr(transformers, f"{prefix}Config")(
+        **{k: v for k, v in raw.items() if k not in ("architectures", "torch_dtype", "model_type")})
     hf_cfg._attn_implementation = "sdpa"
     dtype = torch.float16 if args.device != "cpu" else torch.float32
     with torch.device(args.device):
-        hf = transformers.LlamaForCausalLM(hf_cfg).to(dtype)
+        hf = getattr(transformers, f"{prefix}ForCausalLM")(hf_cfg).to(dtype)
     with torch.no_grad():  # default init is tuned for training; keep activations in float16 range
         for name, p in hf.named_parameters():
             if p.dim() == 2:

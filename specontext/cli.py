@@ -8,11 +8,12 @@ with a non-zero exit (``--debug`` shows the traceback).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import warnings
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, fields, replace
 
 from . import __version__
 from .errors import InputError, SpecontextError
@@ -33,6 +34,8 @@ examples:
   specontext-run --question "What is the capital of France?"
   specontext-run --document essay.txt --question "Summarise the main argument." --output answer.txt
   cat notes.txt | specontext-run --document - --question "List the action items." --json
+  specontext-run -d a.txt -d b.txt -q "Who wrote this?" --json          # two requests, one batch
+  specontext-run --batch requests.jsonl --output results.jsonl         # many requests, one batch
 
 Ctrl-C stops generation; the answer so far is kept (in --output FILE too) and the exit status is 130.
 """
@@ -75,8 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="specontext-run", description=DESCRIPTION, epilog=EPILOG,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     io = parser.add_argument_group("input and output")
-    io.add_argument("--document", "-d", metavar="FILE",
-                    help="UTF-8 text file to reason over; - reads standard input")
+    io.add_argument("--document", "-d", metavar="FILE", action="append",
+                    help="UTF-8 text file to reason over; - reads standard input. Repeat it to ask the same question "
+                         "about several documents: they decode together as one batch")
+    io.add_argument("--batch", metavar="FILE.jsonl",
+                    help="decode many requests together: one JSON object per line with \"question\" and/or "
+                         "\"document\" (a file path) or \"text\" (the document itself), or \"prompt\" (used as "
+                         "it is); optional \"id\" and per-request generation fields (max_new_tokens, temperature, "
+                         "top_p, top_k, seed, stop, ignore_eos). Results are JSON lines in request order")
     io.add_argument("--question", "-q", metavar="TEXT",
                     help="question or instruction about the document (may be given alone)")
     io.add_argument("--model", "-m", metavar="PATH",
@@ -167,10 +176,87 @@ def check_output_path(path: str) -> None:
         raise InputError(f"--output {path} is not writable")
 
 
+@contextlib.contextmanager
+def partial_output(path: str | None):
+    """A file open for writing at ``path + ".partial"`` (None without ``path``).
+
+    When the block ends (a Ctrl-C handled inside it counts as ending), the partial file replaces
+    ``path``; when it raises, the partial file is removed, so a failed run never leaves a
+    half-written answer and never clobbers an earlier one.
+    """
+    if not path:
+        yield None
+        return
+    partial = path + ".partial"
+    f = open(partial, "w", encoding="utf-8")
+    try:
+        yield f
+    except BaseException:
+        f.close()
+        os.remove(partial)
+        raise
+    f.close()
+    os.replace(partial, path)
+
+
 def _prompt_text(document: str | None, question: str | None) -> str:
     if document is not None and question:
         return f"{document.rstrip()}\n\n{question}"
     return document if document is not None else question
+
+
+BATCH_KEYS = {"id", "question", "document", "text", "prompt"}
+
+
+def read_batch(path: str, gen: GenerationConfig) -> list[dict]:
+    """Requests from a JSONL file: [{"id", "prompt" (text), "generation" (GenerationConfig)}].
+
+    Raises InputError naming the file, line and what is wrong.
+    """
+    gen_fields = {f.name for f in fields(GenerationConfig)}
+    requests = []
+    for number, line in enumerate(read_document(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"--batch {path} line {number}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{where} is not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(item, dict):
+            raise InputError(f"{where} must be a JSON object, got {type(item).__name__}")
+        unknown = sorted(set(item) - BATCH_KEYS - gen_fields)
+        if unknown:
+            raise InputError(f"{where}: unknown field {unknown[0]!r}; valid: {', '.join(sorted(BATCH_KEYS | gen_fields))}")
+        for key in ("question", "document", "text", "prompt"):
+            if key in item and not isinstance(item[key], str):
+                raise InputError(f"{where}: {key!r} must be a string")
+        if "prompt" in item and (set(item) & {"question", "document", "text"}):
+            raise InputError(f"{where}: give \"prompt\" alone, or \"question\" with \"document\" or \"text\"")
+        if "document" in item and "text" in item:
+            raise InputError(f"{where}: give \"document\" (a file) or \"text\", not both")
+        if "prompt" in item:
+            prompt = item["prompt"]
+        else:
+            document = read_document(item["document"]) if "document" in item else item.get("text")
+            if document is not None and not document.strip():
+                raise InputError(f"{where}: the document is empty")
+            if document is None and not item.get("question"):
+                raise InputError(f"{where}: needs \"question\", \"document\", \"text\" or \"prompt\"")
+            prompt = _prompt_text(document, item.get("question"))
+        if not prompt.strip():
+            raise InputError(f"{where}: the prompt is empty")
+        overrides = {k: v for k, v in item.items() if k in gen_fields}
+        if "stop" in overrides and isinstance(overrides["stop"], str):
+            overrides["stop"] = (overrides["stop"],)
+        try:
+            request_gen = replace(gen, **{k: tuple(v) if k == "stop" else v for k, v in overrides.items()})
+        except (InputError, TypeError, ValueError) as exc:
+            raise InputError(f"{where}: {exc}") from None
+        requests.append({"id": item.get("id", len(requests)), "prompt": prompt, "generation": request_gen})
+    if not requests:
+        raise InputError(f"--batch {path} holds no requests (one JSON object per line)")
+    return requests
 
 
 def run(args: argparse.Namespace) -> int:
@@ -178,17 +264,30 @@ def run(args: argparse.Namespace) -> int:
 
     gen = _from_args(GenerationConfig, args)
     settings = _from_args(RuntimeSettings, args)
-    if args.document is None and not args.question:
-        raise InputError("give --question TEXT, --document FILE, or both")
-    document = read_document(args.document) if args.document is not None else None
-    if document is not None and not document.strip():
-        raise InputError(f"document {args.document} is empty")
+    documents = args.document or []
+    if args.batch:
+        if documents or args.question:
+            raise InputError("--batch takes the requests from its file; drop --document and --question")
+        requests = read_batch(args.batch, gen)
+    elif not documents and not args.question:
+        raise InputError("give --question TEXT, --document FILE, or both (or --batch FILE.jsonl)")
+    else:
+        if documents.count("-") > 1:
+            raise InputError("standard input (-) can be read as one document only")
+        requests = []
+        for path in documents or [None]:
+            document = read_document(path) if path is not None else None
+            if document is not None and not document.strip():
+                raise InputError(f"document {path} is empty")
+            requests.append({"id": path if path is not None else 0, "prompt": _prompt_text(document, args.question),
+                             "generation": gen})
     if args.output:
         check_output_path(args.output)
+    if len(requests) > 1 or args.batch:
+        return run_batch(args, settings, requests)
 
     llm = load(args.model, settings=settings)
-    prompt = _prompt_text(document, args.question)
-    ids = llm.encode_prompt(prompt, chat=not args.no_chat_template)
+    ids = llm.encode_prompt(requests[0]["prompt"], chat=not args.no_chat_template)
     llm.engine.check_prompt_fits(len(ids))
 
     bar = None
@@ -205,42 +304,32 @@ def run(args: argparse.Namespace) -> int:
         bar.update(done - bar.n)
 
     generation = llm.engine.generate(ids, gen, progress=progress)
-    # Tokens go to FILE.partial as they arrive; it replaces FILE when the run ends or is
-    # interrupted, so a failed run never clobbers an earlier answer and a killed one leaves
-    # what it generated in FILE.partial.
-    partial_path = args.output + ".partial" if args.output else None
-    out_file = open(partial_path, "w", encoding="utf-8") if partial_path else None
     interrupted = False
+    # Tokens go to FILE.partial as they arrive; it replaces FILE when the run ends or is
+    # interrupted, so a killed run leaves what it generated in FILE.partial.
     try:
-        for piece in generation:
-            if bar is not None:
-                bar.close()
-                bar = None
-            if not args.json:
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-            if out_file:
-                out_file.write(piece)
-                out_file.flush()
-    except KeyboardInterrupt:
-        interrupted = True
-        generation.interrupt()
-    except BrokenPipeError:  # the reader went away (e.g. piped into head): stop quietly
-        interrupted = True
-        generation.interrupt()
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except BaseException:
-        if out_file:  # a failed run leaves no half-written answer
-            out_file.close()
-            os.remove(partial_path)
-            out_file = None
-        raise
+        with partial_output(args.output) as out_file:
+            try:
+                for piece in generation:
+                    if bar is not None:
+                        bar.close()
+                        bar = None
+                    if not args.json:
+                        sys.stdout.write(piece)
+                        sys.stdout.flush()
+                    if out_file:
+                        out_file.write(piece)
+                        out_file.flush()
+            except KeyboardInterrupt:
+                interrupted = True
+                generation.interrupt()
+            except BrokenPipeError:  # the reader went away (e.g. piped into head): stop quietly
+                interrupted = True
+                generation.interrupt()
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     finally:
         if bar is not None:
             bar.close()
-        if out_file:
-            out_file.close()
-            os.replace(partial_path, args.output)
     result = generation.result()
     if args.json:
         payload = {"answer": result.text, "stop_reason": result.stop_reason, "model": llm.path,
@@ -258,6 +347,86 @@ def run(args: argparse.Namespace) -> int:
     if interrupted:
         kept = f" (kept in {args.output})" if args.output else ""
         print(f"specontext-run: interrupted after {result.stats.generated_tokens} tokens{kept}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def run_batch(args: argparse.Namespace, settings: RuntimeSettings, requests: list[dict]) -> int:
+    """Several requests decoding together; one JSON line per request, written as each finishes.
+
+    Lines go to standard output (with --json; otherwise a readable block per answer) and, with
+    --output FILE, to FILE.partial, renamed to FILE at the end; on Ctrl-C the unfinished requests
+    are written with what they generated so far and stop reason ``interrupted``.
+    """
+    from .api import load
+
+    llm = load(args.model, settings=settings)
+    prompts = []
+    for i, req in enumerate(requests):
+        ids = llm.encode_prompt(req["prompt"], chat=not args.no_chat_template)
+        try:
+            llm.engine.check_prompt_fits(len(ids))
+        except SpecontextError as exc:
+            raise type(exc)(f"request {req['id']!r}: {exc}") from None
+        prompts.append(ids)
+    total = sum(len(p) for p in prompts)
+    bar = None
+
+    def progress(done: int, all_tokens: int) -> None:
+        nonlocal bar
+        if args.quiet or total <= settings.prefill_chunk_tokens:
+            return
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(total=all_tokens, desc=f"prefill ({len(prompts)} requests)", unit="tok", file=sys.stderr,
+                       leave=False)
+        bar.update(done - bar.n)
+
+    batch = llm.engine.generate_batch(prompts, [r["generation"] for r in requests], progress=progress)
+    written: set[int] = set()
+    interrupted = False
+    try:
+        with partial_output(args.output) as out_file:
+
+            def emit(i: int) -> None:
+                result = batch.result(i)
+                record = {"id": requests[i]["id"], "index": i, "answer": result.text,
+                          "stop_reason": result.stop_reason, **result.stats.to_dict()}
+                line = json.dumps(record)
+                if args.json:
+                    print(line, flush=True)
+                else:
+                    print(f"### {requests[i]['id']} [{result.stop_reason}]\n{result.text}\n", flush=True)
+                if out_file:
+                    out_file.write(line + "\n")
+                    out_file.flush()
+                written.add(i)
+
+            try:
+                for i, _ in batch:
+                    if bar is not None:
+                        bar.close()
+                        bar = None
+                    if batch.finished(i) and i not in written:
+                        emit(i)
+            except KeyboardInterrupt:
+                interrupted = True
+                batch.interrupt()
+                for i in range(len(requests)):
+                    if i not in written:
+                        emit(i)
+    finally:
+        if bar is not None:
+            bar.close()
+    if not args.quiet:
+        b = batch.stats.to_dict()
+        print(f"[batch] {b['num_requests']} requests, prompt {b['prompt_tokens']} tok, prefill {b['prefill_s']:.2f} s; "
+              f"generated {b['generated_tokens']} tok in {b['total_s']:.2f} s: {b['tokens_per_s']:.1f} tok/s end to end, "
+              f"decode {b['decode_tokens_per_s']:.1f} tok/s", file=sys.stderr)
+    if interrupted:
+        print(f"specontext-run: interrupted; {len(requests)} requests kept with what they generated"
+              + (f" (in {args.output})" if args.output else ""), file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0
 

@@ -617,6 +617,9 @@ class BatchStats:
 class BatchGeneration:
     """Several requests decoding together in one cache: iterate it for ``(request index, text piece)``.
 
+    When a request finishes, one more ``(index, piece)`` is yielded (``piece`` may be ""), so a
+    caller can write each result as soon as it is complete (``finished(index)`` is then true).
+
     Every request has its own prompt length, generation settings (sampling seed, stop strings,
     length), selection (the selector chooses per batch row), slots and stopping; a finished
     request stays in the batch with no token (its row computes nothing new) until all are done.
@@ -720,10 +723,8 @@ class BatchGeneration:
                 piece = out.accept(tokens[b])
                 if piece:
                     yield b, piece
-                if out.finished:
-                    tail = out.flush()
-                    if tail:
-                        yield b, tail
+                if out.finished:  # always announced, with "" when no text is held back
+                    yield b, out.flush()
             active = [not o.finished for o in outs]
             if not any(active):
                 break

@@ -8,6 +8,8 @@ method, with the KV resident or offloaded.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -160,3 +162,59 @@ def test_interrupting_a_batch_keeps_every_request_so_far(tiny):
     results = batch.results()
     assert all(r.stop_reason == "interrupted" for r in results)
     assert sum(len(r.token_ids) for r in results) >= 6
+
+
+def test_cli_batch_file_and_repeated_documents(tiny, tmp_path, capsys):
+    from specontext.cli import main
+
+    words = [" ".join(f"w{(i * k) % 90 + 3}" for i in range(n)) for k, n in ((1, 50), (7, 30))]
+    docs = []
+    for k, text in enumerate(words):
+        path = tmp_path / f"doc{k}.txt"
+        path.write_text(text)
+        docs.append(str(path))
+    common = ["--model", str(tiny["root"] / "m"), "--no-chat-template", "--quiet", "--ignore-eos", "--json",
+              "--sparsity", "streaming", "--budget", "40", "--sink-tokens", "2"]
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("\n".join([
+        '{"id": "a", "document": "%s", "max_new_tokens": 6}' % docs[0],
+        '',
+        '{"id": "b", "text": "%s", "question": "w5 w6", "seed": 3, "temperature": 0.8}' % words[1],
+        '{"prompt": "w7 w8 w9", "max_new_tokens": 2}']) + "\n")
+    out = tmp_path / "results.jsonl"
+    assert main([*common, "--batch", str(requests), "--max-new-tokens", "10", "--output", str(out)]) == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    printed = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert sorted(r["index"] for r in lines) == [0, 1, 2] and printed == lines
+    by_id = {r["id"]: r for r in lines}
+    assert by_id["a"]["generated_tokens"] == 6 and by_id["b"]["generated_tokens"] == 10
+    assert by_id[2]["generated_tokens"] == 2
+    llm = specontext.load(str(tiny["root"] / "m"), device="cpu", sparsity="streaming", budget_tokens=40, sink_tokens=2)
+    alone = llm.generate(f"{words[1]}\n\nw5 w6", chat=False, max_new_tokens=10, ignore_eos=True, seed=3,
+                         temperature=0.8)
+    assert by_id["b"]["answer"] == alone.text
+    # the same question about two documents: two requests
+    assert main([*common, "-d", docs[0], "-d", docs[1], "-q", "w4", "--max-new-tokens", "3"]) == 0
+    printed = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert sorted(r["id"] for r in printed) == sorted(docs)
+
+
+@pytest.mark.parametrize("line, needle", [
+    ("{not json", "line 1 is not valid JSON"),
+    ('["a"]', "line 1 must be a JSON object"),
+    ('{"question": "w3", "colour": 1}', "unknown field 'colour'"),
+    ('{"prompt": "w3", "question": "w4"}', 'give "prompt" alone'),
+    ('{"id": 1}', 'needs "question"'),
+    ('{"question": "w3", "max_new_tokens": 0}', "max_new_tokens must be >= 1"),
+    ('{"document": "/nonexistent/x.txt"}', "document not found"),
+])
+def test_cli_batch_bad_input_is_one_line(tiny, tmp_path, capsys, line, needle):
+    from specontext.cli import main
+
+    requests = tmp_path / "r.jsonl"
+    requests.write_text(line + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["--model", str(tiny["root"] / "m"), "--batch", str(requests), "--output", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists() and not (tmp_path / "out.jsonl.partial").exists()
