@@ -234,12 +234,22 @@ class DenseKVCache(KVCache):
         if sel.measure_recall:
             probs = past_attention(queries, past_keys, past_valid)
             record_recall(sel.stats, probs, indices[..., :-1], None if valid is None else valid[..., :-1])
-        shape = (*indices.shape, k_buf.shape[-1])  # [B, G, K + 1, D]
+        B, G, S, D = k_buf.shape
+        shape = (*indices.shape, D)  # [B, G, K + 1, D]
         if self.k_selected_device is None or self.k_selected_device.shape != shape:
             self.k_selected_device = torch.empty(shape, dtype=k_buf.dtype, device=k_buf.device)
             self.v_selected_device = torch.empty(shape, dtype=v_buf.dtype, device=v_buf.device)
-        rows = indices[..., None].expand(shape)
-        torch.gather(k_buf, 2, rows, out=self.k_selected_device)
-        torch.gather(v_buf, 2, rows, out=self.v_selected_device)
+        # Whole rows by flat row number ((b * G + g) * S + position): a row copy per index, where
+        # torch.gather over an expanded [B, G, K + 1, D] index reads and checks every element
+        # (measured on CPU at 8k, B = 1024: 72 us against 860 us per buffer). A global selection's
+        # row numbers are the same for every layer, so they are made once per step.
+        flat = None if sel.indices is None else sel.flat_rows
+        if flat is None or flat[0] != S:
+            base = torch.arange(B * G, device=indices.device).view(B, G, 1) * S
+            flat = (S, (indices + base).reshape(-1))
+            if sel.indices is not None:
+                sel.flat_rows = flat
+        torch.index_select(k_buf.view(B * G * S, D), 0, flat[1], out=self.k_selected_device.view(-1, D))
+        torch.index_select(v_buf.view(B * G * S, D), 0, flat[1], out=self.v_selected_device.view(-1, D))
         mask = None if valid is None else valid[:, :, None, :]  # [B, G, 1, K + 1]
         return self.k_selected_device, self.v_selected_device, mask

@@ -291,7 +291,8 @@ class OffloadedKVCache(DenseKVCache):
         else:
             self.copier = ThreadCopyEngine()
         self._step_kind = None  # "slots" or "staged" for the step in flight
-        self._gather_index = None  # [B, G, K + 1, D] slot indices of the step (current slot last)
+        self._gather_rows = None  # [B * G * (K + 1)] flat slot rows of the step (current slot last)
+        self._gather_shape: tuple = ()
         self._gather_valid = None  # [B, G, 1, K + 1] or None
 
     # ---- bookkeeping -------------------------------------------------------------------------
@@ -414,7 +415,11 @@ class OffloadedKVCache(DenseKVCache):
         current = torch.full((B, G, 1), self.pool_tokens, dtype=torch.int64, device=self.device)
         index = torch.cat([slots, current], dim=-1)
         D = self.kv_host.shape[-1]
-        self._gather_index = index[..., None].expand(B, G, K + 1, D)
+        self._gather_shape = (B, G, K + 1, D)
+        # flat row numbers into a layer's [B, G, P + N, D] slots: a row copy per index (see
+        # DenseKVCache._gather_selected)
+        base = torch.arange(B * G, device=self.device).view(B, G, 1) * self._slot_shape[3]
+        self._gather_rows = (index + base).reshape(-1)
         self._gather_valid = None
         if valid is not None:
             self._gather_valid = torch.cat([valid, valid.new_ones(B, G, 1)], dim=-1)[:, :, None, :]
@@ -505,16 +510,17 @@ class OffloadedKVCache(DenseKVCache):
         i = self._index[layer]
         if self._step_kind == "slots":
             self.copier.wait(("fetch", layer))
-            slots = self.kv_slots_device[i]  # [2, B, G, P + 1, D]
+            slots = self.kv_slots_device[i]  # [2, B, G, P + N, D]
             slots[0, :, :, self.pool_tokens] = k[:, :, 0]
             slots[1, :, :, self.pool_tokens] = v[:, :, 0]
             self._write_back(i, k, v, plan)
-            shape = self._gather_index.shape
+            shape = self._gather_shape
             if self.k_selected_device is None or self.k_selected_device.shape != shape:
                 self.k_selected_device = torch.empty(shape, dtype=k.dtype, device=self.device)
                 self.v_selected_device = torch.empty(shape, dtype=v.dtype, device=self.device)
-            torch.gather(slots[0], 2, self._gather_index, out=self.k_selected_device)
-            torch.gather(slots[1], 2, self._gather_index, out=self.v_selected_device)
+            D = shape[-1]
+            torch.index_select(slots[0].reshape(-1, D), 0, self._gather_rows, out=self.k_selected_device.view(-1, D))
+            torch.index_select(slots[1].reshape(-1, D), 0, self._gather_rows, out=self.v_selected_device.view(-1, D))
             return self.k_selected_device, self.v_selected_device, self._gather_valid
         # staged: the whole layer, streamed through a double buffer
         self.copier.wait(("stage", layer))

@@ -86,6 +86,9 @@ class Selection:
     measure_recall: bool = False
     stats: SelectionStats | None = None
     fallback_rows: tuple[int, ...] = ()
+    # (positions per row S, [B * G * (K + 1)] flat row numbers), made by the cache on the first
+    # layer of a global selection and reused by the others
+    flat_rows: tuple | None = field(default=None, repr=False)
 
 
 def past_attention(queries: torch.Tensor, past_keys: torch.Tensor,
