@@ -143,3 +143,39 @@ def test_ctrl_c_keeps_the_partial_answer(tiny_gguf, tmp_path):
     assert "Traceback" not in stderr and "interrupted after" in stderr
     kept = out.read_text(encoding="utf-8")
     assert len(kept) >= 20 and stdout.startswith(kept[:20])
+
+
+def test_ctrl_c_in_a_batch_keeps_every_request(tiny_gguf, tmp_path):
+    """SIGINT while a batch decodes: the finished request's line and the unfinished one's text so far."""
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text('{"id": "short", "question": "the", "max_new_tokens": 3}\n'
+                        '{"id": "long", "question": "in a", "max_new_tokens": 150000}\n')
+    out = tmp_path / "results.jsonl"
+    exe = shutil.which("specontext-run")
+    cmd = [exe] if exe else [sys.executable, "-m", "specontext.cli"]
+    stdout_file = open(tmp_path / "stdout.txt", "w+", encoding="utf-8")
+    proc = subprocess.Popen([*cmd, "--model", tiny_gguf, "--batch", str(requests), "--ignore-eos", "--json",
+                             "--output", str(out), "--quiet", "--device", "cpu"],
+                            stdout=stdout_file, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    partial = tmp_path / "results.jsonl.partial"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not partial.exists() or not partial.read_text().strip()):
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    time.sleep(1.0)  # the long request generates some more
+    assert proc.poll() is None, proc.stderr.read()
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, stderr = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, stderr = proc.communicate()
+        pytest.fail(f"no exit within 180 s of SIGINT; stderr: {stderr[-2000:]}")
+    finally:
+        stdout_file.close()
+    assert proc.returncode == 130 and "Traceback" not in stderr and "interrupted" in stderr
+    lines = {r["id"]: r for r in map(json.loads, out.read_text(encoding="utf-8").splitlines())}
+    assert lines["short"]["stop_reason"] == "length" and lines["short"]["generated_tokens"] == 3
+    assert lines["long"]["stop_reason"] == "interrupted" and lines["long"]["generated_tokens"] > 3
