@@ -82,7 +82,7 @@ def test_middle_loss_region_ignores_sinks_and_window_and_is_hand_checked():
     assert distill_loss(target, student, qpos, weights, "middle", 2, 3) == pytest.approx(expected, rel=1e-5)
     # the scale of the student's scores does not matter (it is renormalised)
     assert distill_loss(target, 3 * student, qpos, weights, "middle", 2, 3) == pytest.approx(expected, rel=1e-5)
-    assert DistillConfig(loss_region="middle").train_key("t") != DistillConfig().train_key("t")
+    assert DistillConfig(loss_region="all").train_key("t") != DistillConfig().train_key("t")
     with pytest.raises(ValueError, match="loss region"):
         distill_loss(target, student, qpos, weights, "edges", 2, 3)
 

@@ -73,7 +73,7 @@ class DistillConfig:
     qa_sequences: int = 0
     qa_answer_tokens: int = 20
     qa_answer_weight: float = 1.0
-    loss_region: str = "all"
+    loss_region: str = "middle"
 
     def train_key(self, teacher_key: str) -> str:
         """Checkpoints resume only a run with the same data and training settings (--steps may grow)."""
