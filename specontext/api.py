@@ -111,7 +111,7 @@ class LLM:
             llm.set_sparsity(sparsity="dense")
         """
         allowed = {"sparsity", "budget_tokens", "sink_tokens", "window_tokens", "retrieval_head",
-                   "fallback_threshold", "quest_page_tokens", "measure_recall"}
+                   "retrieval_backend", "fallback_threshold", "quest_page_tokens", "measure_recall"}
         unknown = sorted(set(changes) - allowed)
         if unknown:
             raise InputError(f"unknown sparsity option {unknown[0]!r}; valid: {', '.join(sorted(allowed))}")
@@ -121,10 +121,32 @@ class LLM:
             raise InputError(f"sparsity {opts.method!r} is not supported for sliding-window attention models "
                              f"(window {self.config.sliding_window}); use --sparsity dense")
         head = self.retrieval_head
-        if opts.method == "specontext" and (head is None or settings.retrieval_head != self.settings.retrieval_head):
-            head = resolve_head(settings.retrieval_head, self.target, device=self.model.device, dtype=self.model.dtype)
+        changed = (settings.retrieval_head, settings.retrieval_backend) != (self.settings.retrieval_head,
+                                                                            self.settings.retrieval_backend)
+        if opts.method == "specontext" and (head is None or changed):
+            head = self._load_head(settings.retrieval_head, settings.retrieval_backend)
         self.settings, self.retrieval_head = settings, head
         self.engine.settings, self.engine.sparsity, self.engine.retrieval_head = settings, opts, head
+
+    def _load_head(self, spec: str, backend: str):
+        """The head for ``spec`` on ``backend``: a RetrievalHead (torch) or an OnnxHeadRunner."""
+        is_onnx_file = spec.lower().endswith(".onnx")
+        if backend == "torch":
+            if is_onnx_file:
+                raise InputError(f"{spec} is an ONNX export; run it with --retrieval-backend onnxruntime, or give the "
+                                 "head's .json for torch")
+            return resolve_head(spec, self.target, device=self.model.device, dtype=self.model.dtype)
+        from .retrieval.onnx_head import OnnxHeadRunner, cached_export
+
+        path = spec if is_onnx_file else cached_export(resolve_head(spec, self.target))
+        return OnnxHeadRunner.load(path, self.target, device=self.model.device)
+
+    def export_head_onnx(self, path: str, retrieval_head: str | None = None) -> str:
+        """Export the retrieval head (``retrieval_head``, default this LLM's setting) to ONNX at ``path``."""
+        from .retrieval.onnx_head import export_onnx
+
+        head = resolve_head(retrieval_head or self.settings.retrieval_head, self.target)
+        return export_onnx(head, path)
 
     def encode_prompt(self, prompt: Prompt, chat: bool = True) -> list[int]:
         """Token ids for a prompt.

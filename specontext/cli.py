@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--version", action="version", version=f"specontext {__version__}")
     _add_dataclass_options(parser, GenerationConfig, "generation")
     _add_dataclass_options(parser, RuntimeSettings, "runtime")
+    io.add_argument("--export-head-onnx", metavar="FILE.onnx",
+                    help="export the retrieval head (--retrieval-head, default auto) to ONNX for "
+                         "--retrieval-backend onnxruntime, then exit; the file records the model it belongs to")
     plan = parser.add_argument_group("memory planning (no weights loaded, no device needed)")
     plan.add_argument("--plan", action="store_true",
                       help="print the memory plan for --model on --device-profile instead of generating: bytes per "
@@ -135,6 +138,19 @@ def run_plan(args: argparse.Namespace) -> int:
             f.write(payload + "\n")
         os.replace(tmp, args.output)
     print(payload if args.json else plan.table())
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """``--export-head-onnx FILE``: the retrieval head as an ONNX step graph."""
+    from .api import load
+
+    if not args.export_head_onnx.lower().endswith(".onnx"):
+        raise InputError(f"--export-head-onnx needs a path ending in .onnx, got {args.export_head_onnx}")
+    check_output_path(args.export_head_onnx)
+    llm = load(args.model, device="cpu")
+    path = llm.export_head_onnx(args.export_head_onnx, retrieval_head=args.retrieval_head)
+    print(f"exported {path}")
     return 0
 
 
@@ -443,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             if not args.debug:
                 warnings.showwarning = _show_warning
+            if args.export_head_onnx:
+                return run_export(args)
             return run_plan(args) if args.plan else run(args)
     except SpecontextError as exc:
         if args.debug:

@@ -39,6 +39,10 @@ class RuntimeSettings:
     window_tokens: int = _opt(60, "most recent tokens always kept (specontext)")
     retrieval_head: str = _opt("auto", "retrieval head for --sparsity specontext: a NAME.json / NAME.safetensors artefact, "
                                "or auto (a shipped or trained head whose target matches this model)")
+    retrieval_backend: str = _opt("torch", "what runs the retrieval head each step: torch, or onnxruntime (the head "
+                                  "exported to ONNX, on the CPU provider, or CUDA with the K cache bound on the device; "
+                                  "needs the onnx extra). --retrieval-head may then also be an exported .onnx file",
+                                  choices=("torch", "onnxruntime"))
     fallback_threshold: float = _opt(0.0, "run a decode step dense when the retrieval head's attention mass on its "
                                      "chosen tokens is below this (0 = never)")
     quest_page_tokens: int = _opt(16, "page size for --sparsity quest")
@@ -86,6 +90,8 @@ class RuntimeSettings:
         if self.offload_layers and self.sparsity in ("oracle", "quest"):
             raise InputError(f"sparsity {self.sparsity} chooses inside each layer, so it needs every layer's keys on "
                              "the device; with offload_layers use specontext, streaming or dense")
+        if self.retrieval_backend not in ("torch", "onnxruntime"):
+            raise InputError(f"retrieval_backend must be torch or onnxruntime, got {self.retrieval_backend!r}")
         if not math.isfinite(self.fallback_threshold):
             raise InputError(f"fallback_threshold must be a finite number, got {self.fallback_threshold}")
         self.sparsity_options()

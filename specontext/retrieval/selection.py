@@ -320,7 +320,9 @@ class HeadSelector(Selector):
     """SpeContext: the retrieval head chooses one index set per KV head for every layer.
 
     Args:
-        head: a loaded :class:`RetrievalHead` (its target already checked).
+        head: a loaded :class:`RetrievalHead` (its target already checked), run with torch; or an
+            ``onnx_head.OnnxHeadRunner``, which runs each step's head work on ONNX Runtime (the
+            K cache is then float32 and passed whole, with the past marked valid).
         embed: the target's token embedding module.
         batch_size, capacity_tokens: the head's K cache shape.
         fallback_threshold: run the step dense when the head's own attention mass on its chosen
@@ -346,12 +348,18 @@ class HeadSelector(Selector):
         # set by the engine for caches that cannot serve one row's whole past (offloaded layers'
         # slots hold K tokens): any row's fallback then runs the whole step dense
         self.whole_step_fallback = False
-        p = next(head.parameters())
+        self.onnx = not isinstance(head, RetrievalHead)
+        if self.onnx:
+            dtype, device = torch.float32, head.device
+        else:
+            p = next(head.parameters())
+            dtype, device = p.dtype, p.device
         self.k_device = torch.zeros(batch_size, cfg.num_kv_heads, capacity_tokens, cfg.head_dim,
-                                    dtype=p.dtype, device=p.device)
+                                    dtype=dtype, device=device)
         e = cfg.target.hidden_size
         # target outputs at the position before the next one the head will see: [B, L*E]
-        self.carry_hidden = torch.zeros(batch_size, len(self.capture_layers) * e, dtype=p.dtype, device=p.device)
+        self.carry_hidden = torch.zeros(batch_size, len(self.capture_layers) * e, dtype=dtype, device=device)
+        self._scores: torch.Tensor | None = None  # [B, G, S] from the ONNX step, for choose()
 
     def allocated_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.k_device, self.carry_hidden))
@@ -370,9 +378,14 @@ class HeadSelector(Selector):
                 shifted = torch.cat([self.carry_hidden[:, None].to(hidden.dtype), hidden[:, :-1]], dim=1)
             else:
                 shifted = None
-            x = self.head.inputs(self.embed(ids).to(self.k_device.dtype),
-                                 None if shifted is None else shifted.to(self.k_device.dtype))
-            _, k = self.head.project(x, plan.positions)  # [B, Gh, T, Dh]
+            embeds = self.embed(ids).to(self.k_device.dtype)
+            shifted = None if shifted is None else shifted.to(self.k_device.dtype)
+            if self.onnx:  # keys only: an empty cache to score against
+                empty = self.k_device[:, :, :1]
+                k = self.head(embeds, shifted, plan.positions, empty,
+                              torch.zeros(B, 1, dtype=torch.bool, device=empty.device))[0]
+            else:
+                _, k = self.head.project(self.head.inputs(embeds, shifted), plan.positions)  # [B, Gh, T, Dh]
             if plan.write_start is not None:
                 self.k_device[:, :, plan.write_start:plan.write_start + T] = k
             else:  # rows of different lengths (batched prompts): only the real tokens
@@ -394,8 +407,12 @@ class HeadSelector(Selector):
         # The new token's key enters the head's cache on every step, dense ones included, so
         # it competes for the budget once the context outgrows it.
         hidden = self.carry_hidden[:, None] if self.capture_layers else None
-        x = self.head.inputs(self.embed(ids).to(self.k_device.dtype), hidden)
-        self._q, k = self.head.project(x, plan.positions)  # [B, H, 1, Dh], [B, Gh, 1, Dh]
+        embeds = self.embed(ids).to(self.k_device.dtype)
+        if self.onnx:  # projection and scores in one call, over the whole cache with the past valid
+            past = torch.arange(self.k_device.shape[2], device=self.k_device.device)[None] < plan.positions[:, :1]
+            k, self._q, self._scores = self.head(embeds, hidden, plan.positions, self.k_device, past)
+        else:
+            self._q, k = self.head.project(self.head.inputs(embeds, hidden), plan.positions)  # [B, H, 1, Dh], [B, Gh, 1, Dh]
         rows = torch.tensor([b for b, n in enumerate(plan.input_lens) if n > 0], device=self.k_device.device)
         self.k_device[rows, :, plan.positions[rows, 0]] = k[rows, :, 0]
 
@@ -406,7 +423,10 @@ class HeadSelector(Selector):
         P = max(past_lens)
         lens = torch.tensor(past_lens, device=dev)
         valid = (torch.arange(P, device=dev)[None, :] < lens[:, None])[:, None]  # [B, 1, P]
-        probs = self.head.group_probs(q, self.k_device[:, :, :P], valid)[:, :, 0]  # [B, G, P]
+        if self.onnx:
+            probs = self._scores[:, :, :P]  # positions outside each row's past scored 0
+        else:
+            probs = self.head.group_probs(q, self.k_device[:, :, :P], valid)[:, :, 0]  # [B, G, P]
         # Sinks and the recent window are always kept: give them a score above any probability.
         pinned = torch.arange(P, device=dev)[None, :]
         pinned = (pinned < self.sink_tokens) | (pinned >= (lens[:, None] - self.window_tokens))
