@@ -66,6 +66,23 @@ def make_hf_model(family: str, folder: str, seed: int = 0, **overrides):
     return model
 
 
+def make_random_head(target, path: str, hidden_layers=(0, 1), num_heads: int = 4, num_kv_heads: int = 2,
+                     head_dim: int = 8, seed: int = 0):
+    """A random retrieval head (embedding + hidden input) for ``target``, saved at ``path``; returns it."""
+    from specontext.retrieval.head import RetrievalHead, RetrievalHeadConfig, save_head
+
+    cfg = RetrievalHeadConfig(target=target, input_kind="embedding+hidden", hidden_layers=tuple(hidden_layers),
+                              num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                              kv_group_of_head=tuple(h // (num_heads // num_kv_heads) for h in range(num_heads)))
+    torch.manual_seed(seed)
+    head = RetrievalHead(cfg)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.3)
+    save_head(head, path)
+    return head
+
+
 @pytest.fixture(scope="session")
 def default_llm():
     """The real default model (SmolLM2-135M-Instruct), loaded once per test session."""

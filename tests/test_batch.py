@@ -15,10 +15,9 @@ import torch
 
 import specontext
 from specontext.errors import ContextLengthError, InputError
-from specontext.retrieval.head import RetrievalHead, RetrievalHeadConfig, save_head
 from specontext.settings import GenerationConfig
 
-from conftest import make_hf_model
+from conftest import make_hf_model, make_random_head
 
 LENGTHS = (70, 41, 93)  # prompt tokens per request
 NEW = (24, 40, 9)  # tokens each request generates
@@ -29,14 +28,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("batch")
     make_hf_model("llama", str(root / "m"), max_position_embeddings=256)
     llm = specontext.load(str(root / "m"), device="cpu", prefill_chunk_tokens=32)
-    cfg = RetrievalHeadConfig(target=llm.target, input_kind="embedding+hidden", hidden_layers=(0, 1), num_heads=4,
-                              num_kv_heads=2, head_dim=8, kv_group_of_head=(0, 0, 1, 1))
-    torch.manual_seed(0)
-    head = RetrievalHead(cfg)
-    with torch.no_grad():
-        for p in head.parameters():
-            p.normal_(0, 0.3)
-    save_head(head, str(root / "head" / "tiny"))
+    make_random_head(llm.target, str(root / "head" / "tiny"))
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 96, (n,), generator=g).tolist() for n in LENGTHS]
     return {"llm": llm, "head": str(root / "head" / "tiny"), "prompts": prompts, "root": root}

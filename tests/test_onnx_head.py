@@ -16,9 +16,8 @@ import torch
 
 import specontext
 from specontext.errors import InputError, ModelFileError
-from specontext.retrieval.head import RetrievalHead, RetrievalHeadConfig, save_head
 
-from conftest import make_hf_model
+from conftest import make_hf_model, make_random_head
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -31,14 +30,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("onnx")
     make_hf_model("llama", str(root / "m"), max_position_embeddings=256)
     llm = specontext.load(str(root / "m"), device="cpu", prefill_chunk_tokens=32)
-    cfg = RetrievalHeadConfig(target=llm.target, input_kind="embedding+hidden", hidden_layers=(0, 1), num_heads=4,
-                              num_kv_heads=2, head_dim=8, kv_group_of_head=(0, 0, 1, 1))
-    torch.manual_seed(0)
-    head = RetrievalHead(cfg)
-    with torch.no_grad():
-        for p in head.parameters():
-            p.normal_(0, 0.3)
-    save_head(head, str(root / "head" / "tiny"))
+    head = make_random_head(llm.target, str(root / "head" / "tiny"))
     onnx_path = onnx_head.export_onnx(head, str(root / "tiny.onnx"))
     ids = torch.randint(3, 96, (140,), generator=torch.Generator().manual_seed(4)).tolist()
     return {"llm": llm, "head": head, "head_path": str(root / "head" / "tiny"), "onnx": onnx_path, "ids": ids,
