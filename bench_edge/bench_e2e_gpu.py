@@ -230,11 +230,24 @@ def run(args) -> int:
             raise SystemExit("--edge caps GPU memory; it needs --device cuda")
         total = torch.cuda.get_device_properties(args.device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(4 * 2**30 / total, 1.0), args.device)
-    shape_args = argparse_namespace(shape=args.shape, device=args.device, seed=args.seed)
-    hf, ours, cfg = bench_offload_gpu.build_models(shape_args)
-    dtype = next(ours.parameters()).dtype
+    # One engine's model on the device at a time (the 4 GB edge cap must hold only it): weights are
+    # drawn on the CPU with a fixed seed, so every engine gets the same ones.
+    dtype = torch.float16 if args.device != "cpu" else torch.float32
+
+    def hf_model():
+        return bench_offload_gpu.random_hf_model(args.shape, args.seed, "cpu", torch.float32).to(args.device, dtype)
+
+    def ours_model():
+        hf = bench_offload_gpu.random_hf_model(args.shape, args.seed, "cpu", torch.float32)
+        tensors = dict(hf.state_dict())
+        del hf
+        return bench_offload_gpu.our_model(args.shape, tensors, dtype, args.device)
+
+    from specontext.config import ModelConfig
+
+    cfg = ModelConfig.from_hf_dict(bench_offload_gpu.hf_config(args.shape), name=f"random {args.shape}")
     head = bench_offload_gpu.random_head(cfg, args.device, dtype)
-    weights = sum(p.numel() * p.element_size() for p in ours.parameters())
+    weights = _weights_bytes(cfg, dtype)
     profile = _device_profile(args) if args.device != "cpu" else None
     bandwidth = measure_bandwidth(args.device)
     out = {"benchmark": "end-to-end generation, paper settings", "machine": describe(),
@@ -242,11 +255,24 @@ def run(args) -> int:
            "input_tokens": input_tokens, "output_tokens": output_tokens, "shape": args.shape,
            "weights_bytes": weights, "memory_bandwidth_bytes_per_s": round(bandwidth), "engines": {}}
 
+    loaded: dict = {}
+
+    def model_for(engine):
+        kind = "ours" if engine in ("specontext", "dense") else "hf"
+        if kind not in loaded:
+            loaded.clear()  # free the other engine's model first
+            gc.collect()
+            if torch.device(args.device).type == "cuda":
+                torch.cuda.empty_cache()
+            loaded[kind] = ours_model()[0] if kind == "ours" else hf_model()
+        return loaded[kind]
+
     def ours_runner(mode):
-        return lambda R, cap: OursRunner(ours, cfg, head, mode, args, R, cap, profile)
+        return lambda R, cap: OursRunner(model_for(mode), cfg, head, mode, args, R, cap, profile)
 
     def hf_runner(offloaded):
-        return lambda R, cap: HFRunner(hf, offloaded, R, args.device)
+        return lambda R, cap: HFRunner(model_for("hf-offloaded" if offloaded else "hf-sdpa"), offloaded, R,
+                                       args.device)
 
     makers = {"specontext": ours_runner("specontext"), "dense": ours_runner("dense"),
               "hf-sdpa": hf_runner(False), "hf-offloaded": hf_runner(True)}
@@ -287,10 +313,17 @@ def run(args) -> int:
     return 0
 
 
-def argparse_namespace(**kw):
-    import argparse
+def _weights_bytes(cfg, dtype) -> int:
+    """Parameter bytes of our decoder of ``cfg`` (counted on the meta device, nothing allocated)."""
+    import torch
 
-    return argparse.Namespace(**kw)
+    from specontext.model.llama import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    size = torch.empty(0, dtype=dtype).element_size()
+    tied = model.lm_head.weight.numel() if cfg.tie_word_embeddings else 0  # tied at load time, not on meta
+    return (sum(p.numel() for p in model.parameters()) - tied) * size
 
 
 def _device_profile(args) -> str | None:

@@ -83,32 +83,47 @@ def hf_config(shape: str) -> dict:
             "bos_token_id": 1, "eos_token_id": 2, **SHAPES[shape]}
 
 
-def build_models(args):
-    """(transformers model, our model, ModelConfig) sharing random float16 weights on the device."""
+def random_hf_model(shape: str, seed: int, device, dtype):
+    """A transformers model of ``shape`` with random weights (N(0, 0.02) matrices), in eval mode.
+
+    The same (shape, seed) gives the same weights when built on the same device type.
+    """
     import torch
     import transformers
 
-    from specontext.config import ModelConfig
-    from specontext.model.llama import LlamaForCausalLM
-
-    torch.manual_seed(args.seed)
-    raw = hf_config(args.shape)
+    torch.manual_seed(seed)
+    raw = hf_config(shape)
     prefix = {"llama": "Llama", "qwen3": "Qwen3"}[raw["model_type"]]
     hf_cfg = getattr(transformers, f"{prefix}Config")(
         **{k: v for k, v in raw.items() if k not in ("architectures", "torch_dtype", "model_type")})
     hf_cfg._attn_implementation = "sdpa"
-    dtype = torch.float16 if args.device != "cpu" else torch.float32
-    with torch.device(args.device):
+    with torch.device(device):
         hf = getattr(transformers, f"{prefix}ForCausalLM")(hf_cfg).to(dtype)
     with torch.no_grad():  # default init is tuned for training; keep activations in float16 range
         for name, p in hf.named_parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.02)
-    hf.eval()
-    cfg = ModelConfig.from_hf_dict(raw, name=f"random {args.shape}")
+    return hf.eval()
+
+
+def our_model(shape: str, tensors: dict, dtype, device):
+    """Our decoder of ``shape`` from Hugging Face-named ``tensors`` (consumed), on ``device``."""
+    from specontext.config import ModelConfig
+    from specontext.model.llama import LlamaForCausalLM
+
+    cfg = ModelConfig.from_hf_dict(hf_config(shape), name=f"random {shape}")
     ours = LlamaForCausalLM(cfg)
-    ours.load_checkpoint({k: v for k, v in hf.state_dict().items()}, dtype, args.device)
-    ours.eval()
+    ours.load_checkpoint(tensors, dtype, device)
+    return ours.eval(), cfg
+
+
+def build_models(args):
+    """(transformers model, our model, ModelConfig) sharing random float16 weights on the device."""
+    import torch
+
+    dtype = torch.float16 if args.device != "cpu" else torch.float32
+    hf = random_hf_model(args.shape, args.seed, args.device, dtype)
+    ours, cfg = our_model(args.shape, dict(hf.state_dict()), dtype, args.device)
     return hf, ours, cfg
 
 
