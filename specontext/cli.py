@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="decode many requests together: one JSON object per line with \"question\" and/or "
                          "\"document\" (a file path) or \"text\" (the document itself), or \"prompt\" (used as "
                          "it is); optional \"id\" and per-request generation fields (max_new_tokens, temperature, "
-                         "top_p, top_k, seed, stop, ignore_eos). Results are JSON lines in request order")
+                         "top_p, top_k, seed, stop, ignore_eos). Each result is a JSON line with the request's "
+                         "\"id\" and \"index\", written as that request finishes")
     io.add_argument("--question", "-q", metavar="TEXT",
                     help="question or instruction about the document (may be given alone)")
     io.add_argument("--model", "-m", metavar="PATH",
