@@ -116,7 +116,7 @@ def micro(engine, state, opts, iters: int) -> dict:
     x = torch.tensor([[state.prompt_ids[-1]]], dtype=torch.int64, device=device)
     # select() reads only the positions of the step plan; it writes the new key at ``past``,
     # a slot past the prompt that every later decode overwrites
-    plan = SimpleNamespace(positions=torch.tensor([[past]], dtype=torch.int64, device=device))
+    plan = SimpleNamespace(positions=torch.tensor([[past]], dtype=torch.int64, device=device), input_lens=[1])
     head, embed = selector.head, selector.embed
     dtype = selector.k_device.dtype
     hidden = selector.carry_hidden[:, None] if selector.capture_layers else None
