@@ -116,7 +116,7 @@ def cpu_worker(mode: str, context: int, decode_tokens: int, threads: int, budget
     return {"engine": f"specontext-{mode}", "mode": mode, "context": context, "requests": requests,
             "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens, "prefill_s": round(b["prefill_s"], 4),
             "decode_s": round(b["decode_s"], 4), "total_s": b["total_s"], "tokens_per_s": b["tokens_per_s"],
-            "decode_tokens_per_s": b["decode_tokens_per_s"], "time_per_output_token_s": round(step_s, 6),
+            "decode_tokens_per_s": b["decode_tokens_per_s"], "time_per_output_token_s": round(step_s / requests, 6),
             "decode_step_s": round(step_s, 6), "peak_host_rss_bytes": first.stats.peak_host_rss_bytes,
             "kv_cache_bytes": first.stats.kv_cache_bytes, "weights_bytes": weights,
             "bytes_read_per_step": read, "sparsity": first.stats.sparsity, "threads": torch.get_num_threads()}
@@ -262,13 +262,14 @@ def run_cpu(args) -> dict:
 
 
 def cpu_table(result: dict) -> str:
-    lines = ["| engine | context | requests | end-to-end tok/s | decode tok/s | ms / output token | prefill s | "
-             "peak RSS MiB | MB read / step | roofline fraction |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| engine | context | requests | end-to-end tok/s | decode tok/s | ms / decode step | ms / output token | "
+             "prefill s | peak RSS MiB | MB read / step | roofline fraction |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         read = f"{r['bytes_read_per_step'] / 1e6:.0f}" if "bytes_read_per_step" in r else "n/a"
         roof = f"{r['roofline_fraction']:.2f}" if "roofline_fraction" in r else "n/a"
         lines.append(f"| {r['engine']} | {r['context']} | {r['requests']} | {r['tokens_per_s']:.1f} | "
-                     f"{r['decode_tokens_per_s']:.1f} | {r['time_per_output_token_s'] * 1e3:.1f} | {r['prefill_s']:.2f} | "
+                     f"{r['decode_tokens_per_s']:.1f} | {r['decode_step_s'] * 1e3:.1f} | "
+                     f"{r['time_per_output_token_s'] * 1e3:.1f} | {r['prefill_s']:.2f} | "
                      f"{r['peak_host_rss_bytes'] / 2**20:.0f} | {read} | {roof} |")
     return "\n".join(lines)
 
