@@ -83,6 +83,28 @@ def make_random_head(target, path: str, hidden_layers=(0, 1), num_heads: int = 4
     return head
 
 
+def recording_selections(llm):
+    """Wrap ``llm``'s selector factory so each decode step's global selection is recorded.
+
+    Returns (record, restore): ``record`` gets, per step, the selection's indices [B, G, K + 1]
+    (a copy) or None for a dense step; ``restore()`` puts the original factory back.
+    """
+    record, original = [], llm.engine.new_selector
+
+    def factory(*args, **kwargs):
+        selector = original(*args, **kwargs)
+        select = selector.select
+
+        def recorded(x, plan):
+            sel = select(x, plan)
+            record.append(None if sel is None else sel.indices.clone())
+            return sel
+        selector.select = recorded
+        return selector
+    llm.engine.new_selector = factory
+    return record, lambda: setattr(llm.engine, "new_selector", original)
+
+
 @pytest.fixture(scope="session")
 def default_llm():
     """The real default model (SmolLM2-135M-Instruct), loaded once per test session."""

@@ -107,6 +107,19 @@ def test_cli_reads_document_from_stdin(tiny_gguf, tmp_path):
     assert json.loads(proc.stdout)["generated_tokens"] == 5
 
 
+def _interrupt(proc, stdout_file) -> str:
+    """SIGINT to ``proc``; its stderr once it exits (the test fails if it has not within 180 s)."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.communicate(timeout=180)[1]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stderr = proc.communicate()[1]
+        pytest.fail(f"no exit within 180 s of SIGINT; stderr: {stderr[-2000:]}")
+    finally:
+        stdout_file.close()
+
+
 def test_ctrl_c_keeps_the_partial_answer(tiny_gguf, tmp_path):
     """SIGINT mid-generation: exit 130, a one-line notice, and the output file keeps what was generated."""
     out = tmp_path / "partial.txt"
@@ -129,15 +142,7 @@ def test_ctrl_c_keeps_the_partial_answer(tiny_gguf, tmp_path):
             break
         time.sleep(0.2)
     assert proc.poll() is None, proc.stderr.read()
-    proc.send_signal(signal.SIGINT)
-    try:
-        _, stderr = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, stderr = proc.communicate()
-        pytest.fail(f"no exit within 180 s of SIGINT; stderr: {stderr[-2000:]}")
-    finally:
-        stdout_file.close()
+    stderr = _interrupt(proc, stdout_file)
     stdout = (tmp_path / "stdout.txt").read_text(encoding="utf-8")
     assert proc.returncode == 130
     assert "Traceback" not in stderr and "interrupted after" in stderr
@@ -166,15 +171,7 @@ def test_ctrl_c_in_a_batch_keeps_every_request(tiny_gguf, tmp_path):
         time.sleep(0.2)
     time.sleep(1.0)  # the long request generates some more
     assert proc.poll() is None, proc.stderr.read()
-    proc.send_signal(signal.SIGINT)
-    try:
-        _, stderr = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, stderr = proc.communicate()
-        pytest.fail(f"no exit within 180 s of SIGINT; stderr: {stderr[-2000:]}")
-    finally:
-        stdout_file.close()
+    stderr = _interrupt(proc, stdout_file)
     assert proc.returncode == 130 and "Traceback" not in stderr and "interrupted" in stderr
     lines = {r["id"]: r for r in map(json.loads, out.read_text(encoding="utf-8").splitlines())}
     assert lines["short"]["stop_reason"] == "length" and lines["short"]["generated_tokens"] == 3

@@ -17,7 +17,7 @@ import torch
 import specontext
 from specontext.errors import InputError, ModelFileError
 
-from conftest import make_hf_model, make_random_head
+from conftest import make_hf_model, make_random_head, recording_selections
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -56,24 +56,13 @@ def test_exported_step_equals_the_torch_head(tiny):
 
 
 def _selections(llm, prompt, steps):
-    record, original = [], llm.engine.new_selector
-
-    def factory(*args, **kwargs):
-        selector = original(*args, **kwargs)
-        select = selector.select
-
-        def recorded(x, plan):
-            sel = select(x, plan)
-            record.append(None if sel is None else sel.indices[..., :-1].clone())
-            return sel
-        selector.select = recorded
-        return selector
-    llm.engine.new_selector = factory
+    """Each decode step's selection (past indices, or None for a dense step) and the result."""
+    record, restore = recording_selections(llm)
     try:
         result = llm.generate(prompt, chat=False, max_new_tokens=steps, ignore_eos=True)
     finally:
-        llm.engine.new_selector = original
-    return record, result
+        restore()
+    return [None if sel is None else sel[..., :-1] for sel in record], result
 
 
 def _recall(ours, reference) -> float:

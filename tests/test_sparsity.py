@@ -21,7 +21,7 @@ import specontext
 from specontext.errors import InputError
 from specontext.retrieval.selection import METHODS, SparsityOptions, past_attention
 
-from conftest import make_hf_model, make_random_head
+from conftest import make_hf_model, make_random_head, recording_selections
 
 PREFIX, TOTAL = 80, 120
 
@@ -35,24 +35,6 @@ def tiny(tmp_path_factory):
     make_random_head(llm.target, str(root / "head" / "tiny"))
     ids = torch.randint(3, 96, (TOTAL,), generator=torch.Generator().manual_seed(3)).tolist()
     return {"hf": hf, "llm": llm, "head_path": str(root / "head" / "tiny"), "ids": ids, "root": root}
-
-
-def _recording(llm):
-    """Wrap the engine's selector factory so each step's global selection is recorded."""
-    record, original = [], llm.engine.new_selector
-
-    def factory(*args, **kwargs):
-        selector = original(*args, **kwargs)
-        select = selector.select
-
-        def recorded(x, plan):
-            sel = select(x, plan)
-            record.append(None if sel is None else sel.indices.clone())
-            return sel
-        selector.select = recorded
-        return selector
-    llm.engine.new_selector = factory
-    return record, lambda: setattr(llm.engine, "new_selector", original)
 
 
 def _mask_from_record(record, prefix_len, n, num_heads, num_kv_heads):
@@ -80,7 +62,7 @@ def test_sparse_decode_equals_transformers_with_the_same_tokens_masked_in(tiny, 
     llm, hf, ids = tiny["llm"], tiny["hf"], tiny["ids"]
     llm.set_sparsity(sparsity="specontext", retrieval_head=tiny["head_path"])
     opts = SparsityOptions(method=method, budget_tokens=30, sink_tokens=2, window_tokens=4)
-    record, restore = _recording(llm)
+    record, restore = recording_selections(llm)
     try:
         logits, selector = llm.engine.teacher_forced(ids[:PREFIX], ids[PREFIX:], sparsity=opts)
     finally:
@@ -106,7 +88,7 @@ def test_specontext_keeps_sinks_and_window_and_ranks_the_rest_by_the_head(tiny):
     llm, ids = tiny["llm"], tiny["ids"]
     llm.set_sparsity(sparsity="specontext", retrieval_head=tiny["head_path"])
     opts = SparsityOptions(method="specontext", budget_tokens=24, sink_tokens=3, window_tokens=5)
-    record, restore = _recording(llm)
+    record, restore = recording_selections(llm)
     try:
         _, selector = llm.engine.teacher_forced(ids[:PREFIX], ids[PREFIX:PREFIX + 8], sparsity=opts)
     finally:
@@ -183,7 +165,7 @@ def test_head_k_cache_covers_prompt_and_generated_tokens(tiny, budget):
     llm, ids = tiny["llm"], tiny["ids"]
     llm.set_sparsity(sparsity="specontext", retrieval_head=tiny["head_path"], budget_tokens=budget, sink_tokens=2,
                      window_tokens=4)
-    record, restore = _recording(llm)
+    record, restore = recording_selections(llm)
     try:
         g = llm.engine.generate(ids[:PREFIX], specontext.GenerationConfig(max_new_tokens=12, ignore_eos=True))
         list(g)
