@@ -111,7 +111,8 @@ class LLM:
             llm.set_sparsity(sparsity="dense")
         """
         allowed = {"sparsity", "budget_tokens", "sink_tokens", "window_tokens", "retrieval_head",
-                   "retrieval_backend", "fallback_threshold", "quest_page_tokens", "measure_recall"}
+                   "retrieval_backend", "fallback_threshold", "quest_page_tokens", "measure_recall", "block_tokens",
+                   "pin_fraction", "focus_window_tokens", "focus_pool_tokens"}
         unknown = sorted(set(changes) - allowed)
         if unknown:
             raise InputError(f"unknown sparsity option {unknown[0]!r}; valid: {', '.join(sorted(allowed))}")

@@ -20,6 +20,7 @@ from .errors import ContextLengthError, InputError
 from .kv.cache import DenseKVCache, KVCache
 from .kv.offload import OffloadedKVCache
 from .model.llama import LlamaForCausalLM
+from .retrieval.focus import QueryFocus
 from .retrieval.head import RetrievalHead
 from .retrieval.selection import HeadSelector, Selector, SparsityOptions, make_selector
 from .settings import GenerationConfig, RuntimeSettings
@@ -311,21 +312,32 @@ class Engine:
 
     def prefill(self, ids: list[int], cache: KVCache, logits_for: str = "last",
                 progress: Callable[[int, int], None] | None = None,
-                selector: Selector | None = None) -> torch.Tensor:
+                selector: Selector | None = None, focus: QueryFocus | None = None) -> torch.Tensor:
         """Run one prompt through the model in chunks (always dense); returns logits of the last chunk.
 
         ``selector`` sees every chunk, so a retrieval head builds its K cache from the same inputs.
         ``logits_for="all"`` returns [1, len(ids), V]; otherwise [1, V] at the last token.
         """
-        return self.prefill_rows([ids], cache, logits_for=logits_for, progress=progress, selector=selector)
+        return self.prefill_rows([ids], cache, logits_for=logits_for, progress=progress, selector=selector,
+                                 focus=focus)
+
+    def new_focus(self, prompt_lens: list[int], capacity_tokens: int, window_tokens: int,
+                  keep: str = "total") -> QueryFocus:
+        """An empty :class:`QueryFocus` for prompts of ``prompt_lens`` (filled by :meth:`prefill_rows`)."""
+        cfg = self.model.config
+        return QueryFocus(prompt_lens, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, capacity_tokens,
+                          window_tokens, self.model.device, keep=keep)
 
     def prefill_rows(self, rows: list[list[int]], cache: KVCache, logits_for: str = "last",
                      progress: Callable[[int, int], None] | None = None,
-                     selector: Selector | None = None) -> torch.Tensor:
+                     selector: Selector | None = None, focus: QueryFocus | None = None) -> torch.Tensor:
         """Prefill one prompt per cache row together, in chunks of ``prefill_chunk_tokens`` per row.
 
         Each chunk carries every unfinished row's next tokens (rows padded on the right), so rows
-        of different lengths share the model calls. Returns [B, V] logits at each row's last
+        of different lengths share the model calls. When ``selector`` asks for the prompt's focus
+        (``focus_window_tokens`` > 0), or a ``focus`` is given, the chunks holding each row's last
+        W tokens also score their attention over the prompt (see ``retrieval/focus.py``); the
+        selector then gets it through ``set_focus``. Returns [B, V] logits at each row's last
         prompt token (or, for one row and ``logits_for="all"``, [1, T, V]).
         """
         chunk = self.settings.prefill_chunk_tokens
@@ -333,6 +345,9 @@ class Engine:
         capture = selector.capture_layers if selector is not None else ()
         if logits_for == "all" and len(rows) != 1:
             raise ValueError("logits_for='all' needs a single row")
+        if focus is None and selector is not None and selector.focus_window_tokens:
+            focus = self.new_focus([len(r) for r in rows], cache.capacity_tokens, selector.focus_window_tokens,
+                                   keep=selector.focus_keep)
         total, done = sum(len(r) for r in rows), 0
         last: list[torch.Tensor | None] = [None] * len(rows)
         pieces = []
@@ -344,6 +359,8 @@ class Engine:
             width = max(lens)
             x = torch.tensor([p + [0] * (width - len(p)) for p in parts], dtype=torch.int64, device=device)
             plan = cache.plan_step(lens)
+            if focus is not None and focus.begin_chunk(lens):
+                plan.focus = focus
             captured: dict = {}
             out = self.model(x, plan, cache, logits_for=want, capture_layers=capture, captured=captured)
             if selector is not None:
@@ -356,6 +373,8 @@ class Engine:
             done += sum(lens)
             if progress is not None:
                 progress(done, total)
+        if focus is not None and selector is not None and selector.focus_window_tokens:
+            selector.set_focus(focus)
         if logits_for == "all":
             return torch.cat(pieces, dim=1)
         if logits_for == "none":
@@ -363,20 +382,25 @@ class Engine:
         return torch.cat(last, dim=0)
 
     def prefill_state(self, prompt_ids: list[int], capacity_tokens: int,
-                      progress: Callable[[int, int], None] | None = None) -> "PrefillState":
+                      progress: Callable[[int, int], None] | None = None,
+                      focus_window_tokens: int | None = None, focus_keep: str = "layers") -> "PrefillState":
         """Prefill once and keep the state, so several methods can decode from the same prompt.
 
         Prefill is dense whatever the method, so its KV (and the retrieval head's K cache, when
         the engine has a head) is shared: each later use rewinds the cache to the prompt and
-        decode overwrites the positions after it.
+        decode overwrites the positions after it. The prompt's focus (W = ``focus_window_tokens``,
+        default the engine's sparsity setting; 0 = none) is kept per layer, so pinned specontext
+        and snapkv can decode from the state too (with that W).
         """
         self.check_prompt_fits(len(prompt_ids))
         cache = self.new_cache(capacity_tokens)
         head_opts = SparsityOptions(method="specontext", budget_tokens=capacity_tokens + 1, sink_tokens=0,
-                                    window_tokens=0)
+                                    window_tokens=0, pin_fraction=0.0)
         selector = self.new_selector(capacity_tokens, sparsity=head_opts) if self.retrieval_head else None
-        logits = self.prefill(prompt_ids, cache, progress=progress, selector=selector)
-        return PrefillState(list(prompt_ids), cache, logits, selector)
+        W = self.sparsity.focus_window_tokens if focus_window_tokens is None else focus_window_tokens
+        focus = self.new_focus([len(prompt_ids)], capacity_tokens, W, keep=focus_keep) if W else None
+        logits = self.prefill(prompt_ids, cache, progress=progress, selector=selector, focus=focus)
+        return PrefillState(list(prompt_ids), cache, logits, selector, focus)
 
     def _decoder(self, state: "PrefillState", sparsity: SparsityOptions | None,
                  selector: Selector | None = None) -> tuple[KVCache, Selector]:
@@ -388,6 +412,14 @@ class Engine:
             if state.head_selector is None:
                 raise InputError("this prefill state was made without a retrieval head")
             selector.k_device, selector.carry_hidden = state.head_selector.k_device, state.head_selector.carry_hidden
+        if selector.focus_window_tokens:
+            focus = state.focus
+            if focus is None or focus.window_tokens != selector.focus_window_tokens or \
+                    (selector.focus_keep != "total" and focus.keep == "total"):
+                raise InputError(f"this prefill state holds no focus for a {selector.focus_window_tokens}-token window"
+                                 f"{' per layer' if selector.focus_keep != 'total' else ''}; make it with "
+                                 f"prefill_state(..., focus_window_tokens={selector.focus_window_tokens})")
+            selector.set_focus(focus)
         return state.cache, selector
 
     @torch.inference_mode()
@@ -451,6 +483,7 @@ class PrefillState:
     cache: KVCache
     logits: torch.Tensor  # [1, V] at the prompt's last token
     head_selector: Selector | None
+    focus: QueryFocus | None = None  # the prompt's last W queries' attention (pinning, snapkv)
 
 
 class Generation:

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 from .errors import InputError
-from .retrieval.selection import METHODS, SparsityOptions
+from .retrieval.selection import METHODS, PER_LAYER_METHODS, SparsityOptions
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -32,17 +32,25 @@ class RuntimeSettings:
     sparsity: str = _opt("dense", "what each decode step attends to: dense (every past token); specontext (the retrieval "
                          "head's choice, one set per KV head for all layers); oracle (per layer, the top of the model's own "
                          "attention: an upper bound); quest (per layer, pages ranked by key bounds); streaming (sinks plus "
-                         "the most recent tokens). Prefill is always dense", choices=METHODS)
+                         "the most recent tokens); snapkv (per layer, the prompt positions the prompt's last tokens attended to, "
+                         "plus sinks and window, fixed after prefill). Prefill is always dense", choices=METHODS)
     budget_tokens: int = _opt(1024, "past tokens attended per KV head on a sparse decode step, sinks and window included; "
                               "while the context fits in the budget, steps run dense", flags=("--budget",))
     sink_tokens: int = _opt(4, "first tokens always kept (specontext, streaming)")
-    window_tokens: int = _opt(60, "most recent tokens always kept (specontext)")
+    window_tokens: int = _opt(60, "most recent tokens always kept (specontext, snapkv)")
     retrieval_head: str = _opt("auto", "retrieval head for --sparsity specontext: a NAME.json / NAME.safetensors artefact, "
                                "or auto (a shipped or trained head whose target matches this model)")
     retrieval_backend: str = _opt("torch", "what runs the retrieval head each step: torch, or onnxruntime (the head "
                                   "exported to ONNX, on the CPU provider, or CUDA with the K cache bound on the device; "
                                   "needs the onnx extra). --retrieval-head may then also be an exported .onnx file",
                                   choices=("torch", "onnxruntime"))
+    pin_fraction: float = _opt(0.25, "--sparsity specontext: share of the budget pinned to the prompt positions its "
+                               "last --focus-window-tokens queries attended to most during prefill (where the question "
+                               "looks); kept every step like sinks and window, the head chooses the rest. 0 = off")
+    focus_window_tokens: int = _opt(32, "prompt tokens at the end of the prompt whose attention over the prompt "
+                                    "decides the pinned positions (specontext with --pin-fraction, snapkv)")
+    focus_pool_tokens: int = _opt(7, "odd width of the max-pool smoothing the focus over neighbouring positions "
+                                  "before pinning (1 = none)")
     fallback_threshold: float = _opt(0.0, "run a decode step dense when the retrieval head's attention mass on its "
                                      "chosen tokens is below this (0 = never)")
     quest_page_tokens: int = _opt(16, "page size for --sparsity quest")
@@ -68,7 +76,8 @@ class RuntimeSettings:
         return SparsityOptions(method=self.sparsity, budget_tokens=self.budget_tokens, sink_tokens=self.sink_tokens,
                                window_tokens=self.window_tokens, page_tokens=self.quest_page_tokens,
                                fallback_threshold=self.fallback_threshold, measure_recall=self.measure_recall,
-                               block_tokens=self.block_tokens)
+                               block_tokens=self.block_tokens, pin_fraction=self.pin_fraction,
+                               focus_window_tokens=self.focus_window_tokens, focus_pool_tokens=self.focus_pool_tokens)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -87,7 +96,7 @@ class RuntimeSettings:
                              f"got {self.slot_pool}")
         if self.adaptive_offload and self.offload_layers:
             raise InputError("adaptive_offload places layers itself; drop offload_layers (or adaptive_offload)")
-        if self.offload_layers and self.sparsity in ("oracle", "quest"):
+        if self.offload_layers and self.sparsity in PER_LAYER_METHODS:
             raise InputError(f"sparsity {self.sparsity} chooses inside each layer, so it needs every layer's keys on "
                              "the device; with offload_layers use specontext, streaming or dense")
         if self.retrieval_backend not in ("torch", "onnxruntime"):

@@ -87,7 +87,7 @@ def test_sparse_decode_equals_transformers_with_the_same_tokens_masked_in(tiny, 
 def test_specontext_keeps_sinks_and_window_and_ranks_the_rest_by_the_head(tiny):
     llm, ids = tiny["llm"], tiny["ids"]
     llm.set_sparsity(sparsity="specontext", retrieval_head=tiny["head_path"])
-    opts = SparsityOptions(method="specontext", budget_tokens=24, sink_tokens=3, window_tokens=5)
+    opts = SparsityOptions(method="specontext", budget_tokens=24, sink_tokens=3, window_tokens=5, pin_fraction=0.0)
     record, restore = recording_selections(llm)
     try:
         _, selector = llm.engine.teacher_forced(ids[:PREFIX], ids[PREFIX:PREFIX + 8], sparsity=opts)
@@ -287,7 +287,17 @@ def test_recall_is_the_dense_mass_on_the_chosen_set():
 
 def test_budget_not_above_sinks_plus_window_is_refused_with_the_minimum():
     with pytest.raises(InputError, match=r"sinks \+ window \(= 64\).*at least 65"):
-        SparsityOptions(method="specontext", budget_tokens=64, sink_tokens=4, window_tokens=60)
+        SparsityOptions(method="specontext", budget_tokens=64, sink_tokens=4, window_tokens=60, pin_fraction=0)
+    # pins take their share of the budget too: the smallest budget B with B >= 64 + round(B / 4) + 1
+    with pytest.raises(InputError, match=r"pins \(0.25 of the budget = 20\); got 80, use at least 87"):
+        SparsityOptions(method="specontext", budget_tokens=80, sink_tokens=4, window_tokens=60, pin_fraction=0.25)
+    SparsityOptions(method="specontext", budget_tokens=87, sink_tokens=4, window_tokens=60, pin_fraction=0.25)
+    with pytest.raises(InputError, match="pin_fraction must be in"):
+        SparsityOptions(method="specontext", pin_fraction=1.0)
+    with pytest.raises(InputError, match="odd number"):
+        SparsityOptions(method="snapkv", focus_pool_tokens=4)
+    with pytest.raises(InputError, match="at least 65"):
+        SparsityOptions(method="snapkv", budget_tokens=64, sink_tokens=4, window_tokens=60)
     with pytest.raises(InputError, match="at least 5"):
         specontext.RuntimeSettings(sparsity="streaming", budget_tokens=4, sink_tokens=4)
     with pytest.raises(InputError, match="sparsity must be one of"):
@@ -332,7 +342,7 @@ def test_cli_reports_sparsity_in_json_and_refuses_a_small_budget(tiny, capsys):
     assert info["retrieval_head"].endswith("tiny.json")
     rc = main(["--model", str(root / "m"), "--question", "hi", "--sparsity", "specontext", "--budget", "10"])
     err = capsys.readouterr().err
-    assert rc != 0 and err.count("\n") == 1 and "at least 65" in err
+    assert rc != 0 and err.count("\n") == 1 and "at least 87" in err
 
 
 def test_global_oracle_records_the_layer_mean_attention_and_replays_its_top_b(tiny):

@@ -38,6 +38,8 @@ class StepPlan:
         valid_index: ([N] batch index, [N] position) of the real tokens when rows differ.
         cos, sin: [B, T, D] rotary tables, filled in by the model.
         selection: a ``retrieval.selection.Selection`` for sparse decode steps, else None.
+        focus: a ``retrieval.focus.QueryFocus`` on prefill chunks holding a row's focus window
+            (attention layers report their window attention to it), else None.
     """
 
     positions: torch.Tensor
@@ -49,6 +51,7 @@ class StepPlan:
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
     selection: object | None = None
+    focus: object | None = None
     _grouped: dict = field(default_factory=dict, repr=False)
 
     def grouped_mask(self, mask: torch.Tensor, num_queries_per_kv: int) -> torch.Tensor:

@@ -68,6 +68,8 @@ class Attention(nn.Module):
         q = apply_rotary(q.transpose(1, 2), plan.cos, plan.sin)  # [B, H, T, D]
         k = apply_rotary(k.transpose(1, 2), plan.cos, plan.sin)  # [B, G, T, D]
         keys, values, mask = cache.update(self.layer_idx, k, v.transpose(1, 2), plan, queries=q)  # [B, G, S, D]
+        if plan.focus is not None:  # a prefill chunk holding the prompt's focus window
+            plan.focus.observe(self.layer_idx, q, keys, mask)
         # Fold the R query heads of each KV group into the query axis so attention runs per KV
         # head without materialising repeated K/V (query head h uses KV head h // R).
         q = q.reshape(B, G, R * T, D)

@@ -14,6 +14,12 @@ Every method lives behind one interface, :class:`Selector`, so comparisons run i
 * ``quest``: per layer, pages of ``page_tokens`` ranked by the upper bound sum_d max(q_d min_d,
   q_d max_d) of their keys; the current (partial) page is always kept.
 * ``streaming``: StreamingLLM, sinks plus the most recent ``K - sinks`` tokens.
+* ``snapkv``: SnapKV, per layer: the prompt positions the prefill's focus window attended to most
+  in that layer (``focus.py``), plus sinks and the recent window; static for the whole generation.
+
+Query-focused pinning (``pin_fraction`` > 0, specontext): the top ``round(pin_fraction * K)``
+prompt positions of the focus window's attention (mean over layers, see ``focus.py``) are kept on
+every step, as sinks and the window are; the head chooses the rest of K.
 
 The budget counts every past token attended per KV head; the current token always attends to
 itself on top. When every row has at most K past tokens the step runs dense, so a budget at or
@@ -25,6 +31,7 @@ chosen rows (see ``DenseKVCache.update``), so attention code never branches on t
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -32,9 +39,12 @@ from typing import Callable
 import torch
 
 from ..errors import InputError
+from .focus import QueryFocus, pinned_mask
 from .head import RetrievalHead
 
-METHODS = ("dense", "specontext", "oracle", "quest", "streaming")
+METHODS = ("dense", "specontext", "oracle", "quest", "streaming", "snapkv")
+# methods that choose inside each layer from all of its keys, so they need every layer on the device
+PER_LAYER_METHODS = ("oracle", "quest", "snapkv")
 
 
 @dataclass
@@ -133,6 +143,10 @@ class Selector:
 
     method = "dense"
     capture_layers: tuple[int, ...] = ()
+    # W > 0: the engine measures the prompt's last W queries' attention during prefill
+    # (a QueryFocus) and hands it to set_focus before the first decode step
+    focus_window_tokens: int = 0
+    focus_keep: str = "total"
 
     def __init__(self, budget_tokens: int = 0, sink_tokens: int = 0, window_tokens: int = 0,
                  measure_recall: bool = False, num_kv_heads: int = 1):
@@ -165,6 +179,9 @@ class Selector:
                 self.row_steps["dense_steps"][b] += 1
             else:
                 self.row_steps["sparse_steps"][b] += 1
+
+    def set_focus(self, focus: QueryFocus) -> None:
+        """The prompt's focus, measured by prefill (only called when ``focus_window_tokens`` > 0)."""
 
     def observe(self, ids: torch.Tensor, plan, captured: dict, is_prefill: bool = False) -> None:
         """Called after the target ran ``ids`` [B, T]; ``captured`` holds ``capture_layers`` outputs.
@@ -262,6 +279,54 @@ class OracleSelector(Selector):
         return top.indices, top.values >= 0
 
 
+class SnapKVSelector(Selector):
+    """SnapKV: per layer and KV head, the prompt positions that layer's focus window attended to
+    most (``K - sinks - window`` of them, max-pooled over ``pool_tokens``), plus the sinks and the
+    most recent ``window_tokens``. The prompt choice is made once, after prefill."""
+
+    method = "snapkv"
+    focus_keep = "layers"
+
+    def __init__(self, *args, focus_window_tokens: int = 32, pool_tokens: int = 7, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.focus_window_tokens, self.pool_tokens = focus_window_tokens, pool_tokens
+        self.pin_masks: list[torch.Tensor] | None = None  # per layer [B, G, P] bool
+
+    def allocated_bytes(self) -> int:
+        return sum(m.numel() for m in self.pin_masks or [])
+
+    def set_focus(self, focus):
+        n = self.budget_tokens - self.sink_tokens - self.window_tokens
+        P = max(focus.prompt_lens)
+        self.pin_masks = [pinned_mask(*focus.pins(n, self.pool_tokens, self.sink_tokens, layer=layer), P)
+                          for layer in range(focus.num_layers)]
+
+    def choose_in_layer(self, layer, queries, past_keys, past_valid):
+        if self.pin_masks is None:
+            raise InputError("snapkv needs the prompt's focus from prefill; prefill with this selector "
+                             "(or a prefill state made with a focus window)")
+        B, G, P, _ = past_keys.shape
+        dev = past_keys.device
+        pins = self.pin_masks[layer]
+        scores = torch.zeros(B, G, P, device=dev)
+        n = min(P, pins.shape[-1])
+        scores[:, :, :n] = pins[:, :, :n].float()
+        pos = torch.arange(P, device=dev)[None, :]
+        lens = past_valid.sum(-1, keepdim=True) if past_valid is not None else torch.full((B, 1), P, device=dev)
+        kept = (pos < self.sink_tokens) | (pos >= lens - self.window_tokens)
+        scores = scores.masked_fill(kept[:, None], 2.0)
+        if past_valid is not None:
+            scores = scores.masked_fill(~past_valid[:, None], -1.0)
+        top = scores.topk(min(self.budget_tokens, P), dim=-1)
+        valid = top.values > 0.5  # neither pinned nor kept: not part of SnapKV's set
+        indices = top.indices.masked_fill(~valid, 0)
+        if top.indices.shape[-1] < self.budget_tokens:
+            pad = self.budget_tokens - top.indices.shape[-1]
+            indices = torch.nn.functional.pad(indices, (0, pad))
+            valid = torch.nn.functional.pad(valid, (0, pad), value=False)
+        return indices, valid
+
+
 class QuestSelector(Selector):
     """Quest-style pages: per layer, rank ``page_tokens`` pages by their key bound; keep the last page."""
 
@@ -337,10 +402,15 @@ class HeadSelector(Selector):
 
     def __init__(self, head: RetrievalHead, embed: torch.nn.Module, batch_size: int, capacity_tokens: int,
                  budget_tokens: int, sink_tokens: int, window_tokens: int, fallback_threshold: float = 0.0,
-                 measure_recall: bool = False, block_tokens: int = 1):
+                 measure_recall: bool = False, block_tokens: int = 1, pin_tokens: int = 0,
+                 focus_window_tokens: int = 0, pool_tokens: int = 1):
         super().__init__(budget_tokens, sink_tokens, window_tokens, measure_recall,
                          num_kv_heads=head.config.target.num_kv_heads)
         self.block_tokens = block_tokens
+        self.pin_tokens, self.pool_tokens = pin_tokens, pool_tokens
+        self.focus_window_tokens = focus_window_tokens if pin_tokens else 0
+        self.capacity_tokens = capacity_tokens
+        self.pin_mask: torch.Tensor | None = None  # [B, G, capacity] bool: pinned prompt positions
         self.head, self.embed = head, embed
         cfg = head.config
         self.capture_layers = tuple(cfg.hidden_layers) if cfg.input_kind == "embedding+hidden" else ()
@@ -362,7 +432,12 @@ class HeadSelector(Selector):
         self._scores: torch.Tensor | None = None  # [B, G, S] from the ONNX step, for choose()
 
     def allocated_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.k_device, self.carry_hidden))
+        bufs = (self.k_device, self.carry_hidden, self.pin_mask)
+        return sum(t.numel() * t.element_size() for t in bufs if t is not None)
+
+    def set_focus(self, focus):
+        positions, valid = focus.pins(self.pin_tokens, self.pool_tokens, self.sink_tokens)
+        self.pin_mask = pinned_mask(positions, valid, self.capacity_tokens)
 
     def _hidden(self, captured: dict) -> torch.Tensor | None:
         if not self.capture_layers:
@@ -429,8 +504,11 @@ class HeadSelector(Selector):
             probs = self.head.group_probs(q, self.k_device[:, :, :P], valid)[:, :, 0]  # [B, G, P]
         # Sinks and the recent window are always kept: give them a score above any probability.
         pinned = torch.arange(P, device=dev)[None, :]
-        pinned = (pinned < self.sink_tokens) | (pinned >= (lens[:, None] - self.window_tokens))
-        scores = probs.masked_fill(pinned[:, None], 2.0).masked_fill(~valid, -1.0)
+        pinned = ((pinned < self.sink_tokens) | (pinned >= (lens[:, None] - self.window_tokens)))[:, None]
+        scores = probs
+        if self.pin_mask is not None:  # the prompt's focus: kept after sinks and window, before the head's choice
+            scores = scores.masked_fill(self.pin_mask[:, :, :P], 1.5)
+        scores = scores.masked_fill(pinned, 2.0).masked_fill(~valid, -1.0)
         K = self.budget_tokens
         if self.block_tokens > 1:
             indices, chosen_valid = self._choose_blocks(scores, lens, P)
@@ -517,17 +595,42 @@ class SparsityOptions:
     fallback_threshold: float = 0.0
     measure_recall: bool = False
     block_tokens: int = 1
+    pin_fraction: float = 0.25
+    focus_window_tokens: int = 32
+    focus_pool_tokens: int = 7
+
+    @property
+    def pin_tokens(self) -> int:
+        """Prompt positions pinned by the focus window (specontext), inside the budget."""
+        return round(self.pin_fraction * self.budget_tokens) if self.method == "specontext" else 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise InputError(f"sparsity must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.sink_tokens < 0 or self.window_tokens < 0:
             raise InputError(f"sink and window tokens must be >= 0, got {self.sink_tokens} and {self.window_tokens}")
+        if not (math.isfinite(self.pin_fraction) and 0 <= self.pin_fraction < 1):
+            raise InputError(f"pin_fraction must be in [0, 1) (0 = no pinning), got {self.pin_fraction}")
+        if self.focus_window_tokens < 1:
+            raise InputError(f"focus_window_tokens must be >= 1, got {self.focus_window_tokens}")
+        if self.focus_pool_tokens < 1 or self.focus_pool_tokens % 2 == 0:
+            raise InputError(f"focus_pool_tokens must be an odd number >= 1 (1 = no smoothing), "
+                             f"got {self.focus_pool_tokens}")
         if self.method == "specontext":
+            fixed = self.sink_tokens + self.window_tokens
+            if self.budget_tokens < fixed + self.pin_tokens + 1:
+                if not self.pin_tokens:
+                    raise InputError(f"budget must be > sinks + window (= {fixed}) so the head chooses at least one "
+                                     f"token; got {self.budget_tokens}, use at least {fixed + 1}")
+                minimum = next(b for b in range(fixed + 1, 1 << 40)
+                               if b >= fixed + round(self.pin_fraction * b) + 1)
+                raise InputError(f"budget must leave the head at least one token after sinks + window (= {fixed}) "
+                                 f"and pins ({self.pin_fraction:g} of the budget = {self.pin_tokens}); got "
+                                 f"{self.budget_tokens}, use at least {minimum} (or pin_fraction=0)")
+        if self.method == "snapkv" and self.budget_tokens <= self.sink_tokens + self.window_tokens:
             minimum = self.sink_tokens + self.window_tokens + 1
-            if self.budget_tokens < minimum:
-                raise InputError(f"budget must be > sinks + window (= {minimum - 1}) so the head chooses at least one "
-                                 f"token; got {self.budget_tokens}, use at least {minimum}")
+            raise InputError(f"budget must be > sinks + window (= {minimum - 1}) for snapkv; got {self.budget_tokens}, "
+                             f"use at least {minimum}")
         if self.method == "streaming" and self.budget_tokens <= self.sink_tokens:
             raise InputError(f"budget must be > sinks (= {self.sink_tokens}) for streaming; got {self.budget_tokens}, "
                              f"use at least {self.sink_tokens + 1}")
@@ -563,7 +666,12 @@ def make_selector(opts: SparsityOptions, num_kv_heads: int, head: RetrievalHead 
         return OracleSelector(**common)
     if opts.method == "quest":
         return QuestSelector(page_tokens=opts.page_tokens, **common)
+    if opts.method == "snapkv":
+        return SnapKVSelector(sink_tokens=opts.sink_tokens, window_tokens=opts.window_tokens,
+                              focus_window_tokens=opts.focus_window_tokens, pool_tokens=opts.focus_pool_tokens, **common)
     if head is None:
         raise InputError("sparsity 'specontext' needs a retrieval head (--retrieval-head PATH or auto)")
     return HeadSelector(head, embed, batch_size, capacity_tokens, opts.budget_tokens, opts.sink_tokens,
-                        opts.window_tokens, opts.fallback_threshold, opts.measure_recall, opts.block_tokens)
+                        opts.window_tokens, opts.fallback_threshold, opts.measure_recall, opts.block_tokens,
+                        pin_tokens=opts.pin_tokens, focus_window_tokens=opts.focus_window_tokens,
+                        pool_tokens=opts.focus_pool_tokens)
