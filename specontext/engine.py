@@ -440,7 +440,9 @@ class Engine:
             selector, whose ``stats`` hold sparse/dense step counts and recall if measured).
         """
         if state is None:
-            state = self.prefill_state(prefix_ids, len(prefix_ids) + len(continuation_ids))
+            opts = sparsity or self.sparsity
+            W = selector.focus_window_tokens if selector is not None else opts.focus_window_tokens
+            state = self.prefill_state(prefix_ids, len(prefix_ids) + len(continuation_ids), focus_window_tokens=W)
         elif state.prompt_ids != list(prefix_ids):
             raise InputError("teacher_forced: the prefill state was made for a different prefix")
         self.check_prompt_fits(len(prefix_ids) + len(continuation_ids) - 1)

@@ -54,7 +54,7 @@ def _steps(result):
     return {k: result.stats.sparsity.get(k) for k in ("sparse_steps", "dense_steps", "fallback_steps")}
 
 
-@pytest.mark.parametrize("method", ["dense", "specontext", "oracle", "quest", "streaming"])
+@pytest.mark.parametrize("method", ["dense", "specontext", "oracle", "quest", "streaming", "snapkv"])
 def test_each_request_equals_running_it_alone(tiny, method):
     llm = tiny["llm"]
     llm.set_sparsity(sparsity=method, budget_tokens=40, sink_tokens=2, window_tokens=6, retrieval_head=tiny["head"])

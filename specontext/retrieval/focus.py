@@ -11,8 +11,8 @@ observation window). It costs one attention of W queries per layer on top of pre
 
 :class:`QueryFocus` accumulates that attention while the prompt is prefilled, in whatever chunks
 and batch rows the engine runs: for each layer, each window query's softmax over its causal past
-(float32, the model's own scale), averaged over the row's W window queries, reduced over each KV
-group's R query heads (max by default, as the retrieval head scores), and summed over layers.
+(float32, the model's own scale), reduced over each KV group's R query heads (max by default, as
+the retrieval head scores), averaged over the row's W window queries, and summed over layers.
 :meth:`QueryFocus.pins` smooths the layer mean over neighbouring positions (a max-pool, so a
 needle sentence is kept whole around its sharpest token) and returns the top positions per KV
 head. The selectors keep those positions for the whole generation, inside the budget, as they
@@ -40,7 +40,7 @@ class QueryFocus:
         device: where the scores live (the compute device).
         keep: ``"total"`` (default) keeps only the sum over layers [B, G, S]; ``"layers"`` also
             keeps each layer's [L, B, G, S] (per-layer pins: ``snapkv``); ``"heads"`` keeps each
-            layer's per-query-head [L, B, H, S] before the group reduction (for studies).
+            layer's per-query-head window mean [L, B, H, S] (for studies).
         head_reduce: ``"max"`` or ``"mean"`` over each KV group's query heads.
 
     Use: for each prefill chunk, ``plan.focus = focus if focus.begin_chunk(input_lens) else None``;
@@ -109,14 +109,20 @@ class QueryFocus:
             # query column t of the chunk sits at position before + t and sees keys up to it
             q_pos = torch.arange(lo, hi, device=keys.device) + before
             causal = torch.arange(num_keys, device=keys.device)[None, :] <= q_pos[:, None]  # [t, S]
-            per_head = torch.zeros(1, G, R, num_keys, dtype=torch.float32, device=keys.device)
+            group = torch.zeros(1, G, num_keys, dtype=torch.float32, device=keys.device)
+            per_head = torch.zeros(1, G, R, num_keys, dtype=torch.float32, device=keys.device) \
+                if self.keep == "heads" else None
             step = max(1, MAX_FOCUS_LOGITS // (H * num_keys))
             for s0 in range(0, hi - lo, step):  # slices of window queries bound the logits' size
                 s1 = min(s0 + step, hi - lo)
                 logits = torch.matmul(q[:, :, :, s0:s1], k) * D ** -0.5  # [1, G, R, t, S]
-                logits = logits.masked_fill(~causal[s0:s1], float("-inf"))
-                per_head += logits.softmax(dim=-1).sum(dim=3) / W
-            group = per_head.amax(dim=2) if self.head_reduce == "max" else per_head.mean(dim=2)  # [1, G, S]
+                probs = logits.masked_fill(~causal[s0:s1], float("-inf")).softmax(dim=-1)
+                # per window query, the group's reduction over its heads; then the window mean (a
+                # sum, so a window split over prefill chunks adds up to the same)
+                reduced = probs.amax(dim=2) if self.head_reduce == "max" else probs.mean(dim=2)  # [1, G, t, S]
+                group += reduced.sum(dim=2) / W
+                if per_head is not None:
+                    per_head += probs.sum(dim=3) / W
             self.total[b:b + 1, :, :num_keys] += group
             if self.keep == "layers":
                 self.by_layer[layer, b:b + 1, :, :num_keys] += group
@@ -151,6 +157,9 @@ def pins_from_scores(scores: torch.Tensor, prompt_lens: list[int], num_pins: int
                      sink_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Top ``num_pins`` of ``scores`` [B, G, P] per row and KV head after smoothing (see :meth:`QueryFocus.pins`)."""
     B, G, P = scores.shape
+    if sink_tokens:  # the sinks' large mass would spill onto their neighbours when pooled
+        scores = scores.clone()
+        scores[:, :, :sink_tokens] = 0.0
     if pool_tokens > 1:
         pad = pool_tokens // 2
         scores = F.max_pool1d(scores.reshape(B * G, 1, P), kernel_size=2 * pad + 1, stride=1,
