@@ -288,7 +288,8 @@ class Engine:
             slot_pool=self.settings.slot_pool, block_tokens=opts.block_tokens,
             prefill_chunk_tokens=self.settings.prefill_chunk_tokens,
             weights_bytes=sum(p.numel() * p.element_size() for p in self.model.parameters()),
-            fused_attention=self.model.device.type == "cuda")
+            fused_attention=self.model.device.type == "cuda", pin_tokens=opts.pin_tokens,
+            focus_window_tokens=opts.focus_window_tokens)
         cache = OffloadedKVCache(cfg.num_layers, batch_size, cfg.num_kv_heads, cfg.head_dim, capacity_tokens,
                                  self.model.dtype, self.model.device, offloaded=schedule.host_layers,
                                  pool_tokens=schedule.pool_tokens, async_prefetch=self.settings.async_prefetch,
@@ -544,12 +545,17 @@ class Generation:
         info = {"method": opts.method}
         if opts.method != "dense":
             info["budget_tokens"] = opts.budget_tokens
-            if opts.method in ("specontext", "streaming"):
+            if opts.method in ("specontext", "streaming", "snapkv"):
                 info["sink_tokens"] = opts.sink_tokens
+            if opts.method in ("specontext", "snapkv"):
+                info["window_tokens"] = opts.window_tokens
             if opts.method == "specontext":
                 info["retrieval_head"] = getattr(engine.retrieval_head, "path", None)
-                info["window_tokens"] = opts.window_tokens
                 info["fallback_threshold"] = opts.fallback_threshold
+                info["pin_tokens"] = opts.pin_tokens
+            if selector.focus_window_tokens:
+                info["focus_window_tokens"] = opts.focus_window_tokens
+                info["focus_pool_tokens"] = opts.focus_pool_tokens
             if opts.method == "quest":
                 info["page_tokens"] = opts.page_tokens
             info.update(selector.stats.to_dict())

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import specontext
+from specontext.retrieval.selection import SparsityOptions
 from specontext.config import ModelConfig
 from specontext.errors import InputError
 from specontext.planner.memory import (HeadShape, MemoryInputs, buffers, model_weight_bytes, plan_placement,
@@ -53,7 +54,8 @@ def tiny(tmp_path_factory):
 GRID = [(ctx, budget, offload, method, pool, block)
         for ctx, budget in ((100, 24), (200, 48), (300, 96))
         for offload, method, pool, block in ((0, "dense", 1.0, 1), (0, "specontext", 1.0, 1), (2, "streaming", 1.0, 1),
-                                             (3, "specontext", 1.5, 1), (1, "specontext", 1.25, 8))]
+                                             (3, "specontext", 1.5, 1), (1, "specontext", 1.25, 8),
+                                             (0, "snapkv", 1.0, 1))]
 
 
 @pytest.mark.parametrize("ctx,budget,offload,method,pool,block", GRID)
@@ -74,9 +76,13 @@ def test_predicted_memory_matches_the_runtime_accounting(tiny, ctx, budget, offl
     measured = stats.weights_bytes + head_bytes + stats.kv_cache_bytes + stats.selector_bytes
     capacity = len(prompt) + 8
     head = HeadShape.from_config(tiny["head_cfg"]) if method == "specontext" else None
+    opts = llm.engine.sparsity  # query-focused pinning's buffers (specontext's defaults pin, snapkv's per layer)
     inputs = MemoryInputs(model=tiny["config"], weight_bytes=4, kv_bytes=4, sparsity=method, budget_tokens=budget,
-                          head=head, slot_pool=pool, block_tokens=block, prefill_chunk_tokens=32, fused_attention=False)
+                          head=head, slot_pool=pool, block_tokens=block, prefill_chunk_tokens=32, fused_attention=False,
+                          pin_tokens=opts.pin_tokens, focus_window_tokens=opts.focus_window_tokens)
     bufs = buffers(inputs, capacity, offload)
+    if method == "specontext":
+        assert any(b.name == "pin_mask" for b in bufs)
     predicted = tier_bytes(bufs, "device", include_workspace=False) + tier_bytes(bufs, "host")
     assert abs(predicted - measured) <= 0.05 * measured, (predicted, measured, bufs)
     assert predicted == measured
@@ -214,8 +220,10 @@ def deep(tmp_path_factory):
 def _tight_profile(tmp_path, model, room_tokens: int, sparsity: str, budget: int) -> str:
     """A profile whose device holds everything, every layer resident, up to ``room_tokens``."""
     head = HeadShape.from_config(model["head_cfg"]) if sparsity == "specontext" else None
+    pins = SparsityOptions(method=sparsity, budget_tokens=budget, sink_tokens=2, window_tokens=4).pin_tokens
     inputs = MemoryInputs(model=model["config"], weight_bytes=4, kv_bytes=4, sparsity=sparsity, budget_tokens=budget,
-                          head=head, prefill_chunk_tokens=8, fused_attention=False, grow_tokens=8)
+                          head=head, prefill_chunk_tokens=8, fused_attention=False, grow_tokens=8, pin_tokens=pins,
+                          focus_window_tokens=32)
     device = tier_bytes(buffers(inputs, room_tokens, 0), "device")
     data = {**load_profile("cpu").to_dict(), "name": "tight", "unified_memory": False,
             "device_memory_gib": device / 2**30, "reserved_device_gib": 0.0,

@@ -42,19 +42,21 @@ class Schedule:
 
 def schedule_layers(model: ModelConfig, profile: DeviceProfile, *, capacity_tokens: int, batch_size: int,
                     dtype: torch.dtype, sparsity: str, budget_tokens: int, head: HeadShape | None, slot_pool: float,
-                    block_tokens: int, prefill_chunk_tokens: int, weights_bytes: int, fused_attention: bool) -> Schedule:
+                    block_tokens: int, prefill_chunk_tokens: int, weights_bytes: int, fused_attention: bool,
+                    pin_tokens: int = 0, focus_window_tokens: int = 0) -> Schedule:
     """The placement schedule of one generation of ``capacity_tokens`` per row.
 
     Raises:
         ContextLengthError: the context does not fit in device plus host memory (says the maximum).
-        InputError: a per-layer selection (oracle, quest) would have to run with offloaded layers.
+        InputError: a per-layer selection (oracle, quest, snapkv) would have to run with offloaded layers.
     """
     size = torch.empty(0, dtype=dtype).element_size()
     grow = prefill_chunk_tokens
     inputs = MemoryInputs(model=model, weight_bytes=size, kv_bytes=size, requests=batch_size, sparsity=sparsity,
                           budget_tokens=budget_tokens, head=head, slot_pool=slot_pool, block_tokens=block_tokens,
                           prefill_chunk_tokens=prefill_chunk_tokens, fused_attention=fused_attention,
-                          measured_weight_bytes=weights_bytes, grow_tokens=grow)
+                          measured_weight_bytes=weights_bytes, grow_tokens=grow, pin_tokens=pin_tokens,
+                          focus_window_tokens=focus_window_tokens)
     placement = plan_placement(inputs, profile.device_budget_bytes, profile.host_budget_bytes,
                                profile.unified_memory, target_seq_tokens=capacity_tokens,
                                max_seq_tokens=max(capacity_tokens, model.max_position_embeddings))

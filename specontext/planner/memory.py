@@ -43,8 +43,11 @@ from ..config import ModelConfig
 from ..errors import InputError
 
 GLOBAL_METHODS = ("specontext", "streaming")  # one selection for every layer: offloaded layers use slots
-SPARSE_METHODS = ("specontext", "oracle", "quest", "streaming")
+SPARSE_METHODS = ("specontext", "oracle", "quest", "streaming", "snapkv")
 INDEX_BYTES = 8  # int64 slot maps
+# Elements of one slice of float32 focus-window logits (retrieval/focus.py scores each batch row's
+# window queries in slices of at most this many [H, t, S] logits, so the transient stays bounded).
+MAX_FOCUS_LOGITS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,9 @@ class MemoryInputs:
         grow_tokens: 0 when resident KV is preallocated for S; g > 0 when it grows in steps of g
             (the memory manager's runtime): resident layers then hold S rounded up to g, and
             one buffer's old copy is alive while it grows.
+        pin_tokens: prompt positions pinned per KV head (specontext with query-focused pinning).
+        focus_window_tokens: W, the prompt's last W queries whose attention prefill measures
+            (pinned specontext and snapkv; 0 = none).
     """
 
     model: ModelConfig
@@ -113,6 +119,8 @@ class MemoryInputs:
     fused_attention: bool = True
     measured_weight_bytes: int | None = None
     grow_tokens: int = 0
+    pin_tokens: int = 0
+    focus_window_tokens: int = 0
 
     def __post_init__(self) -> None:
         for name in ("weight_bytes", "kv_bytes", "requests", "budget_tokens", "block_tokens", "prefill_chunk_tokens"):
@@ -214,16 +222,30 @@ def buffers(inputs: MemoryInputs, seq_tokens: int, num_offloaded: int, slot_pool
                 "R G (S/Nb + 1 + 2 (P/Nb + 1)) 8")
         add("kv_staging", "device", 2 * 2 * R * G * S * D * e, "2 buffers 2 R G S D e")
         add("kv_host", "host", N * 2 * R * G * S * D * e, "N 2 R G S D e")
+    # query-focused pinning: the pinned positions (specontext), each layer's (snapkv)
+    focused = x.focus_window_tokens > 0 and (x.sparsity == "snapkv" or (x.sparsity == "specontext" and x.pin_tokens))
+    if focused and x.sparsity == "specontext":
+        add("pin_mask", "device", R * G * seq_tokens, "R G S (bool)")
+    if focused and x.sparsity == "snapkv":
+        add("pin_masks", "device", L * R * G * seq_tokens, "L R G S (bool)")
     # transient activations, at the larger of the two phases
     C = min(x.prefill_chunk_tokens, seq_tokens)
     scores = 0 if x.fused_attention else 2 * H * C * seq_tokens * 4
     prefill = C * (3 * E + 2 * (H + 2 * G) * D + 3 * I) * w + scores + C * seq_tokens * 4 + V * 4
+    focus_formula = ""
+    if focused:  # the focus sums (per layer for snapkv) and one slice of window logits and probabilities
+        window = min(x.focus_window_tokens, seq_tokens)
+        prefill += R * G * seq_tokens * 4 * (1 + (L if x.sparsity == "snapkv" else 0))
+        prefill += 2 * min(H * window * seq_tokens, MAX_FOCUS_LOGITS) * 4
+        focus_formula = (" + R G S 4" + (" (L + 1)" if x.sparsity == "snapkv" else "")
+                         + " + 2 min(H W S, 2^24) 4 (focus)")
     attended = K + 1 if x.sparsity in SPARSE_METHODS else seq_tokens
     decode = R * ((3 * E + 2 * (H + 2 * G) * D + 3 * I) * w + (0 if x.fused_attention else 2 * H * attended * 4)
                   + 2 * V * 4)
     if prefill >= decode:
         add("workspace_prefill", "device", prefill,
-            "C (3E + 2(H + 2G)D + 3I) w + C S 4 (mask) + V 4" + ("" if x.fused_attention else " + 2 H C S 4 (scores)"))
+            "C (3E + 2(H + 2G)D + 3I) w + C S 4 (mask) + V 4" + ("" if x.fused_attention else " + 2 H C S 4 (scores)")
+            + focus_formula)
     else:
         add("workspace_decode", "device", decode, "R ((3E + 2(H + 2G)D + 3I) w + 2 V 4)")
     return out

@@ -154,7 +154,7 @@ class MemoryPlan:
 def make_plan(model: str | None = None, device_profile: str | DeviceProfile = "auto", context_tokens: int | None = None,
               requests: int = 1, budget_tokens: int = 2048, sparsity: str = "specontext", dtype: str = "auto",
               slot_pool: float = 1.0, block_tokens: int = 1, prefill_chunk_tokens: int = 512,
-              retrieval_head: str = "auto") -> MemoryPlan:
+              retrieval_head: str = "auto", pin_fraction: float = 0.25, focus_window_tokens: int = 32) -> MemoryPlan:
     """Plan memory without loading weights or touching the device.
 
     Args:
@@ -163,6 +163,8 @@ def make_plan(model: str | None = None, device_profile: str | DeviceProfile = "a
         context_tokens: S, prompt plus new tokens per request (None: the model's context limit).
         requests: R; budget_tokens: K; sparsity: the decode method; slot_pool: the smallest P / K.
         dtype: ``auto`` (bfloat16 on a GPU profile, float32 on a CPU one) or an explicit dtype.
+        pin_fraction, focus_window_tokens: query-focused pinning (specontext) and the focus window
+            (specontext with pins, snapkv), whose buffers the plan counts.
 
     Raises:
         InputError: the plan cannot work (the weights alone exceed the device, or the context
@@ -188,7 +190,9 @@ def make_plan(model: str | None = None, device_profile: str | DeviceProfile = "a
     inputs = MemoryInputs(model=cfg, weight_bytes=DTYPE_BYTES[dtype], kv_bytes=DTYPE_BYTES[dtype], requests=requests,
                           sparsity=sparsity, budget_tokens=budget_tokens, head=head, slot_pool=slot_pool,
                           block_tokens=block_tokens, prefill_chunk_tokens=prefill_chunk_tokens,
-                          fused_attention=profile.kind == "cuda")
+                          fused_attention=profile.kind == "cuda",
+                          pin_tokens=round(pin_fraction * budget_tokens) if sparsity == "specontext" else 0,
+                          focus_window_tokens=focus_window_tokens)
     placement = plan_placement(inputs, profile.device_budget_bytes, profile.host_budget_bytes, profile.unified_memory,
                                target_seq_tokens=S, max_seq_tokens=limit)
     if placement.max_context_tokens == 0:

@@ -24,9 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Bound on the elements of one slice of float32 window logits ([B, G, R, t, S]); long prompts
-# are scored in slices of t window queries, so the transient stays near 64 MiB (plus the softmax).
-MAX_FOCUS_LOGITS = 1 << 24
+from ..planner.memory import MAX_FOCUS_LOGITS  # one slice of window logits, as the planner counts it
 
 
 class QueryFocus:
@@ -57,7 +55,7 @@ class QueryFocus:
         if head_reduce not in ("max", "mean"):
             raise ValueError(f"head_reduce must be max or mean, got {head_reduce!r}")
         B, S = len(prompt_lens), max(capacity_tokens, max(prompt_lens))
-        self.prompt_lens = list(prompt_lens)
+        self.prompt_lens, self.capacity_tokens = list(prompt_lens), S
         self.num_layers, self.num_heads, self.num_kv_heads = num_layers, num_heads, num_kv_heads
         self.window_tokens = window_tokens
         self.keep, self.head_reduce = keep, head_reduce

@@ -297,8 +297,8 @@ class SnapKVSelector(Selector):
 
     def set_focus(self, focus):
         n = self.budget_tokens - self.sink_tokens - self.window_tokens
-        P = max(focus.prompt_lens)
-        self.pin_masks = [pinned_mask(*focus.pins(n, self.pool_tokens, self.sink_tokens, layer=layer), P)
+        S = focus.capacity_tokens
+        self.pin_masks = [pinned_mask(*focus.pins(n, self.pool_tokens, self.sink_tokens, layer=layer), S)
                           for layer in range(focus.num_layers)]
 
     def choose_in_layer(self, layer, queries, past_keys, past_valid):
