@@ -100,6 +100,7 @@ def method_list(text: str) -> list[str]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from specontext import assets
+    from specontext.settings import RuntimeSettings
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--text", help="haystack: any UTF-8 text file (default: the Paul Graham essays)")
@@ -123,6 +124,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--window-tokens", type=int, default=60, help="always-kept recent tokens (specontext)")
     p.add_argument("--page-tokens", type=int, default=16, help="Quest page size")
     p.add_argument("--fallback-threshold", type=float, default=0.0, help="specontext confidence fallback (0 = off)")
+    defaults = RuntimeSettings()
+    p.add_argument("--pin-fraction", type=float, default=defaults.pin_fraction,
+                   help="specontext: share of the budget pinned by the prompt's focus window (0 = off; default: "
+                        "the runtime's)")
+    p.add_argument("--focus-window-tokens", type=int, default=defaults.focus_window_tokens,
+                   help="the focus window W (pinned specontext, snapkv)")
+    p.add_argument("--focus-pool-tokens", type=int, default=defaults.focus_pool_tokens,
+                   help="max-pool width smoothing the focus before pinning")
     p.add_argument("--skip-needle", action="store_true", help="teacher-forced metrics only")
     p.add_argument("--skip-teacher-forced", action="store_true", help="needle only")
     p.add_argument("--model", default=None, help="a .gguf file or Hugging Face folder (default: SmolLM2-135M-Instruct)")
@@ -208,7 +217,9 @@ def sparsity_options(method: str, budget: int | None, args, measure_recall: bool
         fallback = args.fallback_threshold if method == "specontext" else 0.0
     return SparsityOptions(method=method, budget_tokens=budget, sink_tokens=args.sink_tokens,
                            window_tokens=args.window_tokens, page_tokens=args.page_tokens,
-                           fallback_threshold=fallback, measure_recall=measure_recall)
+                           fallback_threshold=fallback, measure_recall=measure_recall,
+                           pin_fraction=args.pin_fraction, focus_window_tokens=args.focus_window_tokens,
+                           focus_pool_tokens=args.focus_pool_tokens)
 
 
 class Recorder:
@@ -274,7 +285,7 @@ def run_teacher_forced(llm, source, context: int, args, rec: Recorder, bar) -> N
     prefix, continuation = ids[:prefix_len], ids[prefix_len:]
     bar.set_postfix_str(f"ctx {context}: prefill {prefix_len} tokens")
     t0 = time.perf_counter()
-    state = engine.prefill_state(prefix, len(ids))
+    state = engine.prefill_state(prefix, len(ids), focus_window_tokens=args.focus_window_tokens)
     info = rec.context(context)
     info["teacher_forced"] = {"prefix_tokens": prefix_len, "scored_tokens": n,
                               "prefill_s": round(time.perf_counter() - t0, 3)}
@@ -347,7 +358,7 @@ def run_needle(llm, source, context: int, args, rec: Recorder, bar) -> None:
                                 args.offset_tokens)
         bar.set_postfix_str(f"ctx {context}: needle depth {depth}%: prefill {len(ids)} tokens")
         t0 = time.perf_counter()
-        state = engine.prefill_state(ids, len(ids) + new)
+        state = engine.prefill_state(ids, len(ids) + new, focus_window_tokens=args.focus_window_tokens)
         info["prompt_tokens"][str(depth)] = len(ids)
         info["prefill_s"][str(depth)] = round(time.perf_counter() - t0, 3)
         for method, budget in configurations(args, teacher_forced=False):
