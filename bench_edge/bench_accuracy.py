@@ -130,6 +130,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "the runtime's)")
     p.add_argument("--focus-window-tokens", type=int, default=defaults.focus_window_tokens,
                    help="the focus window W (pinned specontext, snapkv)")
+    p.add_argument("--focus-layers", default=defaults.focus_layers, help="layers the pins' focus averages")
     p.add_argument("--focus-pool-tokens", type=int, default=defaults.focus_pool_tokens,
                    help="max-pool width smoothing the focus before pinning")
     p.add_argument("--skip-needle", action="store_true", help="teacher-forced metrics only")
@@ -219,7 +220,7 @@ def sparsity_options(method: str, budget: int | None, args, measure_recall: bool
                            window_tokens=args.window_tokens, page_tokens=args.page_tokens,
                            fallback_threshold=fallback, measure_recall=measure_recall,
                            pin_fraction=args.pin_fraction, focus_window_tokens=args.focus_window_tokens,
-                           focus_pool_tokens=args.focus_pool_tokens)
+                           focus_pool_tokens=args.focus_pool_tokens, focus_layers=args.focus_layers)
 
 
 class Recorder:

@@ -176,7 +176,7 @@ def run_item(llm, item: Item, args) -> dict:
             opts = SparsityOptions(method=method, budget_tokens=budget, sink_tokens=base.sink_tokens,
                                    window_tokens=base.window_tokens, page_tokens=base.page_tokens,
                                    pin_fraction=base.pin_fraction, focus_window_tokens=base.focus_window_tokens,
-                                   focus_pool_tokens=base.focus_pool_tokens)
+                                   focus_pool_tokens=base.focus_pool_tokens, focus_layers=base.focus_layers)
             decode(name, opts)
     return row
 
@@ -318,7 +318,8 @@ def main(argv=None) -> int:
                 "needle_new_tokens": args.needle_new_tokens,
                 "sparsity_defaults": {"sink_tokens": opts.sink_tokens, "window_tokens": opts.window_tokens,
                                       "pin_fraction": opts.pin_fraction, "focus_window_tokens": opts.focus_window_tokens,
-                                      "focus_pool_tokens": opts.focus_pool_tokens, "page_tokens": opts.page_tokens}}
+                                      "focus_pool_tokens": opts.focus_pool_tokens, "focus_layers": opts.focus_layers,
+                                      "page_tokens": opts.page_tokens}}
     out = {"machine": machine.describe(), "settings": settings,
            "retrieval_head": {"path": getattr(head, "path", None), "source": head.config.source},
            "split": {"needles": "needles.EVAL_NEEDLES (never used to tune or train); haystacks from their first "

@@ -52,7 +52,8 @@ VARIANTS = (
     Variant("pool1", pool=1), Variant("pool3", pool=3), Variant("pool15", pool=15),
     Variant("mean", reduce="mean"), Variant("early", layers="early"), Variant("late", layers="late"),
     Variant("f0.5-pool15", pin_fraction=0.5, pool=15), Variant("f0.5-W64", pin_fraction=0.5, window=64),
-    Variant("f0.75-pool15", pin_fraction=0.75, pool=15),
+    Variant("f0.75-pool15", pin_fraction=0.75, pool=15), Variant("f0.75-late", pin_fraction=0.75, layers="late"),
+    Variant("f0.75-W64", pin_fraction=0.75, window=64), Variant("f0.5-late", pin_fraction=0.5, layers="late"),
 )
 REFERENCES = ("dense", "head", "snapkv", "quest")
 
@@ -98,6 +99,9 @@ def parse_args(argv):
     p.add_argument("--needles", type=int, default=len(needles.DEV_NEEDLES), help="use the first N tuning needles")
     p.add_argument("--haystacks", default=",".join(needles.HAYSTACKS))
     p.add_argument("--new-tokens", type=int, default=24)
+    p.add_argument("--analyze-foci", metavar="DIR", help="measure nothing: analyse --save-foci files (layers, windows)")
+    p.add_argument("--save-foci", metavar="DIR", help="also save each instance's per-layer foci (safetensors) there")
+    p.add_argument("--references", default="quest", help="quest, or none: also decode Quest (slow on CPU)")
     p.add_argument("--decode", default="base,f0.5,f0.75,late",
                    help="variants that also decode (pass rates); the others report needle coverage only")
     p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -107,6 +111,15 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.analyze_foci:
+        result = analyze_foci(args.analyze_foci)
+        for k, v in result.items():
+            if isinstance(v, dict):
+                for name, cov in sorted(v.items(), key=lambda kv: -kv[1])[:25]:
+                    print(f"  {name:40s} {cov}")
+            else:
+                print(k, v)
+        return 0
     import torch
 
     import specontext
@@ -125,6 +138,7 @@ def main(argv=None) -> int:
     budgets = [int(b) for b in args.budgets.split(",")]
     gen = GenerationConfig(max_new_tokens=args.new_tokens)
     decode = set(args.decode.split(","))
+    refs = set(args.references.split(","))
     out = {"machine": machine.describe(), "split": "tuning needles (needles.DEV_NEEDLES), haystacks from token "
            f"{needles.DEV_OFFSET_TOKENS}", "variants": [v.__dict__ for v in VARIANTS], "instances": []}
     if os.path.exists(args.out + ".partial"):
@@ -154,6 +168,13 @@ def main(argv=None) -> int:
                             for w in windows for r in ("max", "mean")}
                     logits = engine.prefill(ids, cache, selector=head_sel, focus=Fanout(list(foci.values())))
                     state = PrefillState(list(ids), cache, logits, head_sel)
+                    if args.save_foci:  # per-layer foci and the needle's span, for offline aggregation studies
+                        from safetensors.torch import save_file
+
+                        os.makedirs(args.save_foci, exist_ok=True)
+                        save_file({f"W{w}_{r}": f.by_layer[:, 0, :, :len(ids)].contiguous() for (w, r), f in foci.items()},
+                                  os.path.join(args.save_foci, f"{context}_{hay}_{ni}_{depth}.safetensors"),
+                                  metadata={"span": json.dumps(span), "prompt_tokens": str(len(ids))})
                     prefill_s = time.perf_counter() - t0
                     row = {"context": context, "haystack": hay, "needle": ni, "depth": depth, "prompt_tokens": len(ids),
                            "needle_span": span, "prefill_s": round(prefill_s, 2), "results": {}}
@@ -175,7 +196,8 @@ def main(argv=None) -> int:
                     for B in budgets:
                         common = dict(budget_tokens=B, sink_tokens=4, window_tokens=60)
                         run(f"head@{B}", SparsityOptions(method="specontext", pin_fraction=0, **common))
-                        run(f"quest@{B}", SparsityOptions(method="quest", budget_tokens=B))
+                        if "quest" in refs:
+                            run(f"quest@{B}", SparsityOptions(method="quest", budget_tokens=B))
                         run(f"snapkv@{B}", SparsityOptions(method="snapkv", **common), foci[(32, "max")])
                         for v in VARIANTS:
                             focus = LayerSubset(foci[(v.window, v.reduce)], subsets[v.layers])
@@ -192,7 +214,7 @@ def main(argv=None) -> int:
                     out["instances"].append(row)
                     with open(args.out + ".partial", "w") as f:
                         json.dump(out, f, indent=1)
-                    passes = {k: int(v["pass"]) for k, v in row["results"].items()}
+                    passes = {k: int(v["pass"]) for k, v in row["results"].items() if "pass" in v}
                     print(f"{context} {hay} n{ni} d{depth}: dense={passes['dense']} "
                           + " ".join(f"{k}={v}" for k, v in passes.items() if k != "dense"), flush=True)
     summarize(out)
@@ -227,6 +249,72 @@ def summarize(out: dict) -> None:
         for name, s in per.items():
             print(f"  {name:22s} pass {s['pass']}/{s['n']}  (dense ok: {s['pass_dense_ok']}/{s['n_dense_ok']})"
                   f"  coverage {s['mean_coverage']}")
+
+
+
+def analyze_foci(folder: str, budgets=(512, 1024), sink_tokens: int = 4) -> dict:
+    """Offline, from ``--save-foci`` files: per layer, the share of the focus that falls on the needle,
+    and the needle coverage of pins made from layer subsets chosen by that share (QRHead-style
+    calibration), checked across haystacks (calibrated on one, measured on the other)."""
+    import glob
+
+    import torch
+    from safetensors import safe_open
+
+    from specontext.retrieval.focus import pinned_mask, pins_from_scores
+
+    rows = []
+    for path in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+        with safe_open(path, "pt") as f:
+            meta = f.metadata()
+            span = json.loads(meta["span"])
+            if span is None:
+                continue
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        name = os.path.basename(path)[:-len(".safetensors")]
+        rows.append({"name": name, "haystack": name.split("_")[1], "span": span, "foci": tensors})
+    key = "W32_max"
+    out = {"instances": len(rows)}
+    # per layer: mean over instances and KV groups of the focus mass on the needle (past the sinks)
+    shares = []
+    for r in rows:
+        foc = r["foci"][key]  # [L, G, P]
+        s0, s1 = r["span"]
+        shares.append(foc[:, :, s0:s1].sum(-1) / foc[:, :, sink_tokens:].sum(-1).clamp_min(1e-9))  # [L, G]
+    share = torch.stack(shares).mean(0)  # [L, G]
+    out["needle_share_per_layer"] = [round(float(x), 4) for x in share.mean(1)]
+
+    def coverage(r, layer_weights, window_key, fraction, budget, pool=7):
+        foc = r["foci"][window_key]  # [L, G, P]
+        w = layer_weights.to(foc.dtype)
+        scores = (foc * w[:, :, None]).sum(0, keepdim=True) / w.sum(0)[None, :, None].clamp_min(1e-9)
+        P = foc.shape[-1]
+        pos, ok = pins_from_scores(scores, [P], round(fraction * budget), pool, sink_tokens)
+        mask = pinned_mask(pos, ok, P)
+        s0, s1 = r["span"]
+        return float(mask[0, :, s0:s1].float().mean())
+
+    L, G = share.shape
+    strategies = {"all": lambda sh: torch.ones(L, G), "late": lambda sh: (torch.arange(L) >= L // 2)[:, None].expand(L, G).float()}
+    for k in (4, 8, 12):
+        strategies[f"top{k}-layers"] = lambda sh, k=k: torch.zeros(L).index_fill_(0, sh.mean(1).topk(k).indices, 1.0)[:, None].expand(L, G).clone()
+        strategies[f"top{k}-per-group"] = lambda sh, k=k: torch.zeros(L, G).scatter_(0, sh.topk(k, dim=0).indices, 1.0)
+    strategies["share-weighted"] = lambda sh: sh
+    results = {}
+    for hay_cal in sorted({r["haystack"] for r in rows}):
+        cal = [r for r in rows if r["haystack"] == hay_cal]
+        test = [r for r in rows if r["haystack"] != hay_cal] or cal
+        sh = torch.stack([r["foci"][key][:, :, r["span"][0]:r["span"][1]].sum(-1)
+                          / r["foci"][key][:, :, sink_tokens:].sum(-1).clamp_min(1e-9) for r in cal]).mean(0)
+        for sname, make in strategies.items():
+            weights = make(sh)
+            for window_key in ("W16_max", "W32_max"):
+                for fraction in (0.25, 0.5):
+                    for budget in budgets:
+                        cov = sum(coverage(r, weights, window_key, fraction, budget) for r in test) / len(test)
+                        results.setdefault(f"{sname}/{window_key}/f{fraction}@{budget}", []).append(round(cov, 3))
+    out["coverage_calibrated_on_other_haystack"] = {k: round(sum(v) / len(v), 3) for k, v in results.items()}
+    return out
 
 
 if __name__ == "__main__":

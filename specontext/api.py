@@ -5,6 +5,7 @@ Example::
     import specontext
     llm = specontext.load()                      # the default model, SmolLM2-135M-Instruct
     print(llm.generate("What is the capital of France?", max_new_tokens=16).text)
+    print(llm.ask("France is a country in Europe.", "What is the capital of France?").text)
     for piece in llm.stream("Name three colours.", max_new_tokens=32):
         print(piece, end="", flush=True)
 """
@@ -17,7 +18,7 @@ from typing import Callable, Iterator, Union
 
 import torch
 
-from . import assets
+from . import assets, prompting
 from .config import ModelConfig
 from .engine import BatchGeneration, Engine, Generation, GenerationResult
 from .errors import InputError, ModelFileError
@@ -112,7 +113,7 @@ class LLM:
         """
         allowed = {"sparsity", "budget_tokens", "sink_tokens", "window_tokens", "retrieval_head",
                    "retrieval_backend", "fallback_threshold", "quest_page_tokens", "measure_recall", "block_tokens",
-                   "pin_fraction", "focus_window_tokens", "focus_pool_tokens"}
+                   "pin_fraction", "focus_window_tokens", "focus_pool_tokens", "focus_layers"}
         unknown = sorted(set(changes) - allowed)
         if unknown:
             raise InputError(f"unknown sparsity option {unknown[0]!r}; valid: {', '.join(sorted(allowed))}")
@@ -169,6 +170,33 @@ class LLM:
             text = self.tokenizer.render_chat(prompt, add_generation_prompt=True)
             return self.tokenizer.encode(text, add_bos=False)
         raise InputError("prompt must be a string, a list of {'role', 'content'} messages, or a list of token ids")
+
+    def encode_document(self, document: str | None, question: str | None, chat: bool = True) -> list[int]:
+        """Token ids for ``question`` about ``document``, framed as ``specontext-run`` frames them.
+
+        The framing (labelled document and question parts, chosen by measurement) lives in
+        :mod:`specontext.prompting`; it goes through the chat template when ``chat`` is true and
+        the model has one, else it is raw text. Either part may be None; both None or blank
+        raises InputError.
+        """
+        if chat and self.tokenizer.chat_template:
+            return self.encode_prompt(prompting.document_messages(document, question))
+        return self.encode_prompt(prompting.document_text(document, question), chat=False)
+
+    def ask(self, document: str | None, question: str | None, *, chat: bool = True,
+            **generation) -> GenerationResult:
+        """Answer ``question`` about ``document`` (the text itself) and return a :class:`GenerationResult`.
+
+        The request is framed as ``specontext-run --document FILE --question TEXT`` frames it
+        (see :meth:`encode_document`); keyword arguments are :class:`GenerationConfig` fields, as
+        for :meth:`generate`.
+
+        Example::
+
+            llm.ask("France is a country in Europe.", "What is the capital of France?").text
+            # 'The capital of France is Paris.'
+        """
+        return self.generate(self.encode_document(document, question, chat), **generation)
 
     def start(self, prompt: Prompt, *, chat: bool = True, progress: Callable[[int, int], None] | None = None,
               **generation) -> Generation:

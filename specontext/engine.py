@@ -20,7 +20,7 @@ from .errors import ContextLengthError, InputError
 from .kv.cache import DenseKVCache, KVCache
 from .kv.offload import OffloadedKVCache
 from .model.llama import LlamaForCausalLM
-from .retrieval.focus import QueryFocus
+from .retrieval.focus import QueryFocus, focus_layer_weights
 from .retrieval.head import RetrievalHead
 from .retrieval.selection import HeadSelector, Selector, SparsityOptions, make_selector
 from .settings import GenerationConfig, RuntimeSettings
@@ -323,11 +323,13 @@ class Engine:
                                  focus=focus)
 
     def new_focus(self, prompt_lens: list[int], capacity_tokens: int, window_tokens: int,
-                  keep: str = "total") -> QueryFocus:
-        """An empty :class:`QueryFocus` for prompts of ``prompt_lens`` (filled by :meth:`prefill_rows`)."""
+                  keep: str = "total", layers: str = "all") -> QueryFocus:
+        """An empty :class:`QueryFocus` for prompts of ``prompt_lens`` (filled by :meth:`prefill_rows`),
+        averaging the ``layers`` named as in the ``focus_layers`` setting."""
         cfg = self.model.config
         return QueryFocus(prompt_lens, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, capacity_tokens,
-                          window_tokens, self.model.device, keep=keep)
+                          window_tokens, self.model.device, keep=keep,
+                          layer_weights=focus_layer_weights(layers, cfg.num_layers, cfg.num_kv_heads))
 
     def prefill_rows(self, rows: list[list[int]], cache: KVCache, logits_for: str = "last",
                      progress: Callable[[int, int], None] | None = None,
@@ -348,7 +350,7 @@ class Engine:
             raise ValueError("logits_for='all' needs a single row")
         if focus is None and selector is not None and selector.focus_window_tokens:
             focus = self.new_focus([len(r) for r in rows], cache.capacity_tokens, selector.focus_window_tokens,
-                                   keep=selector.focus_keep)
+                                   keep=selector.focus_keep, layers=selector.focus_layers)
         total, done = sum(len(r) for r in rows), 0
         last: list[torch.Tensor | None] = [None] * len(rows)
         pieces = []
@@ -556,6 +558,7 @@ class Generation:
             if selector.focus_window_tokens:
                 info["focus_window_tokens"] = opts.focus_window_tokens
                 info["focus_pool_tokens"] = opts.focus_pool_tokens
+                info["focus_layers"] = opts.focus_layers
             if opts.method == "quest":
                 info["page_tokens"] = opts.page_tokens
             info.update(selector.stats.to_dict())

@@ -49,6 +49,8 @@ class RuntimeSettings:
                                "looks); kept every step like sinks and window, the head chooses the rest. 0 = off")
     focus_window_tokens: int = _opt(32, "prompt tokens at the end of the prompt whose attention over the prompt "
                                     "decides the pinned positions (specontext with --pin-fraction, snapkv)")
+    focus_layers: str = _opt("all", "layers whose focus the pins average: all, late (the second half), or layers and "
+                             "ranges like 14-22,25")
     focus_pool_tokens: int = _opt(7, "odd width of the max-pool smoothing the focus over neighbouring positions "
                                   "before pinning (1 = none)")
     fallback_threshold: float = _opt(0.0, "run a decode step dense when the retrieval head's attention mass on its "
@@ -77,7 +79,8 @@ class RuntimeSettings:
                                window_tokens=self.window_tokens, page_tokens=self.quest_page_tokens,
                                fallback_threshold=self.fallback_threshold, measure_recall=self.measure_recall,
                                block_tokens=self.block_tokens, pin_fraction=self.pin_fraction,
-                               focus_window_tokens=self.focus_window_tokens, focus_pool_tokens=self.focus_pool_tokens)
+                               focus_window_tokens=self.focus_window_tokens, focus_pool_tokens=self.focus_pool_tokens,
+                               focus_layers=self.focus_layers)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import specontext
-from specontext.retrieval.focus import QueryFocus, pins_from_scores
+from specontext.retrieval.focus import QueryFocus, focus_layer_weights, pins_from_scores
 from specontext.retrieval.selection import SparsityOptions
 
 from conftest import make_hf_model, make_random_head, recording_selections
@@ -50,6 +50,23 @@ def test_focus_equals_transformers_window_attention(tiny, window):
     for layer, expected in enumerate(per_layer):
         torch.testing.assert_close(focus.scores(layer)[0], expected, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(focus.scores()[0], torch.stack(per_layer).mean(0), atol=1e-5, rtol=1e-4)
+
+
+def test_focus_layers_average_only_the_chosen_layers(tiny):
+    llm, ids = tiny["llm"], tiny["ids"][:PREFIX]
+    every = _focus(llm, [ids], 16)  # keep="layers"
+    cache = llm.engine.new_cache(PREFIX + 4)
+    late = llm.engine.new_focus([PREFIX], cache.capacity_tokens, 16, layers="late")  # layers 1 and 2 of 3
+    llm.engine.prefill_rows([ids], cache, focus=late)
+    expected = (every.scores(1) + every.scores(2)) / 2
+    torch.testing.assert_close(late.scores(), expected, atol=1e-6, rtol=1e-5)
+    weights = focus_layer_weights("late", 3, llm.config.num_kv_heads)
+    torch.testing.assert_close(every.scores(layer_weights=weights), expected, atol=1e-6, rtol=1e-5)
+    assert focus_layer_weights("0,2", 3, 2)[:, 0].tolist() == [1.0, 0.0, 1.0]
+    with pytest.raises(specontext.InputError, match="must lie in 0..2"):
+        focus_layer_weights("1-5", 3, 2)
+    with pytest.raises(specontext.InputError, match="layers and ranges"):
+        SparsityOptions(method="specontext", focus_layers="middle")
 
 
 def test_focus_of_a_batch_row_equals_the_row_alone(tiny):

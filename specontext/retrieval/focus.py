@@ -40,6 +40,9 @@ class QueryFocus:
             keeps each layer's [L, B, G, S] (per-layer pins: ``snapkv``); ``"heads"`` keeps each
             layer's per-query-head window mean [L, B, H, S] (for studies).
         head_reduce: ``"max"`` or ``"mean"`` over each KV group's query heads.
+        layer_weights: [L, G] weight of each layer's focus in each KV group's mean (None: every
+            layer alike). Layers weighted 0 in every group are not measured at all (unless a
+            per-layer ``keep`` needs them). See :func:`focus_layer_weights`.
 
     Use: for each prefill chunk, ``plan.focus = focus if focus.begin_chunk(input_lens) else None``;
     each attention layer calls :meth:`observe` when ``plan.focus`` is set; then :meth:`pins`.
@@ -47,7 +50,7 @@ class QueryFocus:
 
     def __init__(self, prompt_lens: list[int], num_layers: int, num_heads: int, num_kv_heads: int,
                  capacity_tokens: int, window_tokens: int, device: torch.device | str,
-                 keep: str = "total", head_reduce: str = "max"):
+                 keep: str = "total", head_reduce: str = "max", layer_weights: torch.Tensor | None = None):
         if window_tokens < 1:
             raise ValueError(f"window_tokens must be >= 1, got {window_tokens}")
         if keep not in ("total", "layers", "heads"):
@@ -61,6 +64,14 @@ class QueryFocus:
         self.keep, self.head_reduce = keep, head_reduce
         self.device = torch.device(device)
         self.total = torch.zeros(B, num_kv_heads, S, dtype=torch.float32, device=self.device)
+        if layer_weights is None:
+            layer_weights = torch.ones(num_layers, num_kv_heads)
+        if tuple(layer_weights.shape) != (num_layers, num_kv_heads) or bool((layer_weights < 0).any()) \
+                or bool((layer_weights.sum(0) <= 0).any()):
+            raise ValueError(f"layer_weights must be [{num_layers}, {num_kv_heads}], >= 0, with weight in every KV "
+                             f"group; got shape {tuple(layer_weights.shape)}")
+        self.layer_weights = layer_weights.to(device=self.device, dtype=torch.float32)
+        self._measured = [bool(w) for w in (layer_weights.sum(1) > 0).tolist()]
         self.by_layer = None
         if keep != "total":
             per = num_heads if keep == "heads" else num_kv_heads
@@ -96,9 +107,12 @@ class QueryFocus:
                 the chunk attends over; mask: unused (each window query sees the keys up to its
                 own position), kept for the attention layer's call.
         """
+        if not self._measured[layer] and self.keep == "total":
+            return
         B, H, T, D = queries.shape
         G = keys.shape[1]
         R = H // G
+        weight = self.layer_weights[layer][None, :, None]  # [1, G, 1]
         for b, lo, hi, before in self._rows:
             W = min(self.window_tokens, self.prompt_lens[b])
             num_keys = before + hi  # the row's keys up to its last window query in this chunk
@@ -121,24 +135,29 @@ class QueryFocus:
                 group += reduced.sum(dim=2) / W
                 if per_head is not None:
                     per_head += probs.sum(dim=3) / W
-            self.total[b:b + 1, :, :num_keys] += group
+            self.total[b:b + 1, :, :num_keys] += group * weight
             if self.keep == "layers":
                 self.by_layer[layer, b:b + 1, :, :num_keys] += group
             elif self.keep == "heads":
                 self.by_layer[layer, b:b + 1, :, :num_keys] += per_head.reshape(1, H, num_keys)
 
-    def scores(self, layer: int | None = None) -> torch.Tensor:
-        """[B, G, P] focus per prompt position (P = max prompt length): the mean over layers, or
-        one ``layer``'s (needs ``keep="layers"``)."""
+    def scores(self, layer: int | None = None, layer_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, G, P] focus per prompt position (P = max prompt length): the mean over layers
+        weighted by ``layer_weights`` [L, G] (default: this focus's own), or one ``layer``'s.
+        Other weights and single layers need ``keep="layers"``."""
         P = max(self.prompt_lens)
-        if layer is None:
-            return self.total[:, :, :P] / self.num_layers
+        if layer is None and (layer_weights is None or torch.equal(layer_weights.to(self.layer_weights),
+                                                                    self.layer_weights)):
+            return self.total[:, :, :P] / self.layer_weights.sum(0)[None, :, None]
         if self.keep != "layers":
-            raise ValueError("per-layer focus needs keep='layers'")
-        return self.by_layer[layer, :, :, :P]
+            raise ValueError("per-layer focus (a single layer, or other layer weights) needs keep='layers'")
+        if layer is not None:
+            return self.by_layer[layer, :, :, :P]
+        w = layer_weights.to(device=self.device, dtype=torch.float32)  # [L, G]
+        return torch.einsum("lbgp,lg->bgp", self.by_layer[..., :P], w) / w.sum(0)[None, :, None]
 
-    def pins(self, num_pins: int, pool_tokens: int = 1, sink_tokens: int = 0,
-             layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def pins(self, num_pins: int, pool_tokens: int = 1, sink_tokens: int = 0, layer: int | None = None,
+             layer_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``num_pins`` most focused prompt positions per row and KV head.
 
         Scores are max-pooled over ``pool_tokens`` neighbours (odd; 1 = none) first. Sink
@@ -148,7 +167,7 @@ class QueryFocus:
             (positions [B, G, n] int64 sorted, valid [B, G, n] bool), n = ``num_pins``; a row whose
             prompt holds fewer candidates has its extra entries invalid (position 0).
         """
-        return pins_from_scores(self.scores(layer), self.prompt_lens, num_pins, pool_tokens, sink_tokens)
+        return pins_from_scores(self.scores(layer, layer_weights), self.prompt_lens, num_pins, pool_tokens, sink_tokens)
 
 
 def pins_from_scores(scores: torch.Tensor, prompt_lens: list[int], num_pins: int, pool_tokens: int = 1,
@@ -185,3 +204,40 @@ def pinned_mask(positions: torch.Tensor, valid: torch.Tensor, capacity_tokens: i
     B, G, _ = positions.shape
     hits = torch.zeros(B, G, capacity_tokens, dtype=torch.int32, device=positions.device)
     return hits.scatter_add_(-1, positions, valid.to(torch.int32)) > 0
+
+
+def focus_layer_weights(spec: str, num_layers: int, num_kv_heads: int) -> torch.Tensor:
+    """[L, G] layer weights from a user's ``focus_layers`` setting.
+
+    ``all``: every layer; ``late``: the second half (layers L/2 .. L-1), where the question's
+    attention lands on the passage it asks about (measured: bench_edge/focus_study.py); or a
+    comma-separated list of layers and ranges, e.g. ``14-22,25``.
+    """
+    L, G = num_layers, num_kv_heads
+    if spec == "all":
+        return torch.ones(L, G)
+    if spec == "late":
+        return (torch.arange(L) >= L // 2).float()[:, None].expand(L, G).clone()
+    chosen = parse_layer_list(spec, L)
+    weights = torch.zeros(L, G)
+    weights[chosen] = 1.0
+    return weights
+
+
+def parse_layer_list(spec: str, num_layers: int) -> list[int]:
+    """``"14-22,25"`` -> [14, ..., 22, 25]; raises InputError naming what is wrong."""
+    from ..errors import InputError
+
+    layers: set[int] = set()
+    for part in spec.replace(" ", "").split(","):
+        lo, sep, hi = part.partition("-")
+        try:
+            first, last = int(lo), int(hi) if sep else int(lo)
+        except ValueError:
+            raise InputError(f"focus layers must be all, late, or layers and ranges like 14-22,25; got {spec!r}") \
+                from None
+        if not 0 <= first <= last < num_layers:
+            raise InputError(f"focus layers must lie in 0..{num_layers - 1} (first <= last); got {part!r}")
+        layers.update(range(first, last + 1))
+    return sorted(layers)
+

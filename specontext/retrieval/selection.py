@@ -39,7 +39,7 @@ from typing import Callable
 import torch
 
 from ..errors import InputError
-from .focus import QueryFocus, pinned_mask
+from .focus import QueryFocus, focus_layer_weights, parse_layer_list, pinned_mask
 from .head import RetrievalHead
 
 METHODS = ("dense", "specontext", "oracle", "quest", "streaming", "snapkv")
@@ -147,6 +147,7 @@ class Selector:
     # (a QueryFocus) and hands it to set_focus before the first decode step
     focus_window_tokens: int = 0
     focus_keep: str = "total"
+    focus_layers: str = "all"  # which layers' focus the pins average (focus.focus_layer_weights)
 
     def __init__(self, budget_tokens: int = 0, sink_tokens: int = 0, window_tokens: int = 0,
                  measure_recall: bool = False, num_kv_heads: int = 1):
@@ -403,12 +404,13 @@ class HeadSelector(Selector):
     def __init__(self, head: RetrievalHead, embed: torch.nn.Module, batch_size: int, capacity_tokens: int,
                  budget_tokens: int, sink_tokens: int, window_tokens: int, fallback_threshold: float = 0.0,
                  measure_recall: bool = False, block_tokens: int = 1, pin_tokens: int = 0,
-                 focus_window_tokens: int = 0, pool_tokens: int = 1):
+                 focus_window_tokens: int = 0, pool_tokens: int = 1, focus_layers: str = "all"):
         super().__init__(budget_tokens, sink_tokens, window_tokens, measure_recall,
                          num_kv_heads=head.config.target.num_kv_heads)
         self.block_tokens = block_tokens
         self.pin_tokens, self.pool_tokens = pin_tokens, pool_tokens
         self.focus_window_tokens = focus_window_tokens if pin_tokens else 0
+        self.focus_layers = focus_layers
         self.capacity_tokens = capacity_tokens
         self.pin_mask: torch.Tensor | None = None  # [B, G, capacity] bool: pinned prompt positions
         self.head, self.embed = head, embed
@@ -436,7 +438,8 @@ class HeadSelector(Selector):
         return sum(t.numel() * t.element_size() for t in bufs if t is not None)
 
     def set_focus(self, focus):
-        positions, valid = focus.pins(self.pin_tokens, self.pool_tokens, self.sink_tokens)
+        weights = focus_layer_weights(self.focus_layers, focus.num_layers, focus.num_kv_heads)
+        positions, valid = focus.pins(self.pin_tokens, self.pool_tokens, self.sink_tokens, layer_weights=weights)
         self.pin_mask = pinned_mask(positions, valid, self.capacity_tokens)
 
     def _hidden(self, captured: dict) -> torch.Tensor | None:
@@ -598,6 +601,7 @@ class SparsityOptions:
     pin_fraction: float = 0.25
     focus_window_tokens: int = 32
     focus_pool_tokens: int = 7
+    focus_layers: str = "all"
 
     @property
     def pin_tokens(self) -> int:
@@ -613,6 +617,8 @@ class SparsityOptions:
             raise InputError(f"pin_fraction must be in [0, 1) (0 = no pinning), got {self.pin_fraction}")
         if self.focus_window_tokens < 1:
             raise InputError(f"focus_window_tokens must be >= 1, got {self.focus_window_tokens}")
+        if self.focus_layers not in ("all", "late"):
+            parse_layer_list(self.focus_layers, 1 << 20)  # the syntax here; the range once the model is known
         if self.focus_pool_tokens < 1 or self.focus_pool_tokens % 2 == 0:
             raise InputError(f"focus_pool_tokens must be an odd number >= 1 (1 = no smoothing), "
                              f"got {self.focus_pool_tokens}")
@@ -674,4 +680,4 @@ def make_selector(opts: SparsityOptions, num_kv_heads: int, head: RetrievalHead 
     return HeadSelector(head, embed, batch_size, capacity_tokens, opts.budget_tokens, opts.sink_tokens,
                         opts.window_tokens, opts.fallback_threshold, opts.measure_recall, opts.block_tokens,
                         pin_tokens=opts.pin_tokens, focus_window_tokens=opts.focus_window_tokens,
-                        pool_tokens=opts.focus_pool_tokens)
+                        pool_tokens=opts.focus_pool_tokens, focus_layers=opts.focus_layers)
