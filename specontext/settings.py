@@ -44,12 +44,12 @@ class RuntimeSettings:
                                   "exported to ONNX, on the CPU provider, or CUDA with the K cache bound on the device; "
                                   "needs the onnx extra). --retrieval-head may then also be an exported .onnx file",
                                   choices=("torch", "onnxruntime"))
-    pin_fraction: float = _opt(0.25, "--sparsity specontext: share of the budget pinned to the prompt positions its "
+    pin_fraction: float = _opt(0.5, "--sparsity specontext: share of the budget pinned to the prompt positions its "
                                "last --focus-window-tokens queries attended to most during prefill (where the question "
                                "looks); kept every step like sinks and window, the head chooses the rest. 0 = off")
     focus_window_tokens: int = _opt(32, "prompt tokens at the end of the prompt whose attention over the prompt "
                                     "decides the pinned positions (specontext with --pin-fraction, snapkv)")
-    focus_layers: str = _opt("all", "layers whose focus the pins average: all, late (the second half), or layers and "
+    focus_layers: str = _opt("late", "layers whose focus the pins average: all, late (the second half), or layers and "
                              "ranges like 14-22,25")
     focus_pool_tokens: int = _opt(7, "odd width of the max-pool smoothing the focus over neighbouring positions "
                                   "before pinning (1 = none)")

@@ -95,7 +95,7 @@ def test_pins_are_always_chosen_inside_the_budget(tiny):
     llm, ids = tiny["llm"], tiny["ids"]
     llm.set_sparsity(sparsity="specontext", retrieval_head=tiny["head"])
     opts = SparsityOptions(method="specontext", budget_tokens=32, sink_tokens=2, window_tokens=4,
-                           pin_fraction=0.5, focus_window_tokens=8, focus_pool_tokens=3)
+                           pin_fraction=0.5, focus_window_tokens=8, focus_pool_tokens=3, focus_layers="all")
     record, restore = recording_selections(llm)
     try:
         _, selector = llm.engine.teacher_forced(ids[:PREFIX], ids[PREFIX:], sparsity=opts)

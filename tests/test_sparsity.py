@@ -342,7 +342,7 @@ def test_cli_reports_sparsity_in_json_and_refuses_a_small_budget(tiny, capsys):
     assert info["retrieval_head"].endswith("tiny.json")
     rc = main(["--model", str(root / "m"), "--question", "hi", "--sparsity", "specontext", "--budget", "10"])
     err = capsys.readouterr().err
-    assert rc != 0 and err.count("\n") == 1 and "at least 87" in err
+    assert rc != 0 and err.count("\n") == 1 and "at least 129" in err
 
 
 def test_global_oracle_records_the_layer_mean_attention_and_replays_its_top_b(tiny):

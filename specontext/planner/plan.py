@@ -154,7 +154,7 @@ class MemoryPlan:
 def make_plan(model: str | None = None, device_profile: str | DeviceProfile = "auto", context_tokens: int | None = None,
               requests: int = 1, budget_tokens: int = 2048, sparsity: str = "specontext", dtype: str = "auto",
               slot_pool: float = 1.0, block_tokens: int = 1, prefill_chunk_tokens: int = 512,
-              retrieval_head: str = "auto", pin_fraction: float = 0.25, focus_window_tokens: int = 32) -> MemoryPlan:
+              retrieval_head: str = "auto", pin_fraction: float = 0.5, focus_window_tokens: int = 32) -> MemoryPlan:
     """Plan memory without loading weights or touching the device.
 
     Args:

@@ -598,10 +598,10 @@ class SparsityOptions:
     fallback_threshold: float = 0.0
     measure_recall: bool = False
     block_tokens: int = 1
-    pin_fraction: float = 0.25
+    pin_fraction: float = 0.5
     focus_window_tokens: int = 32
     focus_pool_tokens: int = 7
-    focus_layers: str = "all"
+    focus_layers: str = "late"
 
     @property
     def pin_tokens(self) -> int:
