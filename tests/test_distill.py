@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -146,22 +147,87 @@ def test_cli_errors_are_one_line(tiny, capsys):
     assert rc == 1 and "distillation needs at least" in err and err.count("\n") == 1
 
 
-def test_question_answering_examples_query_the_answer_positions(tiny):
-    """A QA example is a document with a fact, a question and the model's own greedy answer; the
-    head learns the attention at the positions that produce the answer (plus sampled ones)."""
-    from specontext.retrieval.distill import qa_teacher_sequence
+def test_task_examples_query_the_positions_that_produce_the_models_own_answer(tiny):
+    """A task example is a document with a question and the model's own greedy answer; the head
+    learns the attention at the positions that produce the answer, plus sampled reading ones."""
+    from specontext.retrieval.distill import TaskPool, query_weights, task_teacher_sequence
 
     llm = tiny["llm"]
     ids = llm.tokenizer.encode(tiny["text"], add_bos=False)
-    cfg = small_config(seq_tokens=200, qa_sequences=1, qa_answer_tokens=6, queries_per_sequence=10)
-    seq = qa_teacher_sequence(llm, ids, cfg, seed=3)
-    S = len(seq.ids)
-    assert S <= cfg.seq_tokens
-    answer_positions = set(range(S - 1 - cfg.qa_answer_tokens, S - 1))
-    assert answer_positions <= set(seq.query_positions.tolist())
-    assert len(seq.query_positions) == 10 and seq.query_positions.tolist() == sorted(set(seq.query_positions.tolist()))
-    # the answer is the model's own greedy continuation of the prompt
-    prompt = seq.ids[:S - cfg.qa_answer_tokens].tolist()
-    logits, _ = llm.engine.teacher_forced(prompt, seq.ids[S - cfg.qa_answer_tokens:].tolist())
-    assert logits.argmax(-1).tolist() == seq.ids[S - cfg.qa_answer_tokens:].tolist()
-    assert torch.allclose(seq.attention.float().sum(-1), torch.ones(seq.attention.shape[:2]), atol=1e-2)
+    cfg = small_config(seq_tokens=200, answer_tokens=6, queries_per_sequence=10)
+    pools = [TaskPool("text", ids[128:], 128)]
+    for kind in ("needle", "kv", "vt", "passage"):
+        seq, record = task_teacher_sequence(llm, kind, pools, cfg, seed=3)
+        again, record2 = task_teacher_sequence(llm, kind, pools, cfg, seed=3)
+        assert torch.equal(seq.ids, again.ids) and record == record2  # a seed is one example
+        S, P = len(seq.ids), record["prompt_tokens"]
+        assert S <= cfg.seq_tokens and S - P == record["answer_tokens"] <= cfg.answer_tokens
+        assert seq.answer_from == P - 1 and 128 <= record["haystack_tokens"][0] < record["haystack_tokens"][1]
+        assert set(range(P - 1, min(P - 1 + cfg.answer_tokens, S))) <= set(seq.query_positions.tolist())
+        assert len(seq.query_positions) == 10
+        assert seq.query_positions.tolist() == sorted(set(seq.query_positions.tolist()))
+        # the answer is the model's own greedy continuation of the prompt (transformers-free reference:
+        # the engine's teacher-forced logits, a separate dense path)
+        prompt, answer = seq.ids[:P].tolist(), seq.ids[P:].tolist()
+        if answer:
+            logits, _ = llm.engine.teacher_forced(prompt, answer)
+            assert logits.argmax(-1).tolist() == answer
+        assert torch.allclose(seq.attention.float().sum(-1), torch.ones(seq.attention.shape[:2]), atol=1e-2)
+        # the answer-producing queries carry the answer weight, reading queries 1
+        w = query_weights(seq, 4.0)
+        assert w.tolist() == [4.0 if q >= P - 1 else 1.0 for q in seq.query_positions.tolist()]
+    text_seq = teacher_sequence(llm.model, ids[:64], cfg, 24, seed=1)
+    assert text_seq.answer_from == -1 and query_weights(text_seq, 4.0).tolist() == [1.0] * 10
+
+
+def test_answer_weights_scale_each_querys_kl():
+    # two queries with different KLs: the weighted loss is their weighted mean (hand-computed)
+    qpos = torch.tensor([3, 3])
+    target = torch.tensor([[[0.5, 0.5, 0.0, 0.0], [0.9, 0.1, 0.0, 0.0]]])  # [G=1, Q=2, S=4]
+    student = torch.tensor([[[0.5, 0.5, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]]])
+    kl1 = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)
+    assert distill_loss(target, student, qpos, torch.tensor([1.0, 1.0]), "all", 0, 0) == pytest.approx(kl1 / 2)
+    assert distill_loss(target, student, qpos, torch.tensor([1.0, 3.0]), "all", 0, 0) == pytest.approx(3 * kl1 / 4)
+
+
+def test_task_mix_is_parsed_and_bad_input_refused_in_one_line(tiny, capsys):
+    from specontext.retrieval.distill import parse_task_mix
+
+    assert parse_task_mix("needle:8, kv:4,vt:0,") == (("needle", 8), ("kv", 4))
+    assert parse_task_mix("") == ()
+    for bad, message in (("needles:2", "kind must be one of needle, kv, vt, passage"),
+                         ("needle", "KIND:COUNT"), ("kv:-1", "KIND:COUNT"), ("kv:two", "KIND:COUNT"),
+                         ("vt:1,vt:2", "names 'vt' twice")):
+        rc = main(["--model", str(tiny["root"] / "m"), "--task-mix", bad, "--quiet"])
+        err = capsys.readouterr().err
+        assert rc == 1 and err.count("\n") == 1 and message in err, (bad, err)
+    for bad in ("5:3", "10", "a:b"):
+        rc = main(["--model", str(tiny["root"] / "m"), "--skip-tokens", bad, "--quiet"])
+        err = capsys.readouterr().err
+        assert rc == 1 and err.count("\n") == 1 and "--skip-tokens" in err, (bad, err)
+
+
+def test_distill_with_tasks_saves_the_training_data_split(tiny):
+    llm, root = tiny["llm"], tiny["root"]
+    cfg = small_config(seq_tokens=128, holdout_tokens=256, steps=8, task_mix=(("needle", 2), ("kv", 1)),
+                       answer_tokens=4, answer_weight=3.0, skip_tokens=(384, 448))
+    path, quality = distill(llm, tiny["text"], str(root / "heads-tasks" / "t"), cfg, progress=False,
+                            log=lambda m: None, text_label="tiny words")
+    record = load_head(path, target=llm.target).config.quality["training_data"]
+    assert record == json.loads(json.dumps(quality["training_data"]))
+    text = record["text"]
+    assert text["source"] == "tiny words" and text["heldout_tokens"] == [0, 256] and text["skipped_tokens"] == [384, 448]
+    # text sequences: after the held-out tokens, none overlapping the skipped range
+    assert text["train_sequences"] == [[256, 384], [448, 576]]
+    t = record["tasks"]
+    assert t["mix"] == {"needle": 2, "kv": 1} and t["answer_weight"] == 3.0 and t["version"]
+    assert t["haystacks"]["text"]["tokens"][0] == 448 and t["haystacks"]["pydoc"]["tokens"][0] == 60_000
+    assert [e["kind"] for e in t["examples"]] == ["needle", "needle", "kv"]
+    for e in t["examples"]:
+        lo = 448 if e["haystack"] == "text" else 60_000
+        assert lo <= e["haystack_tokens"][0] < e["haystack_tokens"][1]
+    held = t["heldout"]["examples"]
+    assert [e["kind"] for e in held] == ["needle", "kv"] and all(e["haystack_tokens"][1] <= 256 for e in held)
+    assert len({e["seed"] for e in t["examples"] + held}) == 5
+    recall = quality["recall_answer_heldout"]
+    assert set(recall) == {"head", "oracle_global", "streaming"} and 0 < recall["head"][16] <= 1

@@ -24,10 +24,18 @@ Three stages, each resumable from ``OUTPUT.work/``:
    on the sinks and the window (63% for SmolLM2-135M on 8k-token text, 27% on the 4 sinks), so
    under ``all`` the KL spends much of the head's capacity on positions whose ranking never
    changes what is kept.
+
+   ``--task-mix`` adds retrieval tasks (needles, key-value lookups, variable tracking, passage
+   questions; see ``tasks.py``) to the text: each is a document with a question, rendered with the
+   chat template, and the model's own greedy answer (dense) appended. Their queries are the
+   positions that produce the answer, whose loss counts ``--answer-weight`` times, plus sampled
+   reading positions. The haystacks are the training text after the held-out and skipped tokens and
+   the Python reference topics after token ``PYDOC_FROM_TOKENS``; the artefact records the split.
 3. **Quality.** On held-out sequences (by default the first tokens of the text, which training
    skips, so the accuracy harness evaluates on text the head never saw), the recall of the head's
    selection at several budgets next to the global oracle and StreamingLLM; saved in the
-   artefact's ``quality``.
+   artefact's ``quality``; with tasks, also the recall at the answer-producing positions of
+   held-out task examples (built on the held-out text, with their own seeds).
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -45,9 +54,13 @@ import torch
 
 from ..errors import InputError, SpecontextError
 from ..kv.cache import DenseKVCache
+from . import tasks
 from .head import RetrievalHead, RetrievalHeadConfig, save_head, user_head_dir
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+# task haystacks from the Python reference topics start here: bench_edge/needles.py evaluates on the
+# first 8192 tokens of that text and tunes on the 8192 after token 40000 (this keeps a margin)
+PYDOC_FROM_TOKENS = 60_000
 
 
 @dataclass(frozen=True)
@@ -70,15 +83,17 @@ class DistillConfig:
     eval_budgets: tuple[int, ...] = (256, 512, 1024, 2048)
     sink_tokens: int = 4
     window_tokens: int = 60
-    qa_sequences: int = 0
-    qa_answer_tokens: int = 20
-    qa_answer_weight: float = 1.0
+    task_mix: tuple[tuple[str, int], ...] = ()  # (kind, count): see tasks.KINDS
+    answer_tokens: int = 20
+    answer_weight: float = 1.0
+    eval_tasks_per_kind: int = 1
+    skip_tokens: tuple[int, int] = (0, 0)  # [start, end) of the text kept out of training (a tuning set's)
     loss_region: str = "middle"
 
     def train_key(self, teacher_key: str) -> str:
         """Checkpoints resume only a run with the same data and training settings (--steps may grow)."""
-        fields = (teacher_key, self.num_heads, self.head_dim, self.lr, self.target_aggregate, self.qa_sequences,
-                  self.qa_answer_tokens, self.qa_answer_weight)
+        fields = (teacher_key, self.num_heads, self.head_dim, self.lr, self.target_aggregate, self.task_mix,
+                  self.answer_tokens, self.answer_weight)
         if self.loss_region != "all":  # appended only when set, so existing "all" checkpoints keep their key
             fields += (self.loss_region, self.sink_tokens, self.window_tokens)
         return hashlib.sha256(repr(fields).encode()).hexdigest()[:16]
@@ -87,6 +102,15 @@ class DistillConfig:
         fields = (fingerprint, text_digest, self.seq_tokens, self.max_sequences, self.holdout_tokens,
                   self.eval_sequences, self.queries_per_sequence, self.min_query_position, self.hidden_layers,
                   self.seed)
+        if self.skip_tokens != (0, 0):  # appended only when set, so existing teacher data keeps its key
+            fields += (self.skip_tokens,)
+        return hashlib.sha256(repr(fields).encode()).hexdigest()[:16]
+
+    def task_key(self, fingerprint: str, text_digest: str) -> str:
+        """Task examples do not depend on the text sequences, so --max-sequences keeps them."""
+        fields = (fingerprint, text_digest, self.seq_tokens, self.holdout_tokens, self.skip_tokens,
+                  self.queries_per_sequence, self.min_query_position, self.hidden_layers, self.seed,
+                  self.answer_tokens, tasks.VERSION)
         return hashlib.sha256(repr(fields).encode()).hexdigest()[:16]
 
 
@@ -128,6 +152,20 @@ class TeacherSequence:
     hidden: torch.Tensor  # [S, L*E] float16: target outputs after the fused layers at each position
     query_positions: torch.Tensor  # [Q] int64, sorted
     attention: torch.Tensor  # [H, Q, S] float16: layer-mean attention over past positions
+    answer_from: int = -1  # first query position that produces the model's answer (-1: none, plain text)
+
+
+def _train_starts(num_tokens: int, cfg: DistillConfig) -> list[int]:
+    """Start offsets of the training sequences: after the held-out tokens, none overlapping the skipped range."""
+    n, (skip_a, skip_b) = cfg.seq_tokens, cfg.skip_tokens
+    starts, i = [], cfg.holdout_tokens
+    while i + n <= num_tokens and len(starts) < cfg.max_sequences:
+        if i < skip_b and i + n > skip_a:
+            i = skip_b
+            continue
+        starts.append(i)
+        i += n
+    return starts
 
 
 def _sequences(ids: list[int], cfg: DistillConfig) -> tuple[list[list[int]], list[list[int]]]:
@@ -135,114 +173,159 @@ def _sequences(ids: list[int], cfg: DistillConfig) -> tuple[list[list[int]], lis
     n = cfg.seq_tokens
     holdout = ids[:cfg.holdout_tokens]
     evals = [holdout[i:i + n] for i in range(0, len(holdout) - n + 1, n)][:cfg.eval_sequences]
-    rest = ids[cfg.holdout_tokens:]
-    trains = [rest[i:i + n] for i in range(0, len(rest) - n + 1, n)][:cfg.max_sequences]
+    trains = [ids[i:i + n] for i in _train_starts(len(ids), cfg)]
     return trains, evals
+
+
+def parse_task_mix(text: str) -> tuple[tuple[str, int], ...]:
+    """``"needle:8,kv:4"`` -> ``(("needle", 8), ("kv", 4))``; an empty string is no tasks.
+
+    Raises InputError (one line) on an unknown kind, a count that is not an integer >= 0, or a repeat.
+    """
+    mix: dict[str, int] = {}
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        kind, sep, count = item.partition(":")
+        kind = kind.strip()
+        if kind not in tasks.KINDS:
+            raise InputError(f"--task-mix kind must be one of {', '.join(tasks.KINDS)}, got {kind!r} in {text!r}")
+        if not sep or not count.strip().isdigit():
+            raise InputError(f"--task-mix items are KIND:COUNT with a count >= 0, got {item!r}")
+        if kind in mix:
+            raise InputError(f"--task-mix names {kind!r} twice")
+        mix[kind] = int(count)
+    return tuple((k, n) for k, n in mix.items() if n)
 
 
 @torch.no_grad()  # not inference_mode: the returned tensors feed training
 def teacher_sequence(model, ids: list[int], cfg: DistillConfig, chunk_tokens: int, seed: int,
-                     query_positions: torch.Tensor | None = None) -> TeacherSequence:
+                     answer_tokens: int = 0, stop_ids: frozenset[int] = frozenset()) -> TeacherSequence:
     """Run the target over ``ids`` once and record what the head learns from (see module docstring).
 
-    Query positions are sampled from the sequence unless given ([Q] int64, sorted, unique)."""
+    With ``answer_tokens``, ``ids`` is a prompt: the model then decodes its own greedy answer (up
+    to that many tokens, stopping before a token in ``stop_ids``) in the same pass, and the
+    positions that produce it are queries besides the sampled ones; the returned ``ids`` hold
+    prompt and answer. Query positions are sampled with ``seed`` from ``[min_query_position, P)``
+    (P: prompt tokens, or all of them minus the answer-producing last one).
+    """
     mcfg = model.config
-    S = len(ids)
-    if query_positions is None:
-        g = torch.Generator().manual_seed(seed)
-        span = S - cfg.min_query_position
-        num_q = min(cfg.queries_per_sequence, span)
-        qpos = (cfg.min_query_position + torch.randperm(span, generator=g)[:num_q]).sort().values
-    else:
-        qpos = query_positions
-    probe = TeacherProbe(mcfg.num_layers, mcfg.num_kv_heads, mcfg.head_dim, S, model.dtype, model.device,
+    P = len(ids)
+    g = torch.Generator().manual_seed(seed)
+    answer_q = torch.arange(P - 1, P - 1 + answer_tokens)
+    span = P - len(answer_q[:1]) - cfg.min_query_position
+    num_q = max(min(cfg.queries_per_sequence - len(answer_q), span), 0)
+    sampled = cfg.min_query_position + torch.randperm(max(span, 0), generator=g)[:num_q]
+    qpos = torch.cat([answer_q, sampled]).unique().sort().values
+    capacity = P + answer_tokens
+    probe = TeacherProbe(mcfg.num_layers, mcfg.num_kv_heads, mcfg.head_dim, capacity, model.dtype, model.device,
                          mcfg.num_heads, qpos)
     layers = cfg.hidden_layers
-    hidden = torch.empty(S, len(layers) * mcfg.hidden_size, dtype=torch.float16)
-    for start in range(0, S, chunk_tokens):
-        part = ids[start:start + chunk_tokens]
+    hidden = torch.empty(capacity, len(layers) * mcfg.hidden_size, dtype=torch.float16)
+    seq = list(ids)
+
+    def run(part: list[int], logits_for: str) -> torch.Tensor:
+        start = probe.seq_lens[0]
         x = torch.tensor([part], dtype=torch.int64, device=model.device)
         captured: dict = {}
-        model(x, probe.plan_step([len(part)]), probe, logits_for="none", capture_layers=layers, captured=captured)
+        logits = model(x, probe.plan_step([len(part)]), probe, logits_for=logits_for, capture_layers=layers,
+                       captured=captured)
         hidden[start:start + len(part)] = torch.cat([captured[i][0] for i in layers], dim=-1).to(torch.float16).cpu()
-    attention = (probe.probs_sum / mcfg.num_layers).to(device="cpu", dtype=torch.float16)
-    return TeacherSequence(torch.tensor(ids), hidden, qpos, attention)
+        return logits
+
+    for start in range(0, P, chunk_tokens):
+        last = start + chunk_tokens >= P
+        logits = run(ids[start:start + chunk_tokens], "last" if last and answer_tokens else "none")
+    for i in range(answer_tokens):  # greedy, dense: the model's own answer
+        token = int(logits[0].argmax())
+        if token in stop_ids:
+            break
+        seq.append(token)
+        logits = run([token], "last" if i + 1 < answer_tokens else "none")
+    S = len(seq)
+    keep = qpos < S  # answer positions after an early stop never ran
+    attention = (probe.probs_sum[:, keep, :S] / mcfg.num_layers).to(device="cpu", dtype=torch.float16)
+    return TeacherSequence(torch.tensor(seq), hidden[:S].clone(), qpos[keep], attention,
+                           answer_from=P - 1 if answer_tokens else -1)
 
 
-# Retrieval-style training examples. Text continuation alone teaches the head where the model
-# looks while reading; answering a question about one fact buried in a long document needs the
-# few layers that retrieve it, which the layer mean of plain reading underweights (measured: the
-# head trained on text alone passed 1-3 of 11 needle depths where dense passed 8-9). These
-# synthetic facts and questions (none is the benchmark's needle) put the model in that mode.
-_QA_TEMPLATES = (
-    ("The secret ingredient in {person}'s famous soup is {thing}.",
-     "What is the secret ingredient in {person}'s famous soup?"),
-    ("{person} keeps the spare key to the workshop {place}.", "Where does {person} keep the spare key to the workshop?"),
-    ("The password for the {org} archive is {word}.", "What is the password for the {org} archive?"),
-    ("{person}'s first job was {job}.", "What was {person}'s first job?"),
-    ("The {org} meeting was moved to {day} because {reason}.", "Why was the {org} meeting moved to {day}?"),
-    ("The most useful advice {person} ever got was to {advice}.", "What was the most useful advice {person} ever got?"),
-)
-_QA_FILL = {
-    "person": ("Marta Kowalski", "Tomas Lindqvist", "Aiko Tanaka", "Rafael Ortiz", "Nadia Haddad", "Ben Okafor",
-               "Ingrid Solberg", "Priya Raman"),
-    "thing": ("smoked paprika", "a spoon of honey", "roasted fennel seeds", "lemon zest", "a pinch of cinnamon"),
-    "place": ("under the blue flowerpot", "inside an old tea tin", "behind the calendar", "in the left boot"),
-    "org": ("chess club", "harbour museum", "robotics society", "city choir", "film archive"),
-    "word": ("marigold", "copperfield", "tangerine", "northwind", "basilisk"),
-    "job": ("delivering newspapers", "washing dishes at a diner", "teaching swimming", "repairing bicycles"),
-    "day": ("Thursday", "Monday", "Saturday"),
-    "reason": ("the roof was leaking", "the projector broke", "the speaker missed her train"),
-    "advice": ("write every day before breakfast", "ask the question nobody else will", "finish what you start",
-               "read the manual first"),
-}
+@dataclass(frozen=True)
+class TaskPool:
+    """Token ids a task's haystack is cut from: ``ids`` are tokens ``[offset, offset + len(ids))`` of ``name``."""
+
+    name: str
+    ids: list[int]
+    offset: int
 
 
-def _qa_example(llm, ids: list[int], length: int, g: torch.Generator) -> tuple[list[int], str, str]:
-    """(chat prompt ids, fact, question): ``length`` tokens of ``ids`` with a fact at a random depth."""
-    fact_t, question_t = _QA_TEMPLATES[int(torch.randint(len(_QA_TEMPLATES), (1,), generator=g))]
-    fill = {k: v[int(torch.randint(len(v), (1,), generator=g))] for k, v in _QA_FILL.items()}
-    fact, question = fact_t.format(**fill), question_t.format(**fill)
-    start = int(torch.randint(max(len(ids) - length, 1), (1,), generator=g))
-    doc_ids = ids[start:start + length]
-    cut = int(len(doc_ids) * float(torch.rand((), generator=g)))
-    before, after = llm.tokenizer.decode(doc_ids[:cut]), llm.tokenizer.decode(doc_ids[cut:])
-    stop = before.rfind(". ")
-    if stop > 0:
-        before, after = before[:stop + 1], before[stop + 1:] + after
-    prompt = llm.encode_prompt(f"{before} {fact} {after}\n\n{question} Answer in one sentence.")
-    return prompt, fact, question
+def task_prompt(llm, kind: str, pools: list[TaskPool], cfg: DistillConfig, seed: int) -> tuple[list[int], dict]:
+    """(chat prompt ids, record) of one ``kind`` example whose prompt leaves room for the answer.
+
+    The haystack is a random stretch of a random pool; the generator's own randomness restarts
+    from the same seed whenever the haystack is shortened to fit, so a seed always gives one example.
+    """
+    rng = random.Random(seed)
+    pool = pools[rng.randrange(len(pools))]
+    room = cfg.seq_tokens - cfg.answer_tokens - 1
+    want = rng.randint(min(1024, room // 2), room)
+    framing = rng.choice(tasks.FRAMINGS)
+    gen_seed = rng.getrandbits(64)
+    num_hay = max(min(want - 64, len(pool.ids)), 16)
+    start = rng.randrange(len(pool.ids) - num_hay + 1)
+    for _ in range(8):
+        hay_ids = pool.ids[start:start + num_hay]
+        example = tasks.KINDS[kind](random.Random(gen_seed), llm.tokenizer.decode(hay_ids))
+        messages = tasks.chat_messages(example, framing)
+        if llm.tokenizer.chat_template:
+            prompt = llm.encode_prompt(messages)
+        else:  # a base model: the same parts as plain text
+            prompt = llm.encode_prompt("\n\n".join(m["content"] for m in messages), chat=False)
+        if len(prompt) <= room:
+            break
+        num_hay = int(num_hay * min(want / len(prompt), 0.98))
+    else:
+        raise InputError(f"cannot fit a {kind} task into {room} tokens (--seq-tokens {cfg.seq_tokens} is too short)")
+    record = {"kind": kind, "seed": seed, "haystack": pool.name,
+              "haystack_tokens": [pool.offset + start, pool.offset + start + len(hay_ids)], "framing": framing,
+              "prompt_tokens": len(prompt), "expected": example.answer}
+    return prompt, record
 
 
-@torch.no_grad()
-def qa_teacher_sequence(llm, ids: list[int], cfg: DistillConfig, seed: int) -> TeacherSequence:
-    """A retrieval example: a fact in a document, a question, and the model's own greedy answer;
-    the queries are the positions that produce the answer, plus sampled ones."""
-    from ..retrieval.selection import SparsityOptions
-    from ..settings import GenerationConfig
+def task_teacher_sequence(llm, kind: str, pools: list[TaskPool], cfg: DistillConfig,
+                          seed: int) -> tuple[TeacherSequence, dict]:
+    """A retrieval example, the model's own greedy answer (dense) and the teacher's attention at the
+    positions that produce it plus sampled reading positions; with a record of what it holds."""
+    prompt, record = task_prompt(llm, kind, pools, cfg, seed)
+    stop = frozenset(llm.tokenizer.eos_token_ids) | frozenset(llm.config.eos_token_ids)
+    seq = teacher_sequence(llm.model, prompt, cfg, llm.settings.prefill_chunk_tokens, seed,
+                           answer_tokens=cfg.answer_tokens, stop_ids=stop)
+    answer = llm.tokenizer.decode(seq.ids[len(prompt):].tolist())
+    names = [a.strip().lower() for a in record["expected"].split(",")] if kind == "vt" else \
+        [record["expected"].lower()]
+    record.update(answer=answer, answer_tokens=len(seq.ids) - len(prompt),
+                  answered=all(n in answer.lower() for n in names))
+    return seq, record
 
-    g = torch.Generator().manual_seed(seed)
-    room = cfg.seq_tokens - cfg.qa_answer_tokens - 64
-    length = int(torch.randint(min(1024, room), room + 1, (1,), generator=g))
-    prompt, _, _ = _qa_example(llm, ids, length, g)
-    prompt = prompt[-(cfg.seq_tokens - cfg.qa_answer_tokens - 1):]
-    run = llm.engine.generate(prompt, GenerationConfig(max_new_tokens=cfg.qa_answer_tokens),
-                              sparsity=SparsityOptions())
-    for _ in run:
-        pass
-    answer = run.result().token_ids
-    seq = prompt + answer
-    answer_q = torch.arange(len(prompt) - 1, len(seq) - 1)
-    others = cfg.min_query_position + torch.randperm(len(prompt) - 1 - cfg.min_query_position, generator=g)
-    qpos = torch.cat([answer_q, others[:max(cfg.queries_per_sequence - len(answer_q), 0)]]).unique().sort().values
-    return teacher_sequence(llm.model, seq, cfg, llm.settings.prefill_chunk_tokens, seed, query_positions=qpos)
+
+def query_weights(seq: TeacherSequence, answer_weight: float) -> torch.Tensor:
+    """[Q] float32 loss weights: ``answer_weight`` at the queries that produce the answer, 1 elsewhere."""
+    w = torch.ones(len(seq.query_positions))
+    if seq.answer_from >= 0:
+        w[seq.query_positions >= seq.answer_from] = answer_weight
+    return w
+
+
+def answer_queries(seq: TeacherSequence) -> TeacherSequence:
+    """The same sequence with only the queries that produce the answer (for measuring recall there)."""
+    keep = seq.query_positions >= seq.answer_from
+    return TeacherSequence(seq.ids, seq.hidden, seq.query_positions[keep], seq.attention[:, keep], seq.answer_from)
 
 
 def _save_teacher(seq: TeacherSequence, path: str) -> None:
     from safetensors.torch import save_file
 
     save_file({"ids": seq.ids, "hidden": seq.hidden, "query_positions": seq.query_positions,
-               "attention": seq.attention}, path + ".partial")
+               "attention": seq.attention, "answer_from": torch.tensor([seq.answer_from])}, path + ".partial")
     os.replace(path + ".partial", path)
 
 
@@ -250,7 +333,8 @@ def _load_teacher(path: str) -> TeacherSequence:
     from safetensors.torch import load_file
 
     t = load_file(path)
-    return TeacherSequence(t["ids"], t["hidden"], t["query_positions"], t["attention"])
+    answer_from = int(t["answer_from"][0]) if "answer_from" in t else -1
+    return TeacherSequence(t["ids"], t["hidden"], t["query_positions"], t["attention"], answer_from)
 
 
 def group_target(attention: torch.Tensor, num_kv_heads: int, aggregate: str) -> torch.Tensor:
@@ -391,11 +475,86 @@ def _load_checkpoint(head, opt, path: str) -> tuple[int, float | None]:
     return int(meta["step"]), meta.get("loss_avg")
 
 
+def _task_pools(llm, ids: list[int], cfg: DistillConfig) -> tuple[list[TaskPool], list[TaskPool]]:
+    """Haystacks for training tasks (the text after the held-out and skipped tokens, the Python
+    reference topics after ``PYDOC_FROM_TOKENS``) and for held-out tasks (the held-out text)."""
+    text_from = max(cfg.holdout_tokens, cfg.skip_tokens[1])
+    train = [TaskPool("text", ids[text_from:], text_from)]
+    pydoc = llm.tokenizer.encode(tasks.pydoc_text(), add_bos=False, parse_special=False)[PYDOC_FROM_TOKENS:]
+    if len(pydoc) >= cfg.seq_tokens:
+        train.append(TaskPool("pydoc", pydoc, PYDOC_FROM_TOKENS))
+    return train, [TaskPool("text", ids[:cfg.holdout_tokens], 0)]
+
+
+def _task_sequences(llm, ids: list[int], cfg: DistillConfig, fingerprint: str, text_digest: str, work: str,
+                    progress: bool) -> tuple[dict[str, list[tuple[TeacherSequence, dict]]], list[TaskPool]]:
+    """Training and held-out task examples ({"train": [(sequence, record)], "eval": [...]}) and the
+    training haystacks; one teacher file (and record) per example, reused on resume.
+
+    Seeds: each kind has its own stream (KINDS order), so asking for more of a kind keeps the first ones.
+    """
+    from tqdm import tqdm
+
+    out: dict[str, list] = {"train": [], "eval": []}
+    if not cfg.task_mix:
+        return out, []
+    key = cfg.task_key(fingerprint, text_digest)
+    train_pools, eval_pools = _task_pools(llm, ids, cfg)
+    jobs = []
+    for kind, count in cfg.task_mix:
+        k = list(tasks.KINDS).index(kind)
+        jobs += [("train", kind, i, cfg.seed * 100003 + 200000 + 1000 * k + i, train_pools) for i in range(count)]
+        jobs += [("eval", kind, i, cfg.seed * 100003 + 300000 + 1000 * k + i, eval_pools)
+                 for i in range(cfg.eval_tasks_per_kind)]
+    for split, kind, i, seed, pools in tqdm(jobs, desc="teacher (tasks)", unit="seq", disable=not progress):
+        path = os.path.join(work, f"teacher-{key}-{split}-{kind}{i:03d}")
+        if not os.path.exists(path + ".json"):
+            seq, record = task_teacher_sequence(llm, kind, pools, cfg, seed)
+            _save_teacher(seq, path + ".safetensors")
+            with open(path + ".json.partial", "w") as f:
+                json.dump(record, f)
+            os.replace(path + ".json.partial", path + ".json")
+        with open(path + ".json") as f:
+            out[split].append((_load_teacher(path + ".safetensors"), json.load(f)))
+    return out, train_pools
+
+
+def _split_record(text_label: str, text_digest: str, num_text_tokens: int, cfg: DistillConfig,
+                  text_starts: list[int], pools: list[TaskPool], task_records: dict) -> dict:
+    """What the head was trained and measured on, saved in the artefact (``quality.training_data``)."""
+    import platform
+
+    n = cfg.seq_tokens
+    record = {
+        "text": {"source": text_label, "sha256_16": text_digest, "tokens": num_text_tokens,
+                 "heldout_tokens": [0, cfg.holdout_tokens],
+                 "skipped_tokens": list(cfg.skip_tokens) if cfg.skip_tokens != (0, 0) else None,
+                 "train_sequences": [[a, a + n] for a in text_starts]},
+    }
+    if cfg.task_mix:
+        record["tasks"] = {
+            "version": tasks.VERSION, "mix": dict(cfg.task_mix), "answer_weight": cfg.answer_weight,
+            "max_answer_tokens": cfg.answer_tokens,
+            "haystacks": {p.name: {"tokens": [p.offset, p.offset + len(p.ids)],
+                                   "source": text_label if p.name == "text" else
+                                   f"Python {platform.python_version()} pydoc_data.topics (sorted, joined)"}
+                          for p in pools},
+            "seeds": f"{cfg.seed} * 100003 + 200000 + 1000 * (index of the kind in {list(tasks.KINDS)}) + i",
+            "examples": [r for _, r in task_records["train"]],
+            "heldout": {"haystack": f"held-out text, tokens [0, {cfg.holdout_tokens})",
+                        "seeds": f"{cfg.seed} * 100003 + 300000 + 1000 * (kind index) + i",
+                        "examples": [r for _, r in task_records["eval"]]},
+            "kept_out": "bench_edge/needles.py's EVAL_NEEDLES and DEV_NEEDLES: no template, vocabulary entry or "
+                        "number format of tasks.py can produce their answer keywords (tests/test_tasks.py)",
+        }
+    return record
+
+
 def distill(llm, text: str, output: str, cfg: DistillConfig, restart: bool = False,
-            progress: bool = True, log=print) -> tuple[str, dict]:
+            progress: bool = True, log=print, text_label: str = "text") -> tuple[str, dict]:
     """Train a head for ``llm`` (a loaded ``specontext.LLM``) on ``text``; save it at ``output``.
 
-    Returns (config path, quality dict). Work (teacher data, checkpoints) lives in
+    Returns (config path, quality dict); ``text_label`` names the text in the saved split record. Work (teacher data, checkpoints) lives in
     ``OUTPUT.work/`` so an interrupted run resumes where it stopped; ``restart`` discards it.
     """
     from tqdm import tqdm
@@ -441,23 +600,9 @@ def distill(llm, text: str, output: str, cfg: DistillConfig, restart: bool = Fal
                                    seed=cfg.seed * 100003 + (i if kind == "train" else 50000 + i))
             _save_teacher(seq, path)
         loaded[kind].append(_load_teacher(path))
-    if cfg.qa_sequences:
-        # one file per example, keyed without the count, so asking for more examples keeps the first ones
-        qa_key = hashlib.sha256(repr((key, cfg.qa_answer_tokens, "qa-v1")).encode()).hexdigest()[:16]
-        train_ids = ids[cfg.holdout_tokens:]
-        for i in tqdm(range(cfg.qa_sequences), desc="teacher (questions)", unit="seq", disable=not progress):
-            path = os.path.join(work, f"teacher-{qa_key}-qa{i:03d}.safetensors")
-            if not os.path.exists(path):
-                _save_teacher(qa_teacher_sequence(llm, train_ids, cfg, seed=cfg.seed * 100003 + 90000 + i), path)
-            loaded["train"].append(_load_teacher(path))
-    num_text = len(loaded["train"]) - cfg.qa_sequences
-    # per-query loss weights: the queries that produce a QA example's answer may count more
-    weights = []
-    for i, seq in enumerate(loaded["train"]):
-        w = torch.ones(len(seq.query_positions))
-        if i >= num_text:
-            w[seq.query_positions >= len(seq.ids) - 1 - cfg.qa_answer_tokens] = cfg.qa_answer_weight
-        weights.append(w)
+    task_records, pools = _task_sequences(llm, ids, cfg, target.fingerprint, text_digest, work, progress)
+    loaded["train"] += [seq for seq, _ in task_records["train"]]
+    weights = [query_weights(seq, cfg.answer_weight) for seq in loaded["train"]]
 
     # 2. training
     torch.manual_seed(cfg.seed)
@@ -501,7 +646,13 @@ def distill(llm, text: str, output: str, cfg: DistillConfig, restart: bool = Fal
     quality = {"recall_heldout": recall, "train_kl": round(loss_avg or 0.0, 4),
                "distill": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
                "train_tokens": sum(len(t.ids) for t in loaded["train"]),
-               "heldout_tokens": f"first {cfg.holdout_tokens} tokens of the text"}
+               "heldout_tokens": f"first {cfg.holdout_tokens} tokens of the text",
+               "training_data": _split_record(text_label, text_digest, len(ids), cfg,
+                                              _train_starts(len(ids), cfg), pools, task_records)}
+    answering = [answer_queries(seq) for seq, _ in task_records["eval"]]
+    answering = [seq for seq in answering if len(seq.query_positions)]
+    if answering:
+        quality["recall_answer_heldout"] = evaluate(head, embed, answering, cfg, G)
     final = RetrievalHead(RetrievalHeadConfig.from_dict({**head_cfg.to_dict(), "quality": quality}))
     final.load_state_dict(head.state_dict())
     paths = save_head(final, stem, dtype=torch.float16)
@@ -543,12 +694,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-dim", type=int, default=0, help="head dimension (0: the model's)")
     p.add_argument("--steps", type=int, default=d.steps, help="Adam steps")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (cosine decay)")
-    p.add_argument("--qa-sequences", type=int, default=d.qa_sequences,
-                   help="also train on this many question-answering examples: a synthetic fact put in a stretch "
-                        "of the training text, a question about it, and the model's own answer, whose attention "
-                        "while answering the head learns (retrieval, as in needle-in-a-haystack prompts)")
-    p.add_argument("--qa-answer-weight", type=float, default=d.qa_answer_weight,
-                   help="loss weight of the queries that produce a question-answering example's answer")
+    p.add_argument("--task-mix", default=None, metavar="KIND:N,...",
+                   help="also train on N generated retrieval tasks of each KIND (needle, kv, vt, passage; e.g. "
+                        "needle:8,kv:4,vt:4,passage:4): a document with a question and the model's own answer, "
+                        "whose attention while answering the head learns (see specontext/retrieval/tasks.py)")
+    p.add_argument("--answer-weight", type=float, default=d.answer_weight,
+                   help="loss weight of the queries that produce a task's answer (reading queries weigh 1)")
+    p.add_argument("--eval-tasks-per-kind", type=int, default=d.eval_tasks_per_kind,
+                   help="held-out task examples per kind in --task-mix, built on the held-out text, on which the "
+                        "recall at the answer-producing positions is measured")
+    p.add_argument("--skip-tokens", default=None, metavar="START:END",
+                   help="a token range of the text kept out of training (text sequences and task haystacks), "
+                        "e.g. a tuning set's")
     p.add_argument("--loss-region", choices=("all", "middle"), default=d.loss_region,
                    help="past positions the KL is taken over: all, or only those between the sinks and the "
                         "recent window, which selection always keeps (see the module docstring)")
@@ -573,10 +730,17 @@ def main(argv: list[str] | None = None) -> int:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
         if args.num_heads < 0 or args.head_dim < 0:
             raise InputError("--num-heads and --head-dim must be >= 0 (0: the model's)")
-        if args.qa_sequences < 0:
-            raise InputError(f"--qa-sequences must be >= 0, got {args.qa_sequences}")
-        if not (args.qa_answer_weight > 0 and math.isfinite(args.qa_answer_weight)):
-            raise InputError(f"--qa-answer-weight must be a positive number, got {args.qa_answer_weight}")
+        task_mix = parse_task_mix(args.task_mix or "")
+        if not (args.answer_weight > 0 and math.isfinite(args.answer_weight)):
+            raise InputError(f"--answer-weight must be a positive number, got {args.answer_weight}")
+        if args.eval_tasks_per_kind < 0:
+            raise InputError(f"--eval-tasks-per-kind must be >= 0, got {args.eval_tasks_per_kind}")
+        skip = (0, 0)
+        if args.skip_tokens is not None:
+            parts = args.skip_tokens.split(":")
+            if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or int(parts[0]) >= int(parts[1]):
+                raise InputError(f"--skip-tokens must be START:END with 0 <= START < END, got {args.skip_tokens!r}")
+            skip = (int(parts[0]), int(parts[1]))
         if args.holdout_tokens < 0 or args.threads < 0 or not (args.lr > 0 and math.isfinite(args.lr)):
             raise InputError("--holdout-tokens and --threads must be >= 0 and --lr a positive number")
         texts = []
@@ -604,18 +768,25 @@ def main(argv: list[str] | None = None) -> int:
                             min_query_position=min(DistillConfig.min_query_position, seq_tokens // 2),
                             hidden_layers=layers, num_heads=args.num_heads, head_dim=args.head_dim, steps=args.steps,
                             lr=args.lr, target_aggregate=args.target_aggregate, seed=args.seed,
-                            qa_sequences=args.qa_sequences, qa_answer_weight=args.qa_answer_weight,
+                            task_mix=task_mix, answer_weight=args.answer_weight,
+                            eval_tasks_per_kind=args.eval_tasks_per_kind, skip_tokens=skip,
                             loss_region=args.loss_region)
         name = os.path.splitext(os.path.basename(os.path.normpath(llm.path)))[0].lower()
         output = args.output or os.path.join(user_head_dir(), f"{name}-{llm.target.fingerprint[:12]}")
         t0 = time.perf_counter()
+        label = ", ".join(args.text) if args.text else f"Paul Graham essays ({assets.ESSAYS_PIN})"
         path, quality = distill(llm, text, output, cfg, restart=args.restart, progress=not args.quiet,
-                                log=lambda m: print(m, file=sys.stderr))
+                                log=lambda m: print(m, file=sys.stderr), text_label=label)
         recall = quality["recall_heldout"]
         print(f"saved {path} ({time.perf_counter() - t0:.0f} s)")
         print("held-out recall by budget: " + ", ".join(
             f"B={b}: head {recall['head'][b]:.3f} / global oracle {recall['oracle_global'][b]:.3f} / "
             f"streaming {recall['streaming'][b]:.3f}" for b in cfg.eval_budgets))
+        if "recall_answer_heldout" in quality:
+            answer = quality["recall_answer_heldout"]
+            print("held-out task answers, recall by budget: " + ", ".join(
+                f"B={b}: head {answer['head'][b]:.3f} / global oracle {answer['oracle_global'][b]:.3f}"
+                for b in cfg.eval_budgets))
         return 0
     except KeyboardInterrupt:
         print("specontext-distill: interrupted; run the same command again to resume", file=sys.stderr)
