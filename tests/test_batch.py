@@ -182,8 +182,7 @@ def test_cli_batch_file_and_repeated_documents(tiny, tmp_path, capsys):
     assert by_id["a"]["generated_tokens"] == 6 and by_id["b"]["generated_tokens"] == 10
     assert by_id[2]["generated_tokens"] == 2
     llm = specontext.load(str(tiny["root"] / "m"), device="cpu", sparsity="streaming", budget_tokens=40, sink_tokens=2)
-    alone = llm.generate(f"{words[1]}\n\nw5 w6", chat=False, max_new_tokens=10, ignore_eos=True, seed=3,
-                         temperature=0.8)
+    alone = llm.ask(words[1], "w5 w6", chat=False, max_new_tokens=10, ignore_eos=True, seed=3, temperature=0.8)
     assert by_id["b"]["answer"] == alone.text
     # the same question about two documents: two requests
     assert main([*common, "-d", docs[0], "-d", docs[1], "-q", "w4", "--max-new-tokens", "3"]) == 0
