@@ -83,6 +83,19 @@ def make_random_head(target, path: str, hidden_layers=(0, 1), num_heads: int = 4
     return head
 
 
+def tiny_sparse_setup(root, num_tokens: int) -> dict:
+    """A tiny GQA llama (6 query heads, 2 KV heads, 3 layers) in ``root/m``, its transformers twin,
+    the loaded LLM (32-token prefill chunks), a random retrieval head and ``num_tokens`` random ids."""
+    hf = make_hf_model("llama", str(root / "m"), max_position_embeddings=256)
+    import specontext
+
+    llm = specontext.load(str(root / "m"), device="cpu", prefill_chunk_tokens=32)
+    head = str(root / "head" / "tiny")
+    make_random_head(llm.target, head)
+    ids = torch.randint(3, 96, (num_tokens,), generator=torch.Generator().manual_seed(3)).tolist()
+    return {"hf": hf, "llm": llm, "path": str(root / "m"), "head": head, "head_path": head, "ids": ids, "root": root}
+
+
 def recording_selections(llm):
     """Wrap ``llm``'s selector factory so each decode step's global selection is recorded.
 

@@ -14,7 +14,7 @@ import specontext
 from specontext.retrieval.focus import QueryFocus, focus_layer_weights, pins_from_scores
 from specontext.retrieval.selection import SparsityOptions
 
-from conftest import make_hf_model, make_random_head, recording_selections
+from conftest import recording_selections, tiny_sparse_setup
 
 PREFIX, TOTAL = 80, 120
 
@@ -22,12 +22,7 @@ PREFIX, TOTAL = 80, 120
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny GQA llama (6 query heads, 2 KV heads, 3 layers), its transformers twin, a random head."""
-    root = tmp_path_factory.mktemp("pinning")
-    hf = make_hf_model("llama", str(root / "m"), max_position_embeddings=256)
-    llm = specontext.load(str(root / "m"), device="cpu", prefill_chunk_tokens=32)
-    make_random_head(llm.target, str(root / "head" / "tiny"))
-    ids = torch.randint(3, 96, (TOTAL,), generator=torch.Generator().manual_seed(3)).tolist()
-    return {"hf": hf, "llm": llm, "path": str(root / "m"), "head": str(root / "head" / "tiny"), "ids": ids}
+    return tiny_sparse_setup(tmp_path_factory.mktemp("pinning"), TOTAL)
 
 
 def _focus(llm, prompts, window, keep="layers"):

@@ -21,7 +21,7 @@ import specontext
 from specontext.errors import InputError
 from specontext.retrieval.selection import METHODS, SparsityOptions, past_attention
 
-from conftest import make_hf_model, make_random_head, recording_selections
+from conftest import make_hf_model, make_random_head, recording_selections, tiny_sparse_setup
 
 PREFIX, TOTAL = 80, 120
 
@@ -29,12 +29,7 @@ PREFIX, TOTAL = 80, 120
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny GQA llama (6 query heads, 2 KV heads), its transformers twin, and a random head."""
-    root = tmp_path_factory.mktemp("sparse")
-    hf = make_hf_model("llama", str(root / "m"), max_position_embeddings=256)
-    llm = specontext.load(str(root / "m"), device="cpu", prefill_chunk_tokens=32)
-    make_random_head(llm.target, str(root / "head" / "tiny"))
-    ids = torch.randint(3, 96, (TOTAL,), generator=torch.Generator().manual_seed(3)).tolist()
-    return {"hf": hf, "llm": llm, "head_path": str(root / "head" / "tiny"), "ids": ids, "root": root}
+    return tiny_sparse_setup(tmp_path_factory.mktemp("sparse"), TOTAL)
 
 
 def _mask_from_record(record, prefix_len, n, num_heads, num_kv_heads):
