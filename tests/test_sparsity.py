@@ -21,7 +21,7 @@ import specontext
 from specontext.errors import InputError
 from specontext.retrieval.selection import METHODS, SparsityOptions, past_attention
 
-from conftest import make_hf_model, make_random_head, recording_selections, tiny_sparse_setup
+from conftest import make_hf_model, recording_selections, tiny_sparse_setup
 
 PREFIX, TOTAL = 80, 120
 
