@@ -2,10 +2,10 @@
 
 The cffi declarations are read at load time from the one public header,
 ``specontext.h`` (the region between its SPC_CDEF markers), never retyped here.
-The library is loaded lazily on first use, from the package directory first,
-then from the installed ``specontext`` distribution (when Python imported a
-source checkout that shadows it, e.g. ``python -c`` run from the repository
-root), then from the ``SPECONTEXT_NATIVE_LIB`` override.
+The library is loaded lazily on first use: from the ``SPECONTEXT_NATIVE_LIB``
+override when it is set, else from the package directory, then from the
+installed ``specontext`` distribution (when Python imported a source checkout
+that shadows it, e.g. ``python -c`` run from the repository root).
 
 Shape letters: N rows of the indexed buffer, M selected rows (``len(indices)``),
 ``*R`` the row shape (any trailing dims; each row must be contiguous, while
@@ -110,12 +110,13 @@ def load_library(package_dir: Path = _PACKAGE_DIR,
     ffi.cdef(read_cdef(header))
 
     env_value = environ.get(LIBRARY_ENV_VAR, "")
-    candidates = [("package", package_dir / LIBRARY_NAME)]
-    if installed is not None:
-        candidates.append(("installed package", installed / LIBRARY_NAME))
-    if env_value:
+    candidates = []
+    if env_value:  # an explicit override comes first (e.g. a fresh CUDA build beside an installed CPU one)
         env_path = Path(env_value)
         candidates.append((f"${LIBRARY_ENV_VAR}", env_path / LIBRARY_NAME if env_path.is_dir() else env_path))
+    candidates.append(("package", package_dir / LIBRARY_NAME))
+    if installed is not None:
+        candidates.append(("installed package", installed / LIBRARY_NAME))
     failures = []
     for where, path in candidates:
         if not path.is_file():
@@ -164,6 +165,23 @@ def library_path() -> str:
 def cuda_available() -> bool:
     """True if the library was built with CUDA and a device is usable; never raises for lack of a GPU."""
     return bool(library().lib.spc_cuda_available())
+
+
+def cuda_build() -> dict | None:
+    """What CUDA the library was compiled with, without needing a device, or None if built without it.
+
+    Returns:
+        ``{"cudart": 13000, "archs": [750, 800, 900]}``: the runtime version the kernels were
+        built against and the compiled architectures (compute capability x 10; empty when the
+        compiler did not say).
+    """
+    native = library()
+    version = int(native.lib.spc_cuda_compiled())
+    if version == 0:
+        return None
+    text = native.ffi.string(native.lib.spc_cuda_archs()).decode()
+    archs = [int(a) for a in text.split(",") if a.strip().isdigit()]
+    return {"cudart": version, "archs": archs}
 
 
 def _raise_for(status: int) -> None:

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import gguf
 import numpy as np
 import pytest
 import torch
 
-import specontext
-from specontext.loaders.gguf_loader import GGUFFile
+gguf = pytest.importorskip("gguf", reason="the gguf package is not installed")
 
-from conftest import CHATML_TEMPLATE, make_hf_model, write_tiny_gguf
+import specontext  # noqa: E402
+from specontext.loaders.gguf_loader import GGUFFile  # noqa: E402
 
+from conftest import CHATML_TEMPLATE, make_hf_model, write_tiny_gguf  # noqa: E402
 
 
 def _logits(llm, ids):

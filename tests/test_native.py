@@ -657,3 +657,13 @@ def test_loads_when_a_source_checkout_shadows_the_installed_package():
     if pathlib.Path(module_path).resolve().is_relative_to(root):
         assert not pathlib.Path(lib_path).resolve().is_relative_to(root / "specontext") or \
             (root / "specontext" / native.LIBRARY_NAME).exists()
+
+
+def test_cuda_build_reports_what_was_compiled():
+    build = native.cuda_build()
+    if native.cuda_available():
+        assert build is not None
+    if build is not None:  # compiled with CUDA: a runtime version and real architectures
+        assert build["cudart"] >= 11000 and all(50 <= a <= 1500 for a in build["archs"])
+    else:
+        assert not native.cuda_available()

@@ -328,6 +328,19 @@ int spc_cuda_available(void) {
     return 1;
 }
 
+int spc_cuda_compiled(void) { return CUDART_VERSION; }
+
+#define SPC_STRINGIFY_(...) #__VA_ARGS__
+#define SPC_STRINGIFY(...) SPC_STRINGIFY_(__VA_ARGS__)
+
+const char *spc_cuda_archs(void) {
+#ifdef __CUDA_ARCH_LIST__
+    return SPC_STRINGIFY(__CUDA_ARCH_LIST__);
+#else
+    return "unknown (nvcc before 11.5 does not define __CUDA_ARCH_LIST__)";
+#endif
+}
+
 int spc_cuda_gather_rows(const void *src, int64_t src_row_stride_bytes, int64_t num_src_rows,
                          const int64_t *indices, int64_t num_indices, void *dst,
                          int64_t dst_row_stride_bytes, int64_t row_bytes, void *stream) {

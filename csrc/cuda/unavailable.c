@@ -11,6 +11,10 @@ int spc_cuda_available(void) {
     return 0;
 }
 
+int spc_cuda_compiled(void) { return 0; }
+
+const char *spc_cuda_archs(void) { return ""; }
+
 int spc_cuda_gather_rows(const void *src, int64_t src_row_stride_bytes, int64_t num_src_rows,
                          const int64_t *indices, int64_t num_indices, void *dst,
                          int64_t dst_row_stride_bytes, int64_t row_bytes, void *stream) {

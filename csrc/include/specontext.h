@@ -38,7 +38,7 @@ extern "C" {
 
 /* Bumped on any change to the declarations below; native.py refuses a library
  * whose spc_abi_version() differs from the header it parsed. */
-enum { SPC_ABI_VERSION = 2 };
+enum { SPC_ABI_VERSION = 3 };
 
 enum spc_status {
     SPC_OK = 0,
@@ -62,6 +62,14 @@ const char *spc_last_error(void);
 /* Returns 1 if built with CUDA and at least one device is usable, else 0.
  * Safe without a driver: it never aborts. */
 int spc_cuda_available(void);
+
+/* The CUDA runtime version the kernels were compiled against (CUDART_VERSION,
+ * e.g. 13000), or 0 if the library was built without CUDA. Needs no device. */
+int spc_cuda_compiled(void);
+
+/* The GPU architectures compiled in, as nvcc's __CUDA_ARCH_LIST__ gives them
+ * (e.g. "750,800,900"), or "" if built without CUDA. Needs no device. */
+const char *spc_cuda_archs(void);
 
 /* ---- Host copies (multi-threaded, CPU memory) ----------------------------
  * num_threads <= 0 picks a count from the copy size and the CPUs this process
