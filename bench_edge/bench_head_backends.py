@@ -9,7 +9,12 @@ softmax scores of its query heads over every cached key and the max over each KV
 cache holds S cached positions (random keys; the time does not depend on their values); both
 backends read it in place (ONNX Runtime: numpy views on CPU, I/O binding on CUDA). Warm-up runs
 outside the timed region; the median of --repeats timed loops of --iters steps is reported, the
-two backends alternating, so the ratio is measured in one run.
+backends alternating, so the ratios are measured in one run.
+
+On CUDA ONNX Runtime runs twice: with the K cache in float16 (the runner's default there: the
+graph casts the keys it reads) and in float32 (the exported graph as it is), so the cost or gain
+of binding float16 keys is measured, along with the runner's stream (``ort_stream``: whether
+onnxruntime took our stream, so no step waits on the host).
 """
 
 from __future__ import annotations
@@ -48,7 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     path = args.retrieval_head or os.path.join(os.path.dirname(HERE), "models", "smollm2-135m-instruct.json")
     head = load_head(path, device=args.device, dtype=torch.float32)
     cfg = head.config
-    runner = OnnxHeadRunner.load(cached_export(load_head(path)), cfg.target, device=args.device)
+    exported = cached_export(load_head(path))
+    runners = {"onnxruntime": OnnxHeadRunner.load(exported, cfg.target, device=args.device)}
+    if runners["onnxruntime"].keys_dtype != torch.float32:
+        runners["onnxruntime_float32_keys"] = OnnxHeadRunner.load(exported, cfg.target, device=args.device,
+                                                                  keys_dtype=torch.float32)
     E, L = cfg.target.hidden_size, len(cfg.hidden_layers)
     g = torch.Generator().manual_seed(0)
     rows = []
@@ -70,43 +79,52 @@ def main(argv: list[str] | None = None) -> int:
             q, k = head.project(x, positions)
             return head.group_probs(q, keys, valid[:, None])
 
-        def ort_step():
-            return runner(embeds, hidden if L else None, positions, keys, valid)
+        def ort_step(runner, keys):  # each runner reads a K cache of its own keys dtype, in place
+            return lambda: runner(embeds, hidden if L else None, positions, keys, valid)
 
+        steps = {"torch": torch_step}
+        steps.update({name: ort_step(r, keys.to(r.keys_dtype)) for name, r in runners.items()})
         ours = torch_step()[:, :, 0]
-        theirs = ort_step()[2]
-        max_diff = float((ours - theirs).abs().max())
-        times = {"torch": [], "onnxruntime": []}
-        for fn in (torch_step, ort_step):
+        diffs = {name: float((ours - steps[name]()[2]).abs().max()) for name in runners}
+        times = {name: [] for name in steps}
+        for fn in steps.values():
             for _ in range(5):
                 fn()
         for _ in range(args.repeats):
-            for name, fn in (("torch", torch_step), ("onnxruntime", ort_step)):
+            for name, fn in steps.items():
                 sync()
                 t0 = time.perf_counter()
                 for _ in range(args.iters):
                     fn()
                 sync()
                 times[name].append((time.perf_counter() - t0) / args.iters)
-        row = {"cached_tokens": S, "torch_step_s": statistics.median(times["torch"]),
-               "onnxruntime_step_s": statistics.median(times["onnxruntime"]), "max_abs_score_diff": max_diff}
-        row["onnxruntime_over_torch"] = round(row["onnxruntime_step_s"] / row["torch_step_s"], 3)
+        row = {"cached_tokens": S, **{f"{name}_step_s": statistics.median(t) for name, t in times.items()}}
+        for name in runners:
+            row[f"{name}_over_torch"] = round(row[f"{name}_step_s"] / row["torch_step_s"], 3)
+            row[f"{name}_max_abs_score_diff"] = diffs[name]
+        row["max_abs_score_diff"] = diffs["onnxruntime"]
         rows.append(row)
-        print(f"S={S:6d}: torch {row['torch_step_s'] * 1e3:7.3f} ms, onnxruntime {row['onnxruntime_step_s'] * 1e3:7.3f} ms "
-              f"({row['onnxruntime_over_torch']:.2f}x), max |score diff| {max_diff:.1e}", file=sys.stderr)
+        print(f"S={S:6d}: " + ", ".join(f"{name} {row[f'{name}_step_s'] * 1e3:7.3f} ms" for name in steps)
+              + f" ({row['onnxruntime_over_torch']:.2f}x), max |score diff| {diffs['onnxruntime']:.1e}",
+              file=sys.stderr)
+    runner = runners["onnxruntime"]
     out = {"benchmark": "retrieval head step latency: torch vs ONNX Runtime", "machine": describe(),
            "settings": vars(args), "head": os.path.abspath(path), "onnxruntime_provider": runner.provider,
-           "rows": rows}
+           "onnxruntime_keys_dtype": str(runner.keys_dtype).replace("torch.", ""),
+           "ort_stream": runner.stream is not None, "rows": rows}
     out_path = args.out or os.path.join(HERE, "results", f"head_backends_{args.device.split(':')[0]}.json")
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
     with open(out_path, "w", encoding="utf-8") as f:
         json.dump(out, f, indent=1)
         f.write("\n")
-    print("| cached positions | torch ms/step | ONNX Runtime ms/step | ORT / torch |")
-    print("|---|---|---|---|")
+    extra = "onnxruntime_float32_keys" in runners
+    print("| cached positions | torch ms/step | ONNX Runtime ms/step | ORT / torch |"
+          + (" ORT, float32 keys, ms/step |" if extra else ""))
+    print("|---|---|---|---|" + ("---|" if extra else ""))
     for r in rows:
         print(f"| {r['cached_tokens']} | {r['torch_step_s'] * 1e3:.3f} | {r['onnxruntime_step_s'] * 1e3:.3f} | "
-              f"{r['onnxruntime_over_torch']:.2f} |")
+              f"{r['onnxruntime_over_torch']:.2f} |"
+              + (f" {r['onnxruntime_float32_keys_step_s'] * 1e3:.3f} |" if extra else ""))
     print(f"results: {out_path}")
     return 0
 

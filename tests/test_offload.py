@@ -6,7 +6,9 @@ same selection, which must give bit-identical logits and tokens.
 
 from __future__ import annotations
 
+import gc
 import random
+import re
 
 import pytest
 import torch
@@ -275,21 +277,197 @@ def test_a_failed_pinned_allocation_falls_back_to_pageable_with_a_warning(monkey
             raise RuntimeError("CUDA error: out of memory\nmore detail")
         return real_zeros(*args, **kwargs)
     monkeypatch.setattr(offload.torch, "zeros", no_pinning)
-    with pytest.warns(RuntimeWarning, match=r"could not pin 0\.0 MiB .*\(CUDA error: out of memory\); using pageable"):
-        t, pinned = offload.allocate_host((2, 3, 4), torch.float16, pin=True)
-    assert not pinned and t.shape == (2, 3, 4) and t.dtype == torch.float16 and not bool(t.any())
-    t, pinned = offload.allocate_host((5,), torch.float32, pin=False)  # no pinning asked: no warning
-    assert not pinned and t.shape == (5,)
+    monkeypatch.setattr(offload, "_registered_zeros", _refuse_registration)
+    with pytest.warns(RuntimeWarning) as caught:
+        t, kind = offload.allocate_host((2, 3, 4), torch.float16, pin=True)
+    messages = [str(w.message) for w in caught]
+    registering = r"could not register 0\.0 MiB .*\(cudaHostRegister failed: no device\); using torch's pinned"
+    assert any(re.search(registering, m) for m in messages)
+    assert any(re.search(r"could not pin 0\.0 MiB .*\(CUDA error: out of memory\); using pageable", m)
+               for m in messages)
+    assert kind == "pageable" and t.shape == (2, 3, 4) and t.dtype == torch.float16 and not bool(t.any())
+    t, kind = offload.allocate_host((5,), torch.float32, pin=False)  # no pinning asked: no warning
+    assert kind == "pageable" and t.shape == (5,)
+
+
+def _refuse_registration(shape, dtype, device):
+    raise RuntimeError("cudaHostRegister failed: no device")
+
+
+class _FakeCudart:
+    """The two calls of torch.cuda.cudart() that allocate_host makes, recorded."""
+
+    class cudaError:  # noqa: N801 - the binding's name
+        success = 0
+
+    def __init__(self, calls: list, status: int = 0):
+        self.calls, self.status = calls, status
+
+    def cudaHostRegister(self, address, num_bytes, flags):  # noqa: N802
+        self.calls.append(("register", address, num_bytes, flags))
+        return self.status
+
+    def cudaHostUnregister(self, address):  # noqa: N802
+        self.calls.append(("unregister", address))
+        return 0
+
+    def cudaGetErrorString(self, status):  # noqa: N802
+        return "operation not supported"
+
+
+def _fake_cuda_host(monkeypatch, status: int = 0, pinned: bool = True) -> list:
+    calls: list = []
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: _FakeCudart(calls, status))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(("synchronize", device)))
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self, device=None: pinned)
+    return calls
+
+
+def test_registered_host_kv_pins_its_exact_bytes_for_exactly_its_lifetime(monkeypatch):
+    """cudaHostRegister of the tensor's own bytes (no power-of-two block), undone after a device
+    synchronisation once the last view of it is gone, never before."""
+    import mmap
+
+    from specontext.kv import offload
+
+    calls = _fake_cuda_host(monkeypatch)
+    t, kind = offload.allocate_host((3, 5, 7), torch.float16, pin=True, device="cuda:0")
+    assert kind == "registered" and t.shape == (3, 5, 7) and t.dtype == torch.float16 and not bool(t.any())
+    address = t.data_ptr()
+    assert calls == [("register", address, 3 * 5 * 7 * 2, 0)] and address % mmap.PAGESIZE == 0
+    view = t[1]
+    del t
+    gc.collect()
+    assert len(calls) == 1  # a view still holds the memory
+    view.fill_(1.0)
+    del view
+    gc.collect()
+    assert calls[1:] == [("synchronize", torch.device("cuda:0")), ("unregister", address)]
+
+
+def test_a_refused_registration_falls_back_to_torch_pinned_memory(monkeypatch):
+    from specontext.kv import offload
+
+    calls = _fake_cuda_host(monkeypatch, status=801)
+    real_zeros = torch.zeros
+    monkeypatch.setattr(offload.torch, "zeros", lambda *a, pin_memory=False, **k: real_zeros(*a, **k))
+    with pytest.warns(RuntimeWarning, match=r"could not register 3\.0 MiB .*\(cudaHostRegister failed: operation not "
+                                            r"supported\); using torch's pinned allocator, which pins 4\.0 MiB"):
+        t, kind = offload.allocate_host((3, 2**20), torch.uint8, pin=True)
+    assert kind == "pin_memory" and t.shape == (3, 2**20) and calls[0][0] == "register"
+    # registered, but CUDA does not see it as pinned: unregistered again, then the same fallback
+    calls = _fake_cuda_host(monkeypatch, status=0, pinned=False)
+    with pytest.warns(RuntimeWarning, match="does not report the range as pinned"):
+        t, kind = offload.allocate_host((4, 4), torch.float32, pin=True)
+    gc.collect()
+    assert kind == "pin_memory" and [c[0] for c in calls] == ["register", "synchronize", "unregister"]
+
+
+def test_pinned_bytes_follow_how_the_host_kv_is_held():
+    import mmap
+
+    from specontext.kv.offload import pinned_host_bytes
+
+    GiB = 2**30
+    assert pinned_host_bytes(17 * GiB, "pin_memory") == 32 * GiB  # torch's host allocator: a power of two
+    assert pinned_host_bytes(17 * GiB, "registered") == 17 * GiB
+    assert pinned_host_bytes(17 * GiB + 1, "registered") == 17 * GiB + mmap.PAGESIZE
+    assert pinned_host_bytes(17 * GiB, "pageable") == 0 and pinned_host_bytes(0, "pin_memory") == 0
+    cache = OffloadedKVCache(2, 1, 2, 4, 16, torch.float32, "cpu", offloaded=[False, True], pool_tokens=8)
+    assert cache.host_memory == "pageable" and cache.host_pinned_bytes() == 0
+
+
+def test_every_device_buffer_the_copy_engine_writes_is_shared_with_it(monkeypatch):
+    """Slots (made at start and by the memory manager's move) and staging buffers are marked for
+    the copy stream (CudaCopyEngine.share: record_stream), so freeing them early is safe."""
+    from specontext.kv import offload
+
+    shared = []
+    monkeypatch.setattr(offload.ThreadCopyEngine, "share", lambda self, buf: shared.append(buf) or buf)
+    cache = OffloadedKVCache(3, 1, 2, 4, 32, torch.float32, "cpu", offloaded=[False, True, True], pool_tokens=8,
+                             offload_from_tokens=[0, 0, 8])
+    assert [id(t) for t in shared] == [id(cache.kv_slots_device[0])] and cache.kv_slots_device[1] is None
+    cache.plan_step([10])  # layer 2 reaches the length it leaves the device at: new slots
+    staging = cache._staging()
+    assert cache.kv_slots_device[1] is not None
+    assert {id(t) for t in shared} == {id(cache.kv_slots_device[0]), id(cache.kv_slots_device[1]), id(staging)}
+
+
+class _FakeStream:
+    def __init__(self, log: list, name: str):
+        self.log, self.name = log, name
+
+    def wait_stream(self, other):
+        self.log.append((self.name, "waits for", other.name))
+
+    def wait_event(self, event):
+        self.log.append((self.name, "waits for event of", event.stream.name))
+
+
+class _FakeEvent:
+    def record(self, stream):
+        self.stream = stream
+        stream.log.append((stream.name, "records an event"))
+
+
+class _Buffer:
+    def __init__(self):
+        self.streams = []
+
+    def record_stream(self, stream):
+        self.streams.append(stream)
+
+
+def test_cuda_copy_engine_keeps_buffers_for_its_stream_and_orders_compute_after_a_failed_job(monkeypatch):
+    """The choreography with fake streams: every tensor a copy uses is recorded on the copy
+    stream, and a job that raises part-way still leaves an event compute waits on."""
+    import contextlib
+
+    from specontext.kv import offload
+
+    log: list = []
+    compute = _FakeStream(log, "compute")
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: _FakeStream(log, "copy"))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    engine = offload.CudaCopyEngine(torch.device("cuda"))
+    slots, src, dst = _Buffer(), _Buffer(), _Buffer()
+    assert engine.share(slots) is slots and slots.streams == [engine.stream]
+
+    def fails_after_queueing():
+        log.append(("copy", "queues a copy"))
+        raise RuntimeError("injected")
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.submit(("fetch", 3), fails_after_queueing, keep=(src, dst))
+    assert src.streams == dst.streams == [engine.stream]
+    engine.wait(("fetch", 3))
+    assert log == [("copy", "waits for", "compute"), ("copy", "queues a copy"), ("copy", "records an event"),
+                   ("compute", "waits for event of", "copy")]
+
+
+def test_a_cache_on_torch_pinned_memory_synchronises_before_its_memory_is_freed(monkeypatch):
+    from specontext.kv import offload
+
+    synced = []
+    monkeypatch.setattr(offload, "allocate_host",
+                        lambda shape, dtype, pin, device: (torch.zeros(shape, dtype=dtype), "pin_memory"))
+    monkeypatch.setattr(offload, "_synchronize", synced.append)
+    cache = OffloadedKVCache(2, 1, 2, 4, 16, torch.float32, "cpu", offloaded=[False, True], pool_tokens=8)
+    assert cache.host_memory == "pin_memory" and synced == []
+    del cache
+    gc.collect()
+    assert synced == [torch.device("cpu")]
 
 
 def test_cli_prints_warnings_on_one_line(tiny, tmp_path, monkeypatch, capsys):
     from specontext import cli
     from specontext.kv import offload
 
-    def no_pinning(shape, dtype, pin):
+    def no_pinning(shape, dtype, pin, device):
         import warnings
         warnings.warn("could not pin host memory (test)", RuntimeWarning)
-        return torch.zeros(shape, dtype=dtype), False
+        return torch.zeros(shape, dtype=dtype), "pageable"
     monkeypatch.setattr(offload, "allocate_host", no_pinning)
     code = cli.main(["--model", tiny["path"], "-q", "x", "--max-new-tokens", "3", "--ignore-eos", "--quiet",
                      "--device", "cpu", "--sparsity", "streaming", "--budget", "24", "--offload-layers", "1"])
@@ -309,7 +487,7 @@ def test_cuda_offloaded_equals_device_resident_sparse(tiny, monkeypatch, pinned,
 
     if not pinned:
         monkeypatch.setattr(offload, "allocate_host",
-                            lambda shape, dtype, pin: (torch.zeros(shape, dtype=dtype), False))
+                            lambda shape, dtype, pin, device: (torch.zeros(shape, dtype=dtype), "pageable"))
     ids, L = tiny["ids"], tiny["num_layers"]
     common = dict(sparsity="specontext", budget_tokens=24, sink_tokens=2, window_tokens=4)
     resident = _load(tiny, device="cuda", **common)
@@ -318,9 +496,29 @@ def test_cuda_offloaded_equals_device_resident_sparse(tiny, monkeypatch, pinned,
     llm = _load(tiny, device="cuda", offload_layers=L - 1, slot_pool=1.25, async_prefetch=async_prefetch, **common)
     cache = llm.engine.new_cache(TOTAL)
     assert cache.host_pinned == pinned and cache.kv_host.is_pinned() == pinned
+    assert cache.host_memory == ("registered" if pinned else "pageable")  # pinned bytes = logical bytes
     logits, _ = llm.engine.teacher_forced(ids[:PREFIX], ids[PREFIX:])
     assert torch.equal(logits, ref_logits)
     result = llm.generate(ids[:PREFIX], max_new_tokens=24, ignore_eos=True)
     assert result.token_ids == ref_tokens
     assert 0 < result.stats.offload["fetched_tokens"] < result.stats.offload["full_reload_tokens"]
     assert result.stats.offload["host_pinned"] == pinned
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_registered_host_kv_feeds_the_copy_kernel_and_is_unregistered_with_it():
+    from specontext import native
+    from specontext.kv import offload
+
+    host, kind = offload.allocate_host((2, 64, 8), torch.float16, pin=True, device="cuda")
+    assert kind == "registered" and host.is_pinned()
+    host.copy_(torch.randn(2, 64, 8, generator=torch.Generator().manual_seed(0)).half())
+    out = torch.zeros(2, 3, 8, dtype=torch.float16, device="cuda")
+    native.copy_rows_planes(host, torch.tensor([5, 0, 63], device="cuda"), out, torch.tensor([1, 2, 0], device="cuda"))
+    assert torch.equal(out.cpu()[:, [1, 2, 0]], host[:, [5, 0, 63]])
+    address = host.data_ptr()
+    del host
+    gc.collect()
+    cudart = torch.cuda.cudart()  # already unregistered: a second unregister is refused
+    assert cudart.cudaHostUnregister(address) != cudart.cudaError.success

@@ -267,6 +267,39 @@ def test_fallback_runs_unconfident_steps_dense(tiny):
     assert 0 < selector.stats.confidence_sum / selector.stats.sparse_steps < 1
 
 
+def test_selection_synchronises_the_device_only_when_asked_to_time_it(tiny, monkeypatch):
+    """No step waits on the host for selection unless ``measure_selection_time`` (benchmarks) asks;
+    then the selector synchronises the device before and after each selection, and only then."""
+    from dataclasses import replace
+
+    from specontext.retrieval.selection import Selector, make_selector
+
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    on_cuda = SimpleNamespace(positions=SimpleNamespace(device=torch.device("cuda", 1)))
+    opts = SparsityOptions(method="streaming", budget_tokens=8, sink_tokens=2)
+    make_selector(opts, 2)._sync_for_timing(on_cuda)
+    assert synced == []
+    make_selector(replace(opts, measure_selection_time=True), 2)._sync_for_timing(on_cuda)
+    assert synced == [torch.device("cuda", 1)]
+
+    calls = []
+    original = Selector._sync_for_timing
+    monkeypatch.setattr(Selector, "_sync_for_timing", lambda self, plan: calls.append(self) or original(self, plan))
+    llm, ids = tiny["llm"], tiny["ids"]
+    llm.set_sparsity(sparsity="specontext", retrieval_head=tiny["head_path"])
+    results = {}
+    for timed in (False, True):
+        calls.clear()
+        opts = SparsityOptions(method="specontext", budget_tokens=30, sink_tokens=2, window_tokens=4,
+                               measure_selection_time=timed)
+        results[timed], selector = llm.engine.teacher_forced(ids[:PREFIX], ids[PREFIX:], sparsity=opts)
+        assert selector.measure_selection_time == timed and selector.stats.sparse_steps == TOTAL - PREFIX - 1
+        assert len(calls) == 2 * selector.stats.sparse_steps and selector.stats.selection_s > 0
+    llm.set_sparsity(sparsity="dense")
+    assert torch.equal(results[False], results[True]) and synced == [torch.device("cuda", 1)]  # CPU: never
+
+
 def test_recall_is_the_dense_mass_on_the_chosen_set():
     probs = torch.tensor([[[[0.5, 0.3, 0.2]]]])  # [B=1, G=1, R=1, P=3]
     from specontext.retrieval.selection import SelectionStats, record_recall

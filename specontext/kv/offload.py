@@ -30,15 +30,27 @@ one worker thread between host buffers running the same copies (the native host 
 exercises the same pipeline. ``async_prefetch=False`` runs each copy where it is needed (for
 measuring what the overlap hides).
 
-If pinned host memory cannot be allocated (a locked-memory limit, a container), the host KV
-falls back to pageable memory with a warning: the copies then go through torch and block the
-host (no kernel can read pageable memory, and copies from it are staged synchronously).
+Host memory (see :func:`allocate_host`; ``OffloadedKVCache.host_memory`` says which was used):
+on CUDA the host KV is one anonymous mapping page-locked with cudaHostRegister, so the pinned
+bytes equal its logical bytes. Failing that it comes from torch's pinned allocator, which rounds
+every block up to a power of two (17 GiB takes 32 GiB); failing that it falls back to pageable
+memory with a warning: the copies then go through torch and block the host (no kernel can read
+pageable memory, and copies from it are staged synchronously).
+
+Lifetimes: the copy stream writes the device slots and staging buffers and reads tensors the
+compute stream made, so each of them is marked with ``record_stream`` for the copy stream: the
+caching allocator then does not reuse their memory before the copies queued so far have run, even
+when a failed step frees them without a ``drain()``. Host memory has no such mark for the native
+kernels, so it is released only after a device synchronisation (the finalizers below).
 """
 
 from __future__ import annotations
 
+import math
+import mmap
 import time
 import warnings
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -63,8 +75,13 @@ class CopyEngine:
 
     def submit(self, key, fn: Callable[[], None], keep: Sequence[torch.Tensor] = ()) -> None:
         """Run ``fn`` (copies only) after all compute queued so far; ``wait(key)`` then orders
-        compute after it. ``keep``: tensors the copy reads that compute allocated."""
+        compute after it. ``keep``: this step's tensors the copy reads that compute allocated."""
         self._timed(fn)
+
+    def share(self, buffer: torch.Tensor) -> torch.Tensor:
+        """Mark a long-lived device ``buffer`` (made on the compute stream) that copies will write
+        or read, so freeing it never hands its memory to new work while a copy may still use it."""
+        return buffer
 
     def _timed(self, fn: Callable[[], None]) -> None:
         t0 = time.perf_counter()
@@ -78,6 +95,13 @@ class CopyEngine:
 
     def drain(self) -> None:
         """Wait for every copy submitted so far (the cache is then consistent in host memory)."""
+
+
+def _synchronize(device: torch.device) -> None:
+    try:
+        torch.cuda.synchronize(device)
+    except RuntimeError:  # a failed CUDA context: nothing more runs on it
+        pass
 
 
 def _in_inference_mode(fn: Callable[[], None]) -> None:
@@ -139,12 +163,20 @@ class CudaCopyEngine(CopyEngine):
         self.stream.wait_stream(compute)
         for t in keep:  # the allocator must not reuse these before the copy has read them
             t.record_stream(self.stream)
-        with torch.cuda.stream(self.stream):
-            fn()
-        if key is not None:
-            event = torch.cuda.Event()
-            event.record(self.stream)
-            self._events[key] = event
+        try:
+            with torch.cuda.stream(self.stream):
+                fn()
+        finally:  # a job that failed part-way may have queued copies: compute still waits for them
+            if key is not None:
+                event = torch.cuda.Event()
+                event.record(self.stream)
+                self._events[key] = event
+
+    def share(self, buffer):
+        # record_stream holds for the buffer's whole life: when it is freed the allocator records
+        # an event on the copy stream and reuses the memory only once that event has passed
+        buffer.record_stream(self.stream)
+        return buffer
 
     def wait(self, key):
         event = self._events.pop(key, None)
@@ -194,24 +226,88 @@ class TransferStats:
         }
 
 
-def allocate_host(shape: Sequence[int], dtype: torch.dtype, pin: bool) -> tuple[torch.Tensor, bool]:
-    """A zeroed host tensor, pinned when ``pin`` and the system allows; returns it and whether it is pinned.
+# How the host KV is held (``OffloadedKVCache.host_memory``):
+#   "registered"  one anonymous mapping page-locked with cudaHostRegister: pinned bytes = logical
+#                 bytes (rounded up to whole pages only);
+#   "pin_memory"  torch's caching host allocator (``pin_memory=True``), which rounds each block up
+#                 to a power of two: pinned bytes = 2 ** ceil(log2(logical bytes));
+#   "pageable"    not pinned (no GPU, or pinning failed).
+# The memory planner counts the pinned bytes from this; ``pinned_host_bytes`` is the one formula.
+HOST_MEMORY_KINDS = ("registered", "pin_memory", "pageable")
 
-    A failed pinned allocation (locked-memory limit, no CUDA context) falls back to pageable
-    memory with a :class:`RuntimeWarning` rather than failing the run.
+
+def pinned_host_bytes(num_bytes: int, host_memory: str) -> int:
+    """Page-locked bytes that holding ``num_bytes`` of host KV as ``host_memory`` takes."""
+    if host_memory == "registered":
+        return -(-num_bytes // mmap.PAGESIZE) * mmap.PAGESIZE
+    if host_memory == "pin_memory":
+        return 1 << (num_bytes - 1).bit_length() if num_bytes > 0 else 0
+    return 0
+
+
+def _release_registered(address: int, device: torch.device) -> None:
+    """Unpin a registered range once no queued copy can touch it (its mapping is unmapped next)."""
+    _synchronize(device)  # native kernels on any stream may still read or write it
+    torch.cuda.cudart().cudaHostUnregister(address)  # a failure leaves nothing to undo
+
+
+def _registered_zeros(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeroed host memory page-locked with cudaHostRegister, for exactly the storage's lifetime.
+
+    The bytes come from an anonymous mapping (page-aligned, zero-filled by the kernel, nothing
+    rounded beyond the last page). ``torch.frombuffer`` keeps the mapping alive as long as the
+    tensor's storage (views included); the mapping's finalizer synchronises the device and
+    unregisters it, before the mapping is unmapped.
+    """
+    num_bytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    pages = mmap.mmap(-1, num_bytes)
+    flat = torch.frombuffer(pages, dtype=torch.uint8)
+    address = flat.data_ptr()
+    cudart = torch.cuda.cudart()
+    # flags 0 (cudaHostRegisterDefault): with unified addressing the range is mapped and portable,
+    # so the copy kernels read it through the same pointer, as they do pin_memory tensors
+    status = cudart.cudaHostRegister(address, num_bytes, 0)
+    if status != cudart.cudaError.success:
+        raise RuntimeError(f"cudaHostRegister failed: {cudart.cudaGetErrorString(status)}")
+    weakref.finalize(pages, _release_registered, address, device).atexit = False  # exit unmaps it all
+    out = flat.view(dtype).view(tuple(shape))
+    if not out.is_pinned():  # the copy kernels check this before reading host memory
+        raise RuntimeError("cudaHostRegister succeeded but CUDA does not report the range as pinned")
+    return out
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or ["unknown error"])[0]
+
+
+def allocate_host(shape: Sequence[int], dtype: torch.dtype, pin: bool,
+                  device: torch.device | str = "cuda") -> tuple[torch.Tensor, str]:
+    """A zeroed host tensor; returns it and how it is held (one of :data:`HOST_MEMORY_KINDS`).
+
+    With ``pin`` it is page-locked for ``device``: registered with cudaHostRegister (pinned bytes
+    = logical bytes), else from ``pin_memory=True`` (rounded up to a power of two), else, with a
+    :class:`RuntimeWarning` rather than failing the run, pageable.
     """
     if not pin:
-        return torch.zeros(shape, dtype=dtype), False
+        return torch.zeros(shape, dtype=dtype), "pageable"
+    size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    if size:
+        try:
+            return _registered_zeros(shape, dtype, torch.device(device)), "registered"
+        except (RuntimeError, AssertionError, AttributeError) as exc:  # no CUDA runtime, or it refused
+            warnings.warn(f"could not register {size / 2**20:.1f} MiB of host memory with CUDA for the offloaded KV "
+                          f"({_first_line(exc)}); using torch's pinned allocator, which pins "
+                          f"{pinned_host_bytes(size, 'pin_memory') / 2**20:.1f} MiB for it (a power of two)",
+                          RuntimeWarning, stacklevel=3)
     try:
-        return torch.zeros(shape, dtype=dtype, pin_memory=True), True
+        return torch.zeros(shape, dtype=dtype, pin_memory=True), "pin_memory"
     except RuntimeError as exc:
-        size = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
-        reason = (str(exc).strip().splitlines() or ["unknown error"])[0]
+        reason = _first_line(exc)
         warnings.warn(f"could not pin {size / 2**20:.1f} MiB of host memory for the offloaded KV ({reason}); "
                       f"using pageable memory, so host-device copies are synchronous and slower "
                       f"(raise the locked-memory limit, `ulimit -l`, to get pinned memory)",
                       RuntimeWarning, stacklevel=3)
-        return torch.zeros(shape, dtype=dtype), False
+        return torch.zeros(shape, dtype=dtype), "pageable"
 
 
 class OffloadedKVCache(DenseKVCache):
@@ -272,24 +368,30 @@ class OffloadedKVCache(DenseKVCache):
         cuda = self.device.type == "cuda"
         # [N, 2 (K, V), B, G, S, D]: each (layer, K|V) is a plane of R*S rows of D (R*S/N rows of
         # N*D in block mode), the layout the native plane copy moves one diff through
-        self.kv_host, self.host_pinned = allocate_host((N, 2, B, G, S, D), dtype, pin=cuda)
-        # per host layer [2, B, G, P + N, D] (None while it is resident): the extra block's first
-        # slot, P, holds the current token
-        self._slot_shape = (2, B, G, P + Nb, D)
-        self.kv_slots_device: list[torch.Tensor | None] = [
-            torch.zeros(self._slot_shape, dtype=dtype, device=self.device) if self.offloaded[layer] else None
-            for layer in host_layers]
-        self.kv_staging_device: torch.Tensor | None = None  # [2 buffers, 2, B, G, S, D], made on first use
-        # made when the first layer is offloaded (the memory manager may move none)
-        self._make_pool = partial(SlotPool, self.num_rows, S // Nb, P // Nb, self.device, row_pitch=P // Nb + 1)
-        self.slot_pool = self._make_pool() if P and self.offloaded_layers else None
-        self.transfer = TransferStats(bytes_per_token=2 * N * D * torch.empty(0, dtype=dtype).element_size())
+        # the host KV: "registered" (pinned bytes = logical bytes), "pin_memory" (torch rounds the
+        # pinned block up to a power of two) or "pageable"; see allocate_host and pinned_host_bytes
+        self.kv_host, self.host_memory = allocate_host((N, 2, B, G, S, D), dtype, pin=cuda, device=self.device)
+        self.host_pinned = self.host_memory != "pageable"
+        if self.host_memory == "pin_memory":
+            # torch's host allocator may give the freed block to a new pinned tensor while native
+            # kernels (which it does not track) still use it: wait for them when the cache goes
+            weakref.finalize(self, _synchronize, self.device).atexit = False
         if not async_prefetch:
             self.copier: CopyEngine = CopyEngine()
         elif cuda:
             self.copier = CudaCopyEngine(self.device)
         else:
             self.copier = ThreadCopyEngine()
+        # per host layer [2, B, G, P + N, D] (None while it is resident): the extra block's first
+        # slot, P, holds the current token
+        self._slot_shape = (2, B, G, P + Nb, D)
+        self.kv_slots_device: list[torch.Tensor | None] = [
+            self._new_slots(dtype) if self.offloaded[layer] else None for layer in host_layers]
+        self.kv_staging_device: torch.Tensor | None = None  # [2 buffers, 2, B, G, S, D], made on first use
+        # made when the first layer is offloaded (the memory manager may move none)
+        self._make_pool = partial(SlotPool, self.num_rows, S // Nb, P // Nb, self.device, row_pitch=P // Nb + 1)
+        self.slot_pool = self._make_pool() if P and self.offloaded_layers else None
+        self.transfer = TransferStats(bytes_per_token=2 * N * D * torch.empty(0, dtype=dtype).element_size())
         self._step_kind = None  # "slots" or "staged" for the step in flight
         self._gather_rows = None  # [B * G * (K + 1)] flat slot rows of the step (current slot last)
         self._gather_shape: tuple = ()
@@ -309,6 +411,10 @@ class OffloadedKVCache(DenseKVCache):
     def host_bytes(self) -> int:
         return self.kv_host.numel() * self.kv_host.element_size()
 
+    def host_pinned_bytes(self) -> int:
+        """Page-locked bytes the host KV takes (``host_bytes`` rounded as ``host_memory`` rounds)."""
+        return pinned_host_bytes(self.host_bytes(), self.host_memory)
+
     def rewind(self, length: int) -> None:
         self.copier.drain()
         super().rewind(length)
@@ -317,8 +423,10 @@ class OffloadedKVCache(DenseKVCache):
 
     def transfer_stats(self) -> dict:
         self.copier.drain()
-        out = {"offloaded_layers": list(self.offloaded_layers), "moves": list(self.moves), "pool_slots": self.pool_tokens,
-               "block_tokens": self.block_tokens, "host_pinned": self.host_pinned, **self.transfer.to_dict()}
+        out = {"offloaded_layers": list(self.offloaded_layers), "moves": list(self.moves),
+               "pool_slots": self.pool_tokens, "block_tokens": self.block_tokens, "host_pinned": self.host_pinned,
+               "host_memory": self.host_memory, "host_pinned_bytes": self.host_pinned_bytes(),
+               **self.transfer.to_dict()}
         if not isinstance(self.copier, CudaCopyEngine):
             out["copy_s"] = round(self.copier.copy_s, 4)
         return out
@@ -341,7 +449,7 @@ class OffloadedKVCache(DenseKVCache):
         host = self.kv_host[i]  # [2, B, G, S, D]
         host[0, :, :, :length].copy_(k_dev[:, :, :length])
         host[1, :, :, :length].copy_(v_dev[:, :, :length])
-        slots = torch.zeros(self._slot_shape, dtype=k_dev.dtype, device=self.device)
+        slots = self._new_slots(k_dev.dtype)
         if self.slot_pool is None and self.pool_tokens:
             self.slot_pool = self._make_pool()
         elif self.slot_pool is not None:
@@ -497,10 +605,15 @@ class OffloadedKVCache(DenseKVCache):
     def _pageable_on_cuda(self) -> bool:
         return self.device.type == "cuda" and not self.host_pinned
 
+    def _new_slots(self, dtype: torch.dtype) -> torch.Tensor:
+        """One offloaded layer's device slots [2, B, G, P + N, D], which the copy engine writes."""
+        return self.copier.share(torch.zeros(self._slot_shape, dtype=dtype, device=self.device))
+
     def _staging(self) -> torch.Tensor:
         if self.kv_staging_device is None:
             _, _, B, G, S, D = self.kv_host.shape
-            self.kv_staging_device = torch.zeros(2, 2, B, G, S, D, dtype=self.kv_host.dtype, device=self.device)
+            self.kv_staging_device = self.copier.share(
+                torch.zeros(2, 2, B, G, S, D, dtype=self.kv_host.dtype, device=self.device))
         return self.kv_staging_device
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: StepPlan,

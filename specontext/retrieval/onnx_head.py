@@ -21,6 +21,18 @@ so the cache can stay bound on the device between steps; prefill calls it per ch
 The file's metadata records the head's full config (its target model, with the weight
 fingerprint) and the opset, so a file made for another model or opset is refused on load.
 
+The file holds the float32 graph. On CUDA the runner loads it with ``keys`` and ``new_keys`` as
+float16 (``keys_dtype``): a Cast to float32 after the ``keys`` input and one to float16 after
+``new_keys``, the rest unchanged. The K cache then stays float16 on the device, as the torch
+head's does, and is bound by pointer with no conversion in torch; the scores are computed as the
+float32 graph computes them on the same float16 keys (as torch's ``group_probs`` does).
+
+On CUDA, ONNX Runtime runs on a torch stream of its own (the provider's ``user_compute_stream``)
+and does not synchronise at the end of a run (``disable_synchronize_execution_providers``): that
+stream waits for the compute stream before the run and the compute stream waits for it after, so
+the step never waits on the host. An onnxruntime that ignores the option (older than 1.17) is
+ordered as before: the host waits for the compute stream, and ONNX Runtime for its own.
+
 Example::
 
     path = export_onnx(head, "head.onnx")                  # from a loaded RetrievalHead
@@ -147,21 +159,61 @@ def read_onnx_metadata(path: str) -> tuple[RetrievalHeadConfig, int]:
     return cfg, opset
 
 
+def with_keys_dtype(model, keys_dtype: torch.dtype):
+    """The step graph ``model`` (an onnx ModelProto, changed in place and returned) taking ``keys``
+    and returning ``new_keys`` as ``keys_dtype``, by a Cast on each; every other node unchanged."""
+    onnx = _require("onnx")
+    elem = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16}[keys_dtype]
+    graph = model.graph
+    for node in graph.node:  # the float32 graph now reads "keys" through the first cast
+        node.input[:] = ["keys_float32" if name == "keys" else name for name in node.input]
+        node.output[:] = ["new_keys_float32" if name == "new_keys" else name for name in node.output]
+    casts = [onnx.helper.make_node("Cast", ["keys"], ["keys_float32"], to=onnx.TensorProto.FLOAT,
+                                   name="specontext_keys_to_float32"),
+             onnx.helper.make_node("Cast", ["new_keys_float32"], ["new_keys"], to=elem,
+                                   name="specontext_new_keys_to_keys_dtype")]
+    nodes = [casts[0], *graph.node, casts[1]]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    for value in (*graph.input, *graph.output):
+        if value.name in ("keys", "new_keys"):
+            value.type.tensor_type.elem_type = elem
+    for value in graph.value_info:  # a recorded float32 type of the renamed tensor stays true
+        if value.name == "new_keys":
+            value.name = "new_keys_float32"
+    return model
+
+
 class OnnxHeadRunner:
     """An ONNX Runtime session of the step graph; call it with torch tensors, get torch tensors.
 
     On CUDA (CUDAExecutionProvider) inputs and outputs are bound to the torch tensors' device
-    memory (I/O binding), so the K cache never leaves the device; on CPU they are shared as numpy
-    arrays without copies.
+    memory (I/O binding), so the K cache never leaves the device, and the graph runs on a stream
+    ordered with torch's (module docstring); on CPU they are shared as numpy arrays without copies.
+
+    Attributes:
+        keys_dtype: dtype of the ``keys`` it reads and the ``new_keys`` it returns (the K cache's).
+        stream: the torch stream ONNX Runtime runs on (CUDA, when onnxruntime takes one), else None.
     """
 
-    def __init__(self, session, config: RetrievalHeadConfig, path: str, device: torch.device):
+    def __init__(self, session, config: RetrievalHeadConfig, path: str, device: torch.device,
+                 keys_dtype: torch.dtype = torch.float32, stream=None):
         self.session, self.config, self.path, self.device = session, config, path, device
         self.provider = session.get_providers()[0]
+        self.keys_dtype, self.stream = keys_dtype, stream
+        self._run_options = None
+        if stream is not None:  # the stream choreography orders the run; ORT need not wait for it
+            self._run_options = _require("onnxruntime").RunOptions()
+            self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
 
     @classmethod
-    def load(cls, path: str, target: TargetInfo, device: torch.device | str = "cpu") -> "OnnxHeadRunner":
-        """Open ``path`` for the model ``target``; refuses another model's head, naming it."""
+    def load(cls, path: str, target: TargetInfo, device: torch.device | str = "cpu",
+             keys_dtype: torch.dtype | None = None) -> "OnnxHeadRunner":
+        """Open ``path`` for the model ``target``; refuses another model's head, naming it.
+
+        ``keys_dtype``: float16 or float32 for the K cache the graph reads (default float16 on
+        CUDA, half the bytes of the cache; float32 on the CPU, where float16 would only add casts).
+        """
         ort = _require("onnxruntime")
         cfg, _ = read_onnx_metadata(path)
         why = cfg.target.mismatch(target)
@@ -169,43 +221,80 @@ class OnnxHeadRunner:
             raise InputError(f"ONNX retrieval head {path} was made for {cfg.target.describe()}, not the loaded "
                              f"model ({why}); export one for this model")
         device = torch.device(device)
-        providers = ["CPUExecutionProvider"]
-        if device.type == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise InputError("the model runs on CUDA but this onnxruntime has no CUDA provider; "
-                                 "pip install 'specontext[onnx-gpu]' (onnxruntime-gpu) instead of onnxruntime")
-            providers = [("CUDAExecutionProvider", {"device_id": device.index or 0})] + providers
+        if keys_dtype is None:
+            keys_dtype = torch.float16 if device.type == "cuda" else torch.float32
+        if keys_dtype not in (torch.float32, torch.float16):
+            raise InputError(f"the ONNX retrieval head reads float32 or float16 keys, not {keys_dtype}")
+        model = path
+        if keys_dtype != torch.float32:
+            model = with_keys_dtype(_require("onnx").load(path), keys_dtype).SerializeToString()
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        session = ort.InferenceSession(path, options, providers=providers)
-        return cls(session, cfg, path, device)
+        if device.type != "cuda":
+            session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+            return cls(session, cfg, path, device, keys_dtype)
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise InputError("the model runs on CUDA but this onnxruntime has no CUDA provider; "
+                             "pip install 'specontext[onnx-gpu]' (onnxruntime-gpu) instead of onnxruntime")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        stream = torch.cuda.Stream(device)  # not the default stream: onnxruntime reads handle 0 as "none"
+        cuda = {"device_id": device.index, "user_compute_stream": str(stream.cuda_stream)}
+        try:
+            session = ort.InferenceSession(model, options, providers=[("CUDAExecutionProvider", cuda),
+                                                                      "CPUExecutionProvider"])
+        except Exception:  # noqa: BLE001 - an onnxruntime older than the option refuses it (its own types)
+            session = ort.InferenceSession(model, options, providers=[
+                ("CUDAExecutionProvider", {"device_id": device.index}), "CPUExecutionProvider"])
+        provider = session.get_provider_options().get("CUDAExecutionProvider")
+        if provider is None:
+            raise InputError("onnxruntime could not start its CUDA provider (its log names the missing CUDA or "
+                             "cuDNN library); install the libraries onnxruntime-gpu needs, or use "
+                             "--retrieval-backend torch")
+        if provider.get("has_user_compute_stream") != "1":
+            stream = None  # it runs on a stream of its own
+        return cls(session, cfg, path, device, keys_dtype, stream)
 
     def __call__(self, embeds: torch.Tensor, hidden: torch.Tensor | None, positions: torch.Tensor,
                  keys: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(new_keys, queries, scores) for the step (shapes in the module docstring)."""
+        """(new_keys, queries, scores) for the step (shapes in the module docstring); ``keys`` and
+        ``new_keys`` in ``keys_dtype``, the rest float32."""
         cfg = self.config
         B, T, E = embeds.shape
         if hidden is None:
             hidden = embeds.new_zeros(B, T, E)
         feeds = {"embeds": embeds.float().contiguous(), "hidden": hidden.float().contiguous(),
-                 "positions": positions.to(torch.int64).contiguous(), "keys": keys.float().contiguous(),
-                 "valid": valid.contiguous()}
+                 "positions": positions.to(torch.int64).contiguous(),
+                 "keys": keys.to(self.keys_dtype).contiguous(), "valid": valid.contiguous()}
         if self.device.type != "cuda":
             out = self.session.run(None, {k: v.numpy() for k, v in feeds.items()})
             return tuple(torch.from_numpy(o) for o in out)
         S = keys.shape[2]
-        outputs = {"new_keys": torch.empty(B, cfg.num_kv_heads, T, cfg.head_dim, device=self.device),
+        outputs = {"new_keys": torch.empty(B, cfg.num_kv_heads, T, cfg.head_dim, dtype=self.keys_dtype,
+                                           device=self.device),
                    "queries": torch.empty(B, cfg.num_heads, T, cfg.head_dim, device=self.device),
                    "scores": torch.empty(B, cfg.target.num_kv_heads, S, device=self.device)}
         binding = self.session.io_binding()
-        index = self.device.index or 0
-        dtypes = {torch.float32: "float32", torch.int64: "int64", torch.bool: "bool"}
         import numpy as np
 
+        dtypes = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bool: np.bool_}
         for name, t in {**feeds, **outputs}.items():
             bind = binding.bind_input if name in feeds else binding.bind_output
-            bind(name, "cuda", index, getattr(np, dtypes[t.dtype]) if t.dtype != torch.bool else np.bool_,
-                 list(t.shape), t.data_ptr())
-        torch.cuda.current_stream(self.device).synchronize()  # inputs written before ORT's stream reads them
-        self.session.run_with_iobinding(binding)
+            bind(name, "cuda", self.device.index or 0, dtypes[t.dtype], list(t.shape), t.data_ptr())
+        self._run(binding)
         return outputs["new_keys"], outputs["queries"], outputs["scores"]
+
+    def _run(self, binding) -> None:
+        """Run the bound graph ordered with the compute stream (see the module docstring)."""
+        compute = torch.cuda.current_stream(self.device)
+        if self.stream is None:  # onnxruntime's own stream: the host orders them
+            compute.synchronize()  # inputs written before ORT's stream reads them
+            self.session.run_with_iobinding(binding)  # returns once its stream is done
+            return
+        self.stream.wait_stream(compute)  # inputs written before ORT reads them
+        try:
+            self.session.run_with_iobinding(binding, self._run_options)
+        finally:
+            # outputs read after ORT wrote them, and, since every later compute-stream op waits,
+            # the inputs freed after this call are not reused before ORT has read them
+            compute.wait_stream(self.stream)

@@ -54,7 +54,9 @@ class SelectionStats:
     sparse_steps: int = 0
     dense_steps: int = 0  # decode steps that ran dense because the context fit in the budget
     fallback_steps: int = 0  # decode steps that ran dense because the head was not confident
-    selection_s: float = 0.0  # time spent scoring and choosing (host clock, synchronised)
+    # time spent scoring and choosing, host clock; on CUDA the device's time only with
+    # ``measure_selection_time`` (which synchronises), otherwise the time to queue the work
+    selection_s: float = 0.0
     recall_sum: float = 0.0
     recall_count: int = 0
     confidence_sum: float = 0.0
@@ -150,12 +152,15 @@ class Selector:
     focus_layers: str = "all"  # which layers' focus the pins average (focus.focus_layer_weights)
 
     def __init__(self, budget_tokens: int = 0, sink_tokens: int = 0, window_tokens: int = 0,
-                 measure_recall: bool = False, num_kv_heads: int = 1):
+                 measure_recall: bool = False, num_kv_heads: int = 1, measure_selection_time: bool = False):
         self.num_kv_heads = num_kv_heads
         self.budget_tokens = budget_tokens
         self.sink_tokens = sink_tokens
         self.window_tokens = window_tokens
         self.measure_recall = measure_recall
+        # a benchmark's request: synchronise the device around selection so selection_s is its
+        # device time; otherwise the step never waits on the host for it
+        self.measure_selection_time = measure_selection_time
         self.stats = SelectionStats()
         # per batch row: decode steps that ran sparse / dense (past within the budget) / fallback
         self.row_steps: dict[str, list[int]] = {}
@@ -195,6 +200,7 @@ class Selector:
         """Choose for the decode step about to run ``ids`` [B, 1] at ``plan.positions``."""
         if self.method == "dense":
             return None
+        self._sync_for_timing(plan)
         t0 = time.perf_counter()
         self.prepare(ids, plan)
         past_lens = [int(p) for p in plan.positions[:, 0].tolist()]
@@ -204,8 +210,7 @@ class Selector:
             self._count_rows(plan, past_lens, None, False)
             return None
         sel = self.choose(ids, plan, past_lens)
-        if sel is not None and sel.indices is not None and sel.indices.device.type == "cuda":
-            torch.cuda.synchronize(sel.indices.device)
+        self._sync_for_timing(plan)
         self.stats.selection_s += time.perf_counter() - t0
         self._count_rows(plan, past_lens, sel, sel is None)
         if sel is None:
@@ -214,6 +219,10 @@ class Selector:
         self.stats.sparse_steps += 1
         sel.measure_recall, sel.stats = self.measure_recall, self.stats
         return sel
+
+    def _sync_for_timing(self, plan) -> None:
+        if self.measure_selection_time and plan.positions.device.type == "cuda":
+            torch.cuda.synchronize(plan.positions.device)
 
     def prepare(self, ids: torch.Tensor, plan) -> None:
         """Work every decode step needs, sparse or not (the head caches the new token's key)."""
@@ -388,7 +397,8 @@ class HeadSelector(Selector):
     Args:
         head: a loaded :class:`RetrievalHead` (its target already checked), run with torch; or an
             ``onnx_head.OnnxHeadRunner``, which runs each step's head work on ONNX Runtime (the
-            K cache is then float32 and passed whole, with the past marked valid).
+            K cache is then in the runner's ``keys_dtype`` and passed whole, with the past marked
+            valid).
         embed: the target's token embedding module.
         batch_size, capacity_tokens: the head's K cache shape.
         fallback_threshold: run the step dense when the head's own attention mass on its chosen
@@ -404,9 +414,10 @@ class HeadSelector(Selector):
     def __init__(self, head: RetrievalHead, embed: torch.nn.Module, batch_size: int, capacity_tokens: int,
                  budget_tokens: int, sink_tokens: int, window_tokens: int, fallback_threshold: float = 0.0,
                  measure_recall: bool = False, block_tokens: int = 1, pin_tokens: int = 0,
-                 focus_window_tokens: int = 0, pool_tokens: int = 1, focus_layers: str = "all"):
+                 focus_window_tokens: int = 0, pool_tokens: int = 1, focus_layers: str = "all",
+                 measure_selection_time: bool = False):
         super().__init__(budget_tokens, sink_tokens, window_tokens, measure_recall,
-                         num_kv_heads=head.config.target.num_kv_heads)
+                         num_kv_heads=head.config.target.num_kv_heads, measure_selection_time=measure_selection_time)
         self.block_tokens = block_tokens
         self.pin_tokens, self.pool_tokens = pin_tokens, pool_tokens
         self.focus_window_tokens = focus_window_tokens if pin_tokens else 0
@@ -421,13 +432,14 @@ class HeadSelector(Selector):
         # slots hold K tokens): any row's fallback then runs the whole step dense
         self.whole_step_fallback = False
         self.onnx = not isinstance(head, RetrievalHead)
-        if self.onnx:
-            dtype, device = torch.float32, head.device
+        if self.onnx:  # float32 inputs; the K cache in the dtype the graph reads (float16 on CUDA)
+            dtype, keys_dtype, device = torch.float32, head.keys_dtype, head.device
         else:
             p = next(head.parameters())
-            dtype, device = p.dtype, p.device
+            dtype, keys_dtype, device = p.dtype, p.dtype, p.device
+        self.input_dtype = dtype  # of the embeddings and hidden states the head reads
         self.k_device = torch.zeros(batch_size, cfg.num_kv_heads, capacity_tokens, cfg.head_dim,
-                                    dtype=dtype, device=device)
+                                    dtype=keys_dtype, device=device)
         e = cfg.target.hidden_size
         # target outputs at the position before the next one the head will see: [B, L*E]
         self.carry_hidden = torch.zeros(batch_size, len(self.capture_layers) * e, dtype=dtype, device=device)
@@ -456,8 +468,8 @@ class HeadSelector(Selector):
                 shifted = torch.cat([self.carry_hidden[:, None].to(hidden.dtype), hidden[:, :-1]], dim=1)
             else:
                 shifted = None
-            embeds = self.embed(ids).to(self.k_device.dtype)
-            shifted = None if shifted is None else shifted.to(self.k_device.dtype)
+            embeds = self.embed(ids).to(self.input_dtype)
+            shifted = None if shifted is None else shifted.to(self.input_dtype)
             if self.onnx:  # keys only: an empty cache to score against
                 empty = self.k_device[:, :, :1]
                 k = self.head(embeds, shifted, plan.positions, empty,
@@ -474,7 +486,7 @@ class HeadSelector(Selector):
             # A new tensor, never written in place: a prefill state shares its carry with every
             # decode started from it. A row with no tokens this step (finished) keeps its carry.
             last = torch.tensor([max(n - 1, 0) for n in plan.input_lens], device=hidden.device)
-            carry = hidden[torch.arange(B, device=hidden.device), last].to(self.k_device.dtype)
+            carry = hidden[torch.arange(B, device=hidden.device), last].to(self.input_dtype)
             if min(plan.input_lens) == 0:
                 idle = torch.tensor([n == 0 for n in plan.input_lens], device=hidden.device)
                 carry = torch.where(idle[:, None], self.carry_hidden, carry)
@@ -485,7 +497,7 @@ class HeadSelector(Selector):
         # The new token's key enters the head's cache on every step, dense ones included, so
         # it competes for the budget once the context outgrows it.
         hidden = self.carry_hidden[:, None] if self.capture_layers else None
-        embeds = self.embed(ids).to(self.k_device.dtype)
+        embeds = self.embed(ids).to(self.input_dtype)
         if self.onnx:  # projection and scores in one call, over the whole cache with the past valid
             past = torch.arange(self.k_device.shape[2], device=self.k_device.device)[None] < plan.positions[:, :1]
             k, self._q, self._scores = self.head(embeds, hidden, plan.positions, self.k_device, past)
@@ -597,6 +609,9 @@ class SparsityOptions:
     page_tokens: int = 16
     fallback_threshold: float = 0.0
     measure_recall: bool = False
+    # benchmarks: make SelectionStats.selection_s the device's time on CUDA, at the cost of a
+    # device synchronisation before and after every selection (off: the step never waits for it)
+    measure_selection_time: bool = False
     block_tokens: int = 1
     pin_fraction: float = 0.5
     focus_window_tokens: int = 32
@@ -663,7 +678,8 @@ class SparsityOptions:
 def make_selector(opts: SparsityOptions, num_kv_heads: int, head: RetrievalHead | None = None, embed=None,
                   batch_size: int = 1, capacity_tokens: int = 0) -> Selector:
     """The selector for ``opts``; ``specontext`` needs the loaded ``head`` and the target's ``embed``."""
-    common = dict(budget_tokens=opts.budget_tokens, measure_recall=opts.measure_recall, num_kv_heads=num_kv_heads)
+    common = dict(budget_tokens=opts.budget_tokens, measure_recall=opts.measure_recall, num_kv_heads=num_kv_heads,
+                  measure_selection_time=opts.measure_selection_time)
     if opts.method == "dense":
         return Selector()
     if opts.method == "streaming":
@@ -680,4 +696,5 @@ def make_selector(opts: SparsityOptions, num_kv_heads: int, head: RetrievalHead 
     return HeadSelector(head, embed, batch_size, capacity_tokens, opts.budget_tokens, opts.sink_tokens,
                         opts.window_tokens, opts.fallback_threshold, opts.measure_recall, opts.block_tokens,
                         pin_tokens=opts.pin_tokens, focus_window_tokens=opts.focus_window_tokens,
-                        pool_tokens=opts.focus_pool_tokens, focus_layers=opts.focus_layers)
+                        pool_tokens=opts.focus_pool_tokens, focus_layers=opts.focus_layers,
+                        measure_selection_time=opts.measure_selection_time)
