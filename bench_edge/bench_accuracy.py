@@ -220,7 +220,8 @@ def sparsity_options(method: str, budget: int | None, args, measure_recall: bool
                            window_tokens=args.window_tokens, page_tokens=args.page_tokens,
                            fallback_threshold=fallback, measure_recall=measure_recall,
                            pin_fraction=args.pin_fraction, focus_window_tokens=args.focus_window_tokens,
-                           focus_pool_tokens=args.focus_pool_tokens, focus_layers=args.focus_layers)
+                           focus_pool_tokens=args.focus_pool_tokens, focus_layers=args.focus_layers,
+                           measure_selection_time=True)  # selection_s is reported (on CUDA this synchronises)
 
 
 class Recorder:

@@ -54,6 +54,8 @@ VARIANTS = (
     Variant("f0.5-pool15", pin_fraction=0.5, pool=15), Variant("f0.5-W64", pin_fraction=0.5, window=64),
     Variant("f0.75-pool15", pin_fraction=0.75, pool=15), Variant("f0.75-late", pin_fraction=0.75, layers="late"),
     Variant("f0.75-W64", pin_fraction=0.75, window=64), Variant("f0.5-late", pin_fraction=0.5, layers="late"),
+    Variant("f0.5-late-pool15", pin_fraction=0.5, layers="late", pool=15),
+    Variant("f0.5-late-pool11", pin_fraction=0.5, layers="late", pool=11),
 )
 REFERENCES = ("dense", "head", "snapkv", "quest")
 
@@ -133,6 +135,7 @@ def main(argv=None) -> int:
     engine, cfg = llm.engine, llm.config
     L = cfg.num_layers
     subsets = {"all": list(range(L)), "early": list(range(L // 2)), "late": list(range(L // 2, L))}
+    layer_specs = {"all": "all", "early": f"0-{L // 2 - 1}", "late": "late"}
     windows = sorted({v.window for v in VARIANTS})
     contexts = [int(c) for c in args.contexts.split(",")]
     budgets = [int(b) for b in args.budgets.split(",")]
@@ -201,10 +204,11 @@ def main(argv=None) -> int:
                         run(f"snapkv@{B}", SparsityOptions(method="snapkv", **common), foci[(32, "max")])
                         for v in VARIANTS:
                             focus = LayerSubset(foci[(v.window, v.reduce)], subsets[v.layers])
-                            if v.name in decode:
+                            if v.name in decode:  # the selector weighs the layers itself (focus_layers)
                                 opts = SparsityOptions(method="specontext", pin_fraction=v.pin_fraction,
-                                                       focus_window_tokens=v.window, focus_pool_tokens=v.pool, **common)
-                                run(f"{v.name}@{B}", opts, focus)
+                                                       focus_window_tokens=v.window, focus_pool_tokens=v.pool,
+                                                       focus_layers=layer_specs[v.layers], **common)
+                                run(f"{v.name}@{B}", opts, foci[(v.window, v.reduce)])
                             elif span is not None:  # coverage only: the pins, no decode
                                 pos, ok = focus.pins(round(v.pin_fraction * B), v.pool, 4)
                                 mask = pinned_mask(pos, ok, cap)
