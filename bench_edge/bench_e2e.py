@@ -12,9 +12,10 @@ decoding together (R = 1, 2, 4), their throughput against R = 1.
 
 **gpu**: random-weight float16 models of published shapes (no hub access), prompts of random ids,
 the paper's settings [input, output] in {[2k,16k], [2k,32k], [16k,2k], [32k,2k]} at B = 2048:
-our specontext and dense modes at the number of requests --requests (default: the most our memory
-planner fits on the device), transformers (sdpa, dynamic cache) and transformers with
-OffloadedCache at the same number of requests when it fits, else the most that runs. With
+our specontext and dense modes, transformers (sdpa, dynamic cache) and transformers with
+OffloadedCache, each at --requests, or by default at the most requests that fit both device
+memory and the host memory available (our modes by the memory planner, transformers by counting
+its cache, pinned host blocks included; see bench_e2e_gpu.py). With
 ``--edge`` the device is capped at 4 GB (torch's per-process memory fraction) for the
 Llama-3.2-1B shape. ``--steps-sampled K`` times K decode steps at each of 5 points along the
 output and integrates, so a 32k-token output does not have to be generated in full; prefill is

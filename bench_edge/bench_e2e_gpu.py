@@ -21,8 +21,13 @@ Engines (one process, models sharing the same random weights):
 * ``hf-offloaded``: transformers with its offloaded cache (``OffloadedCache`` in 4.x,
   ``DynamicCache(offloading=True)`` in 5.x: KV on the host, whole layers prefetched one ahead).
 
-For each, R is --requests if given, else the largest R (powers of two up to 64) that runs: for
-our engine from the memory plan, for transformers by trying (an out-of-memory error halves R).
+For each, R is --requests if given, else the largest R (powers of two up to 64) that fits both
+device memory and host memory, the host's being what psutil reports available when the engine
+starts, less a margin (:func:`usable_host_bytes`): for our engines by the memory planner
+(pinned host KV included), for transformers by counting its cache (:func:`hf_memory_bytes`: on
+the host, every layer's KV in pinned blocks of a power of two). A device out-of-memory error
+still halves R; the host is never overcommitted by trying, since the kernel's OOM killer ends
+the process instead of raising.
 """
 
 from __future__ import annotations
@@ -34,6 +39,17 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+GIB = 2**30
+REQUEST_CHOICES = (64, 32, 16, 8, 4, 2, 1)
+PREFILL_CHUNK_TOKENS = 2048  # every engine prefills in chunks of this many tokens per request
+SLOT_POOL = 1.25  # our engines' slot pool, P / K
+# Host memory kept free besides what an engine's plan counts: the process itself (Python, torch,
+# the CUDA context and its own pinned staging), the page cache others need; 10 %, at least 4 GiB.
+HOST_MARGIN_FRACTION, HOST_MARGIN_MIN_BYTES = 0.10, 4 * GIB
+# transformers' device working set is estimated term by term (hf_memory_bytes); 10 % on top
+# covers what it leaves out (its allocator's fragmentation, small buffers). Our engines' plans
+# count their device memory exactly and leave the profile's reserve.
+HF_DEVICE_MARGIN = 1.10
 SETTINGS = {"2k,16k": (2048, 16384), "2k,32k": (2048, 32768), "16k,2k": (16384, 2048), "32k,2k": (32768, 2048)}
 ENGINES = ("specontext", "dense", "hf-sdpa", "hf-offloaded")
 
@@ -88,18 +104,23 @@ def integrate(points: list[int], step_s: list[float], output_tokens: int) -> flo
     return total + (output_tokens - points[-1]) * step_s[-1]
 
 
+def our_settings(args, mode: str, profile: str | None = None):
+    """Our engine's RuntimeSettings for ``mode`` (specontext or dense); with a ``profile`` file, the
+    memory manager places layers by it."""
+    from specontext.settings import RuntimeSettings
+
+    return RuntimeSettings(device=args.device, dtype="float16" if args.device != "cpu" else "float32",
+                           prefill_chunk_tokens=PREFILL_CHUNK_TOKENS, sparsity=mode, budget_tokens=args.budget,
+                           slot_pool=SLOT_POOL, adaptive_offload=profile is not None, device_profile=profile or "auto")
+
+
 class OursRunner:
     """Our engine at R requests: prefill, fast-forward, time K steps."""
 
     def __init__(self, model, cfg, head, mode, args, requests, capacity, profile):
         from specontext.engine import Engine
-        from specontext.settings import RuntimeSettings
 
-        dtype = "float16" if args.device != "cpu" else "float32"
-        settings = RuntimeSettings(device=args.device, dtype=dtype, prefill_chunk_tokens=2048,
-                                   sparsity="specontext" if mode == "specontext" else "dense",
-                                   budget_tokens=args.budget, slot_pool=1.25, adaptive_offload=profile is not None,
-                                   device_profile=profile or "auto")
+        settings = our_settings(args, mode, profile)
         self.engine = Engine(model, None, settings, sparsity=settings.sparsity_options(),
                              retrieval_head=head if mode == "specontext" else None)
         self.requests, self.device = requests, args.device
@@ -147,9 +168,9 @@ class HFRunner:
         import torch
 
         ids = torch.tensor(rows, device=self.device)
-        for start in range(0, ids.shape[1], 2048):
+        for start in range(0, ids.shape[1], PREFILL_CHUNK_TOKENS):
             with torch.no_grad():
-                self.hf(ids[:, start:start + 2048], past_key_values=self.cache, use_cache=True)
+                self.hf(ids[:, start:start + PREFILL_CHUNK_TOKENS], past_key_values=self.cache, use_cache=True)
 
     def steps(self, tokens):
         import torch
@@ -203,10 +224,22 @@ def time_engine(make_runner, input_tokens, output_tokens, requests, args, vocab)
 
     row["peak_host_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     del runner
-    gc.collect()
-    if torch.device(args.device).type == "cuda":
-        torch.cuda.empty_cache()
+    _release_memory(args.device)
     return row
+
+
+def _release_memory(device) -> None:
+    """Give back the device's cached blocks and the pinned host blocks torch keeps for reuse
+    (its caching host allocator never returns them otherwise), so the next engine's plan, which
+    reads the host's available memory, sees them free."""
+    import torch
+
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        if hasattr(torch._C, "_host_emptyCache"):  # torch >= 2.5, CUDA builds
+            torch._C._host_emptyCache()
 
 
 def run(args) -> int:
@@ -248,7 +281,7 @@ def run(args) -> int:
     cfg = ModelConfig.from_hf_dict(bench_offload_gpu.hf_config(args.shape), name=f"random {args.shape}")
     head = bench_offload_gpu.random_head(cfg, args.device, dtype)
     weights = _weights_bytes(cfg, dtype)
-    profile = _device_profile(args) if args.device != "cpu" else None
+    runtime_profile: list = [None]  # the profile file our engines place layers by (None on CPU: no offload)
     bandwidth = measure_bandwidth(args.device)
     out = {"benchmark": "end-to-end generation, paper settings", "machine": describe(),
            "settings": {k: v for k, v in vars(args).items() if k != "func"},
@@ -268,7 +301,7 @@ def run(args) -> int:
         return loaded[kind]
 
     def ours_runner(mode):
-        return lambda R, cap: OursRunner(model_for(mode), cfg, head, mode, args, R, cap, profile)
+        return lambda R, cap: OursRunner(model_for(mode), cfg, head, mode, args, R, cap, runtime_profile[0])
 
     def hf_runner(offloaded):
         return lambda R, cap: HFRunner(model_for("hf-offloaded" if offloaded else "hf-sdpa"), offloaded, R,
@@ -276,8 +309,27 @@ def run(args) -> int:
 
     makers = {"specontext": ours_runner("specontext"), "dense": ours_runner("dense"),
               "hf-sdpa": hf_runner(False), "hf-offloaded": hf_runner(True)}
+    import psutil
+
+    head_shape = None
+    if "specontext" in engines:
+        from specontext.planner.memory import HeadShape
+
+        head_shape = HeadShape.from_config(head.config)
     for engine in engines:
-        R = args.requests or _planned_requests(engine, cfg, head, args, input_tokens + output_tokens, weights, profile)
+        _release_memory(args.device)
+        profile = _device_profile(args, usable_host_bytes(psutil.virtual_memory().available))
+        runtime_profile[0] = _profile_file(profile) if args.device != "cpu" else None
+        options = our_settings(args, engine).sparsity_options() if engine in ("specontext", "dense") else None
+        R = args.requests or planned_requests(
+            engine, cfg, profile, seq_tokens=input_tokens + output_tokens + 1, weights_bytes=weights,
+            element_bytes=dtype.itemsize, options=options, head=head_shape,
+            fused_attention=torch.device(args.device).type == "cuda")
+        if R == 0:
+            out["engines"][engine] = {"error": f"no request count fits {_gib(profile.device_budget_bytes)} of device "
+                                               f"and {_gib(profile.host_budget_bytes)} of host memory"}
+            print(f"{engine:13s} {json.dumps(out['engines'][engine])}", file=sys.stderr, flush=True)
+            continue
         row = None
         while R >= 1:
             try:
@@ -326,52 +378,146 @@ def _weights_bytes(cfg, dtype) -> int:
     return (sum(p.numel() for p in model.parameters()) - tied) * size
 
 
-def _device_profile(args) -> str | None:
-    """A profile for the memory manager: 'auto' (NVML), or for --edge a 4 GB device profile file."""
-    if not args.edge:
-        return "auto"
-    from specontext.planner.profiles import load_profile
+def _gib(num_bytes: int) -> str:
+    return f"{num_bytes / GIB:,.1f} GiB"
 
+
+def usable_host_bytes(available_bytes: int) -> int:
+    """Host memory an engine may fill: ``available_bytes`` (psutil's available memory) less
+    HOST_MARGIN_FRACTION of it, and at least HOST_MARGIN_MIN_BYTES less."""
+    margin = max(int(HOST_MARGIN_FRACTION * available_bytes), HOST_MARGIN_MIN_BYTES)
+    return max(available_bytes - margin, 0)
+
+
+def _device_profile(args, host_bytes: int):
+    """The profile our engines plan and place by: the detected GPU (4 GB with --edge) whose host
+    memory is ``host_bytes``; for --device cpu, the CPU with ``host_bytes`` as its one pool."""
+    from specontext.planner.profiles import DeviceProfile, load_profile
+
+    host_gib = max(host_bytes, 1) / GIB  # a profile's memory must be > 0; 1 byte fits nothing
+    if args.device == "cpu":
+        base = load_profile("cpu").to_dict()
+        base.update(name="cpu, available memory", device_memory_gib=host_gib, reserved_device_gib=0.0,
+                    host_memory_gib=host_gib, reserved_host_gib=0.0)
+        return DeviceProfile(**base)
     base = load_profile("auto").to_dict()
-    base.update(name=f"{base['name']} capped at 4 GB", device_memory_gib=4.0,
-                reserved_device_gib=min(base["reserved_device_gib"], 0.5))
-    path = os.path.join(HERE, "results", ".edge_profile.json")
+    if base["kind"] != "cuda":  # no NVML here: the GPU's memory from torch, the rest from a shipped profile
+        import torch
+
+        props = torch.cuda.get_device_properties(args.device)
+        base = {**load_profile("h100-80gb").to_dict(), "name": "detected-gpu (torch)", "description": props.name,
+                "device_memory_gib": props.total_memory / GIB, "source": "memory from torch (no NVML); "
+                "bandwidths assumed as in the shipped h100-80gb profile"}
+    base.update(host_memory_gib=host_gib, reserved_host_gib=0.0,
+                source=base["source"] + "; host memory: available now (psutil) less a margin")
+    if args.edge:
+        base.update(name=f"{base['name']} capped at 4 GB", device_memory_gib=4.0,
+                    reserved_device_gib=min(base["reserved_device_gib"], 0.5))
+    return DeviceProfile(**base)
+
+
+def _profile_file(profile) -> str:
+    """``profile`` as a JSON file (one per process, rewritten), for RuntimeSettings.device_profile:
+    the runtime places layers by the same profile the request count was planned with."""
+    import tempfile
+
+    path = os.path.join(tempfile.gettempdir(), f"specontext-e2e-profile-{os.getpid()}.json")
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(base, f)
+        json.dump(profile.to_dict(), f)
     return path
 
 
-def _planned_requests(engine, cfg, head, args, length, weights, profile) -> int:
-    """Largest power-of-two R (<= 64) whose plan fits: our planner for our engines; for transformers
-    the KV of every layer on the device (its dynamic cache) or one layer ahead (offloaded)."""
+def largest_requests(fits, choices=REQUEST_CHOICES) -> int:
+    """The first R of ``choices`` (largest first) for which ``fits(R)``; 0 if none does."""
+    return next((R for R in choices if fits(R)), 0)
+
+
+def hf_memory_bytes(cfg, requests: int, seq_tokens: int, chunk_tokens: int, element_bytes: int, weights_bytes: int,
+                    offloaded: bool) -> tuple[int, int]:
+    """(device, host) bytes of transformers' model with SDPA attention and its dynamic cache (every
+    layer's KV on the device) or its offloaded cache (every layer's KV on the host), at R =
+    ``requests`` rows of ``seq_tokens``, prefilled in chunks of ``chunk_tokens``.
+
+    Host (offloaded): each layer's K and V leave the device by ``.to("cpu", non_blocking=True)``,
+    which allocates them pinned from torch's caching host allocator, one block each rounded up to
+    a power of two (``pinned_block_bytes``), plus the pair being copied. That allocator reuses a
+    freed block only for a request of the same power of two and never returns it, so the blocks
+    of the shorter caches it grew through stay pinned: at most as much again (a geometric sum).
+
+    Device: the weights; the KV of every layer plus the concatenation that appends to one
+    (dynamic) or of the layers in flight (offloaded: the one computing, the one prefetched, the
+    one being written back, the concatenation); K and V repeated per query head (``repeat_kv``,
+    whenever SDPA gets a mask); a prefill chunk's boolean mask, SDPA's bias of it and its padded
+    copy, its activations and its logits (every position of the chunk, and again in float32).
+    """
+    from specontext.planner.memory import SDPA_BIAS_ALIGN, pinned_block_bytes
+
+    L, G, H, D = cfg.num_layers, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim
+    E, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    R, S, e = requests, seq_tokens, element_bytes
+    C = min(chunk_tokens, S)
+    plane = R * G * S * D * e  # one layer's K (or V)
+    if offloaded:
+        host = 2 * (2 * L + 2) * pinned_block_bytes(plane)
+        kv_device = 4 * 2 * plane
+    else:
+        host = 0
+        kv_device = (L + 1) * 2 * plane
+    repeated = 2 * R * H * S * D * e
+    mask = R * C * S + R * C * (S + -(-S // SDPA_BIAS_ALIGN) * SDPA_BIAS_ALIGN) * e
+    activations = R * C * (3 * E + 2 * (H + 2 * G) * D + 4 * I) * e
+    logits = R * C * V * (e + 4)
+    return weights_bytes + kv_device + repeated + mask + activations + logits, host
+
+
+def planned_requests(engine: str, cfg, profile, *, seq_tokens: int, weights_bytes: int, element_bytes: int,
+                     options=None, head=None, fused_attention: bool = True, chunk_tokens: int = PREFILL_CHUNK_TOKENS,
+                     choices=REQUEST_CHOICES) -> int:
+    """The largest R of ``choices`` whose run fits ``profile``'s device and host budgets (0: none).
+
+    Our engines (``specontext``, ``dense``): the memory plan the runtime places layers by
+    (``schedule_layers``, which refuses what does not fit in device plus host memory, the pinned
+    host KV counted as it is allocated). transformers (``hf-sdpa``, ``hf-offloaded``):
+    :func:`hf_memory_bytes`, its device part with HF_DEVICE_MARGIN. On a unified-memory profile
+    (the CPU) both parts share the device budget.
+
+    Args:
+        profile: a :class:`~specontext.planner.profiles.DeviceProfile` (see _device_profile).
+        seq_tokens: tokens per request at the end (input + output + 1).
+        options: our engine's SparsityOptions (budget, blocks, pinning), as it runs.
+        head: the retrieval head's HeadShape (specontext).
+    """
     import torch
 
-    if engine in ("specontext", "dense") and profile is not None:
-        from specontext.errors import SpecontextError
-        from specontext.planner.manager import schedule_layers
-        from specontext.planner.memory import HeadShape
-        from specontext.planner.profiles import load_profile
+    from specontext.errors import SpecontextError
+    from specontext.planner.manager import schedule_layers
+    from specontext.retrieval.selection import SparsityOptions
 
-        device_profile = load_profile(profile)
-        head_shape = HeadShape.from_config(head.config) if engine == "specontext" else None
-        for R in (64, 32, 16, 8, 4, 2, 1):
+    if engine in ("specontext", "dense"):
+        dtype = {2: torch.float16, 4: torch.float32}[element_bytes]
+        opts = options or SparsityOptions(method=engine)
+
+        def fits(R):
             try:
-                schedule_layers(cfg, device_profile, capacity_tokens=length, batch_size=R, dtype=torch.float16,
-                                sparsity=engine, budget_tokens=args.budget, head=head_shape, slot_pool=1.25,
-                                block_tokens=1, prefill_chunk_tokens=2048, weights_bytes=weights,
-                                fused_attention=True)
-                return R
+                schedule_layers(cfg, profile, capacity_tokens=seq_tokens, batch_size=R, dtype=dtype,
+                                sparsity=opts.method, budget_tokens=opts.budget_tokens,
+                                head=head if opts.method == "specontext" else None, slot_pool=SLOT_POOL,
+                                block_tokens=opts.block_tokens, prefill_chunk_tokens=chunk_tokens,
+                                weights_bytes=weights_bytes, fused_attention=fused_attention,
+                                pin_tokens=opts.pin_tokens, focus_window_tokens=opts.focus_window_tokens)
+                return True
             except SpecontextError:  # the planner refuses what does not fit
-                continue
-        return 1
-    free = torch.cuda.mem_get_info(args.device)[0] if args.device != "cpu" else 8 * 2**30
-    per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
-    if engine == "hf-offloaded":
-        per_token //= cfg.num_layers  # roughly two layers resident at a time
-    for R in (64, 32, 16, 8, 4, 2, 1):
-        if R * length * per_token * 1.2 < free:
-            return R
-    return 1
+                return False
+        return largest_requests(fits, choices)
+
+    def fits(R):
+        device, host = hf_memory_bytes(cfg, R, seq_tokens, chunk_tokens, element_bytes, weights_bytes,
+                                       offloaded=engine == "hf-offloaded")
+        device = int(device * HF_DEVICE_MARGIN)
+        if profile.unified_memory:
+            return device + host <= profile.device_budget_bytes
+        return device <= profile.device_budget_bytes and host <= profile.host_budget_bytes
+    return largest_requests(fits, choices)
 
 
 def _ratios(engines: dict) -> dict:

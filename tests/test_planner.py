@@ -17,8 +17,9 @@ import specontext
 from specontext.retrieval.selection import SparsityOptions
 from specontext.config import ModelConfig
 from specontext.errors import InputError
-from specontext.planner.memory import (HeadShape, MemoryInputs, buffers, model_weight_bytes, plan_placement,
-                                       tier_bytes)
+from specontext.kv.cache import DenseKVCache
+from specontext.planner.memory import (CUDA_HOST_MEMORY, HeadShape, MemoryInputs, buffers, model_weight_bytes,
+                                       pinned_block_bytes, plan_placement, prefill_workspace, tier_bytes)
 from specontext.planner.profiles import DeviceProfile, detect_profile, load_profile, read_profile, shipped_profiles
 from specontext.planner.plan import make_plan
 from specontext.retrieval.head import RetrievalHead, RetrievalHeadConfig, save_head
@@ -86,6 +87,92 @@ def test_predicted_memory_matches_the_runtime_accounting(tiny, ctx, budget, offl
     predicted = tier_bytes(bufs, "device", include_workspace=False) + tier_bytes(bufs, "host")
     assert abs(predicted - measured) <= 0.05 * measured, (predicted, measured, bufs)
     assert predicted == measured
+
+
+def _peak_allocated_bytes(fn) -> int:
+    """The most bytes held at once while ``fn`` runs, beyond what was held before: every CPU
+    allocation and free the profiler records (torch's CPU allocator reports each), in order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        from torch._C._profiler import _EventType
+    except ImportError:
+        pytest.skip("this torch's profiler does not expose its allocation events")
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation:
+            events.append((node.start_time_ns, node.extra_fields.alloc_size))  # < 0 for a free
+        stack.extend(node.children)
+    held = peak = 0
+    for _, size in sorted(events):
+        held += size
+        peak = max(peak, held)
+    return peak
+
+
+@pytest.mark.parametrize("heads,kv_heads,requests,chunk,prompt", [(8, 2, 1, 64, 256), (8, 2, 4, 64, 256),
+                                                                  (8, 2, 3, 32, 200), (4, 4, 4, 64, 300)])
+def test_prefill_workspace_bounds_what_a_batched_prefill_allocates(tmp_path, heads, kv_heads, requests, chunk, prompt):
+    """The prefill term against the peak that prefilling R rows together really allocates on CPU
+    (the cache preallocated, so all of it is transient): an upper bound, and a tight one. A count
+    per row, or one that leaves out the grouped mask or SDPA's bias of it, falls below the peak."""
+    make_hf_model("llama", str(tmp_path / "m"), vocab_size=96, hidden_size=32, intermediate_size=48,
+                  num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                  max_position_embeddings=1024)
+    llm = specontext.load(str(tmp_path / "m"), device="cpu", prefill_chunk_tokens=chunk)
+    cfg = llm.model.config
+    cache = DenseKVCache(cfg.num_layers, requests, cfg.num_kv_heads, cfg.head_dim, prompt, torch.float32, "cpu")
+    rows = [[3 + (7 * i + r) % 90 for i in range(prompt)] for r in range(requests)]
+    measured = _peak_allocated_bytes(lambda: llm.engine.prefill_rows(rows, cache))
+    # the measurement sees SDPA's float bias of the grouped mask, counted by hand
+    assert measured > requests * (heads // kv_heads) * chunk * prompt * 4
+    inputs = MemoryInputs(model=cfg, weight_bytes=4, kv_bytes=4, requests=requests, sparsity="dense",
+                          prefill_chunk_tokens=chunk, fused_attention=False, cpu_threads=torch.get_num_threads())
+    planned, formula = prefill_workspace(inputs, prompt)
+    assert measured <= planned <= 1.5 * measured, (measured, planned, formula)
+    assert [b.num_bytes for b in buffers(inputs, prompt, 0) if b.name == "workspace_prefill"] == [planned]
+
+
+def test_cuda_prefill_workspace_scales_with_requests_and_counts_the_bias():
+    """At the GPU run's shape (Llama-3.1-8B, 2k chunks, 32k context): R rows cost R times one row,
+    and the boolean masks plus SDPA's fp16 bias and its padded copy are there, by hand."""
+    cfg = ModelConfig.from_hf_file(os.path.join(SHAPES, "llama-3.1-8b.json"))
+    S, C = 2048 + 32768 + 1, 2048
+
+    def workspace(R):
+        return prefill_workspace(MemoryInputs(model=cfg, requests=R, sparsity="dense", prefill_chunk_tokens=C), S)[0]
+
+    assert workspace(32) == 32 * workspace(1)
+    masks = C * S * (1 + 4)  # [C, S] and the grouped [4 C, S], bool
+    bias = 4 * C * S * 2 + 4 * C * (S + 7) // 8 * 8 * 2  # where(mask, 0, -inf) in fp16, and padded to 8 keys
+    assert workspace(1) > masks + bias
+    assert workspace(32) > 45e9  # the audit's "about 30 GB" left out the padded copy and the activations
+
+
+def test_host_kv_is_counted_as_the_runtime_pins_it():
+    assert pinned_block_bytes(17 * 2**30) == 32 * 2**30
+    assert pinned_block_bytes(2**30) == 2**30 and pinned_block_bytes(2**30 + 1) == 2**31
+    assert pinned_block_bytes(0) == 0 and pinned_block_bytes(5, "pageable") == 5
+    assert pinned_block_bytes(1, "registered") == pinned_block_bytes(4095, "registered") > 0
+    with pytest.raises(InputError, match="host_memory must be one of"):
+        pinned_block_bytes(1, "mlock")
+    cfg = ModelConfig.from_hf_file(os.path.join(SHAPES, "llama-3.1-8b.json"))
+    logical = 20 * 2 * 8 * 8 * 32769 * 128 * 2  # N layers, K and V, R, G, S, D, fp16: 20.0 GiB
+    for kind, expected in (("pageable", logical), ("pin_memory", 32 * 2**30)):
+        inputs = MemoryInputs(model=cfg, requests=8, sparsity="streaming", host_memory=kind)
+        (host,) = [b for b in buffers(inputs, 32769, 20) if b.tier == "host"]
+        assert host.num_bytes == expected, kind
+    # a plan for a discrete GPU counts the host KV as the runtime holds it there
+    plan = make_plan(os.path.join(SHAPES, "llama-3.1-8b.json"), "rtx-4090-24gb", context_tokens=131072,
+                     sparsity="specontext", budget_tokens=2048)
+    d = plan.to_dict()
+    N = d["at_context"]["num_offloaded"]
+    assert d["settings"]["host_memory"] == CUDA_HOST_MEMORY and N > 0
+    (host,) = [b for b in d["at_context"]["buffers"] if b["tier"] == "host"]
+    assert host["bytes"] == pinned_block_bytes(N * 2 * 8 * 131072 * 128 * 2, CUDA_HOST_MEMORY)
 
 
 def test_thresholds_equal_a_brute_force_search(tiny):

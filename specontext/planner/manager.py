@@ -15,7 +15,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import ContextLengthError, InputError
-from .memory import GLOBAL_METHODS, HeadShape, MemoryInputs, Placement, plan_placement
+from .memory import GLOBAL_METHODS, HeadShape, MemoryInputs, Placement, host_memory_for, plan_placement
 from .profiles import DeviceProfile
 
 
@@ -56,7 +56,8 @@ def schedule_layers(model: ModelConfig, profile: DeviceProfile, *, capacity_toke
                           budget_tokens=budget_tokens, head=head, slot_pool=slot_pool, block_tokens=block_tokens,
                           prefill_chunk_tokens=prefill_chunk_tokens, fused_attention=fused_attention,
                           measured_weight_bytes=weights_bytes, grow_tokens=grow, pin_tokens=pin_tokens,
-                          focus_window_tokens=focus_window_tokens)
+                          focus_window_tokens=focus_window_tokens, cpu_threads=torch.get_num_threads(),
+                          host_memory=host_memory_for(profile.kind))
     placement = plan_placement(inputs, profile.device_budget_bytes, profile.host_budget_bytes,
                                profile.unified_memory, target_seq_tokens=capacity_tokens,
                                max_seq_tokens=max(capacity_tokens, model.max_position_embeddings))

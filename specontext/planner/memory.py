@@ -31,12 +31,18 @@ formula):
 - an offloaded layer keeps ``P + Nb`` slots per KV head (``P >= K``: the slot pool, plus the
   current token's block), and steps that attend to whole offloaded layers (prefill chunks,
   dense steps) stream them through two device staging buffers of ``S`` tokens each;
-- the host tier (pinned on a discrete GPU) is counted and checked against host memory.
+- the host tier (pinned on a discrete GPU) is counted as the bytes it pins, which is more than
+  its logical size when torch's pinned allocator rounds it (:func:`pinned_block_bytes`), and
+  checked against host memory;
+- the prefill workspace is that of all R rows prefilled together (``Engine.prefill_rows`` runs
+  every row in each chunk), including the boolean masks and the float bias SDPA makes of them,
+  whose ``R (H/G) C S`` terms dominate it at long contexts.
 """
 
 from __future__ import annotations
 
 import math
+import mmap
 from dataclasses import dataclass, field
 
 from ..config import ModelConfig
@@ -48,6 +54,60 @@ INDEX_BYTES = 8  # int64 slot maps
 # Elements of one slice of float32 focus-window logits (retrieval/focus.py scores each batch row's
 # window queries in slices of at most this many [H, t, S] logits, so the transient stays bounded).
 MAX_FOCUS_LOGITS = 1 << 24
+# CUDA's memory-efficient SDPA wants its float bias's strides in multiples of this many elements
+# (torch >= 2.2, attention.cpp preprocess_mask): an unaligned one (S % 8 != 0) is copied, padded.
+SDPA_BIAS_ALIGN = 8
+# torch's flash kernel for CPU (aten/src/ATen/native/cpu/FlashAttentionKernel.cpp) works in blocks
+# of query rows by key columns, with float32 scratch per thread: query blocks of 256, 64 or 32 rows
+# (by the folded query length: >= 768, >= 192, less) against at most 512 keys.
+CPU_FLASH_Q_BLOCKS = ((768, 256), (192, 64), (0, 32))
+CPU_FLASH_KV_BLOCK = 512
+
+# How the host KV of offloaded layers can be held (kv/offload.py allocates it as one block):
+#   pageable    ordinary memory (no GPU): its logical bytes;
+#   registered  an ordinary mapping page-locked with cudaHostRegister: whole pages, nothing more;
+#   pin_memory  torch's caching host allocator (``pin_memory=True``, or ``.to("cpu",
+#               non_blocking=True)`` from a GPU): a power of two, see pinned_block_bytes.
+HOST_MEMORY_KINDS = ("pageable", "registered", "pin_memory")
+# What OffloadedKVCache uses on a discrete GPU: kv/offload.py's allocate_host registers one
+# anonymous mapping with cudaHostRegister, so the plan counts exact bytes (whole pages). Only if
+# CUDA refuses that does it fall back to pin_memory, with a warning that names the power of two it
+# pins instead (up to twice the plan's host tier).
+CUDA_HOST_MEMORY = "registered"
+
+
+def check_host_memory(host_memory: str) -> None:
+    if host_memory not in HOST_MEMORY_KINDS:
+        raise InputError(f"host_memory must be one of {', '.join(HOST_MEMORY_KINDS)}; got {host_memory!r}")
+
+
+def host_memory_for(device_kind: str) -> str:
+    """How OffloadedKVCache holds its host KV on a device of ``device_kind`` (``cuda`` or ``cpu``)."""
+    return CUDA_HOST_MEMORY if device_kind == "cuda" else "pageable"
+
+
+def pinned_block_bytes(num_bytes: int, host_memory: str = "pin_memory") -> int:
+    """Host bytes that one block of ``num_bytes`` really takes when held as ``host_memory``.
+
+    ``pin_memory``: torch's caching host allocator (``CachingHostAllocatorImpl::allocate``) rounds
+    every request up to the next power of two and pins that whole block, through cudaHostAlloc
+    or, with ``PYTORCH_CUDA_ALLOC_CONF=pinned_use_cuda_host_register:True``, through malloc and
+    cudaHostRegister of the rounded size after touching each of its pages (spread over
+    ``pinned_num_register_threads`` threads, which changes the time, not the size). Freed blocks
+    stay cached, reusable only by requests of the same power of two. So 17 GiB pins 32 GiB.
+    ``registered``: cudaHostRegister on an ordinary mapping of exactly ``num_bytes``: whole pages.
+    ``pageable``: ``num_bytes``.
+
+    Example: ``pinned_block_bytes(17 * 2**30) == 32 * 2**30``.
+    """
+    check_host_memory(host_memory)
+    if num_bytes <= 0:
+        return 0
+    if host_memory == "pin_memory":
+        return 1 << (num_bytes - 1).bit_length()
+    if host_memory == "registered":
+        return -(-num_bytes // mmap.PAGESIZE) * mmap.PAGESIZE
+    return num_bytes
 
 
 @dataclass(frozen=True)
@@ -95,8 +155,11 @@ class MemoryInputs:
         slot_pool: P / K, at least 1.
         block_tokens: Nb, the selection granularity (1 = tokens).
         prefill_chunk_tokens: C.
-        fused_attention: attention never materialises its score matrix (CUDA's memory-efficient
-            SDPA kernels); False counts the ``H C S`` float32 scores of the math kernel (CPU).
+        fused_attention: CUDA's SDPA kernels (memory-efficient or cuDNN): no score matrix, but the
+            float bias made from the prefill mask is copied once more, padded to whole groups of
+            SDPA_BIAS_ALIGN keys. False: the CPU, where prefill runs torch's flash kernel for CPU
+            (torch >= 2.3 takes masks there; no score matrix, no padding), while the decode
+            workspace still counts the math kernel's ``H S`` float32 scores per request, a bound.
         measured_weight_bytes: the loaded tensors' bytes, used instead of the config count.
         grow_tokens: 0 when resident KV is preallocated for S; g > 0 when it grows in steps of g
             (the memory manager's runtime): resident layers then hold S rounded up to g, and
@@ -104,6 +167,11 @@ class MemoryInputs:
         pin_tokens: prompt positions pinned per KV head (specontext with query-focused pinning).
         focus_window_tokens: W, the prompt's last W queries whose attention prefill measures
             (pinned specontext and snapkv; 0 = none).
+        cpu_threads: threads of torch's CPU kernels (without ``fused_attention``: the flash
+            kernel's scratch is per thread).
+        host_memory: how the offloaded KV is held on the host (HOST_MEMORY_KINDS): ``pageable``
+            without a GPU; on a discrete GPU what OffloadedKVCache uses (CUDA_HOST_MEMORY). The
+            host tier counts the bytes this really takes (:func:`pinned_block_bytes`).
     """
 
     model: ModelConfig
@@ -121,15 +189,19 @@ class MemoryInputs:
     grow_tokens: int = 0
     pin_tokens: int = 0
     focus_window_tokens: int = 0
+    cpu_threads: int = 1
+    host_memory: str = "pageable"
 
     def __post_init__(self) -> None:
-        for name in ("weight_bytes", "kv_bytes", "requests", "budget_tokens", "block_tokens", "prefill_chunk_tokens"):
+        for name in ("weight_bytes", "kv_bytes", "requests", "budget_tokens", "block_tokens", "prefill_chunk_tokens",
+                     "cpu_threads"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.sparsity not in ("dense", *SPARSE_METHODS):
             raise InputError(f"sparsity must be dense, {', '.join(SPARSE_METHODS)}; got {self.sparsity!r}")
         if not (math.isfinite(self.slot_pool) and self.slot_pool >= 1):
             raise InputError(f"slot_pool must be >= 1, got {self.slot_pool}")
+        check_host_memory(self.host_memory)
 
     @property
     def head_shape(self) -> HeadShape | None:
@@ -221,7 +293,9 @@ def buffers(inputs: MemoryInputs, seq_tokens: int, num_offloaded: int, slot_pool
             add("slot_maps", "device", rows * (S // Nb + 1 + 2 * (P // Nb + 1)) * INDEX_BYTES,
                 "R G (S/Nb + 1 + 2 (P/Nb + 1)) 8")
         add("kv_staging", "device", 2 * 2 * R * G * S * D * e, "2 buffers 2 R G S D e")
-        add("kv_host", "host", N * 2 * R * G * S * D * e, "N 2 R G S D e")
+        host_formula = {"pageable": "N 2 R G S D e", "registered": "pages(N 2 R G S D e) (registered)",
+                        "pin_memory": "2^ceil(log2(N 2 R G S D e)) (one pinned block)"}[x.host_memory]
+        add("kv_host", "host", pinned_block_bytes(N * 2 * R * G * S * D * e, x.host_memory), host_formula)
     # query-focused pinning: the pinned positions (specontext), each layer's (snapkv)
     focused = x.focus_window_tokens > 0 and (x.sparsity == "snapkv" or (x.sparsity == "specontext" and x.pin_tokens))
     if focused and x.sparsity == "specontext":
@@ -229,26 +303,75 @@ def buffers(inputs: MemoryInputs, seq_tokens: int, num_offloaded: int, slot_pool
     if focused and x.sparsity == "snapkv":
         add("pin_masks", "device", L * R * G * seq_tokens, "L R G S (bool)")
     # transient activations, at the larger of the two phases
-    C = min(x.prefill_chunk_tokens, seq_tokens)
-    scores = 0 if x.fused_attention else 2 * H * C * seq_tokens * 4
-    prefill = C * (3 * E + 2 * (H + 2 * G) * D + 3 * I) * w + scores + C * seq_tokens * 4 + V * 4
-    focus_formula = ""
+    prefill, prefill_formula = prefill_workspace(x, seq_tokens)
     if focused:  # the focus sums (per layer for snapkv) and one slice of window logits and probabilities
         window = min(x.focus_window_tokens, seq_tokens)
         prefill += R * G * seq_tokens * 4 * (1 + (L if x.sparsity == "snapkv" else 0))
         prefill += 2 * min(H * window * seq_tokens, MAX_FOCUS_LOGITS) * 4
-        focus_formula = (" + R G S 4" + (" (L + 1)" if x.sparsity == "snapkv" else "")
-                         + " + 2 min(H W S, 2^24) 4 (focus)")
+        prefill_formula += (" + R G S 4" + (" (L + 1)" if x.sparsity == "snapkv" else "")
+                            + " + 2 min(H W S, 2^24) 4 (focus)")
     attended = K + 1 if x.sparsity in SPARSE_METHODS else seq_tokens
     decode = R * ((3 * E + 2 * (H + 2 * G) * D + 3 * I) * w + (0 if x.fused_attention else 2 * H * attended * 4)
                   + 2 * V * 4)
     if prefill >= decode:
-        add("workspace_prefill", "device", prefill,
-            "C (3E + 2(H + 2G)D + 3I) w + C S 4 (mask) + V 4" + ("" if x.fused_attention else " + 2 H C S 4 (scores)")
-            + focus_formula)
+        add("workspace_prefill", "device", prefill, prefill_formula)
     else:
         add("workspace_decode", "device", decode, "R ((3E + 2(H + 2G)D + 3I) w + 2 V 4)")
     return out
+
+
+def prefill_workspace(inputs: MemoryInputs, seq_tokens: int) -> tuple[int, str]:
+    """Peak transient bytes of one prefill chunk at capacity ``seq_tokens`` (S), and the formula.
+
+    ``Engine.prefill_rows`` runs all R rows in every chunk of C tokens, so each term is for the
+    R rows together. The peak is inside a layer's attention in the last chunk (S keys). Alive
+    then (model/llama.py, kv/cache.py), in bytes:
+
+    - the step's boolean mask ``[R, 1, C, S]`` (``DenseKVCache.plan_step``) and, when H > G, its
+      copy for the H/G query heads folded per KV head, ``[R, 1, (H/G) C, S]``
+      (``StepPlan.grouped_mask``, kept for the whole step): ``R C S (1 + H/G)``;
+    - the float bias SDPA makes of the mask it is given (``where(mask, 0, -inf)`` in the query's
+      dtype): ``R (H/G) C S w``; on CUDA (``fused_attention``) also its copy padded to whole
+      groups of SDPA_BIAS_ALIGN keys, which exists whenever S is not a multiple of them;
+    - activations per token, in w: the residual stream before and after the layer and a normed
+      copy (3E), the rotary tables (2D), and the larger of attention's (qkv, rotated q and k,
+      the rotation's temporaries, the output: at most (H + 2G)D + 5HD) and the MLP's (gate and
+      up, the activation and the product: 4I); with a retrieval head, the hidden states it
+      captures (Lf E);
+    - the last chunk's logits ``[R, V]`` in w, then in float32 twice (the model's output and the
+      engine's concatenation of the rows);
+    - on the CPU (float32 only: the runtime refuses 2-byte types there), the flash kernel's
+      scratch: per thread a block of scores, its row statistics and its outputs.
+
+    :func:`buffers` adds query-focused pinning's focus terms. A bound, not a measurement:
+    tests/test_planner.py checks it against the peak of what a CPU prefill really allocates.
+    """
+    m, x = inputs.model, inputs
+    E, I, V, H, G, D = m.hidden_size, m.intermediate_size, m.vocab_size, m.num_heads, m.num_kv_heads, m.head_dim
+    R, w, S = x.requests, x.weight_bytes, seq_tokens
+    C = min(x.prefill_chunk_tokens, S)
+    group = H // G  # query heads per KV head
+    head = x.head_shape
+    fused_layers = head.num_fused_layers if head is not None else 0
+    per_token = 3 * E + 2 * D + fused_layers * E + max((H + 2 * G) * D + 5 * H * D, 4 * I)
+    activations = R * C * per_token * w
+    masks = R * C * S * (1 + (group if group > 1 else 0))
+    bias = R * group * C * S * w
+    padded = R * group * C * (-(-S // SDPA_BIAS_ALIGN) * SDPA_BIAS_ALIGN) * w if x.fused_attention else 0
+    logits = R * V * (w + 8)
+    scratch = 0
+    if not x.fused_attention:
+        rows = group * C
+        q_block = min(next(b for lo, b in CPU_FLASH_Q_BLOCKS if rows >= lo), rows)
+        kv_block = min(CPU_FLASH_KV_BLOCK, S)
+        scratch = x.cpu_threads * (q_block * kv_block + q_block * (D + 2)) * 4
+    formula = ("R C (3E + 2D" + (" + Lf E" if fused_layers else "") + " + max((H + 2G)D + 5HD, 4I)) w"
+               + (" + R C S (1 + H/G) (bool masks)" if group > 1 else " + R C S (bool mask)")
+               + " + R (H/G) C S w (SDPA bias)"
+               + (f" + R (H/G) C ceil{SDPA_BIAS_ALIGN}(S) w (its padded copy)" if x.fused_attention else "")
+               + " + R V (w + 8) (logits)"
+               + ("" if x.fused_attention else " + threads (q_blk kv_blk + q_blk (D + 2)) 4 (CPU flash scratch)"))
+    return activations + masks + bias + padded + logits + scratch, formula
 
 
 def tier_bytes(bufs: list[Buffer], tier: str, include_workspace: bool = True) -> int:

@@ -8,8 +8,8 @@ from dataclasses import dataclass, replace
 
 from ..config import ModelConfig
 from ..errors import InputError
-from .memory import (GLOBAL_METHODS, Buffer, HeadShape, MemoryInputs, Placement, buffers, plan_placement,
-                     step_time, tier_bytes)
+from .memory import (GLOBAL_METHODS, Buffer, HeadShape, MemoryInputs, Placement, buffers, host_memory_for,
+                     plan_placement, step_time, tier_bytes)
 from .profiles import DeviceProfile, load_profile
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -101,7 +101,8 @@ class MemoryPlan:
             "settings": {"context_tokens": self.context_tokens, "requests": x.requests, "sparsity": x.sparsity,
                          "budget_tokens": x.budget_tokens, "block_tokens": x.block_tokens,
                          "weight_bytes_per_element": x.weight_bytes, "kv_bytes_per_element": x.kv_bytes,
-                         "prefill_chunk_tokens": x.prefill_chunk_tokens, "retrieval_head": self.head_source},
+                         "prefill_chunk_tokens": x.prefill_chunk_tokens, "retrieval_head": self.head_source,
+                         "host_memory": x.host_memory},
             "device_budget_bytes": self.placement.device_budget_bytes,
             "host_budget_bytes": self.placement.host_budget_bytes,
             "unified_memory": self.placement.unified_memory,
@@ -192,7 +193,8 @@ def make_plan(model: str | None = None, device_profile: str | DeviceProfile = "a
                           block_tokens=block_tokens, prefill_chunk_tokens=prefill_chunk_tokens,
                           fused_attention=profile.kind == "cuda",
                           pin_tokens=round(pin_fraction * budget_tokens) if sparsity == "specontext" else 0,
-                          focus_window_tokens=focus_window_tokens)
+                          focus_window_tokens=focus_window_tokens, cpu_threads=os.cpu_count() or 1,
+                          host_memory=host_memory_for(profile.kind))
     placement = plan_placement(inputs, profile.device_budget_bytes, profile.host_budget_bytes, profile.unified_memory,
                                target_seq_tokens=S, max_seq_tokens=limit)
     if placement.max_context_tokens == 0:
