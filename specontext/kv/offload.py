@@ -60,6 +60,7 @@ import torch
 
 from .. import native
 from ..errors import InputError
+from ..planner.memory import pinned_block_bytes
 from .cache import DenseKVCache, StepPlan
 from .slots import SlotPool
 
@@ -237,12 +238,9 @@ HOST_MEMORY_KINDS = ("registered", "pin_memory", "pageable")
 
 
 def pinned_host_bytes(num_bytes: int, host_memory: str) -> int:
-    """Page-locked bytes that holding ``num_bytes`` of host KV as ``host_memory`` takes."""
-    if host_memory == "registered":
-        return -(-num_bytes // mmap.PAGESIZE) * mmap.PAGESIZE
-    if host_memory == "pin_memory":
-        return 1 << (num_bytes - 1).bit_length() if num_bytes > 0 else 0
-    return 0
+    """Page-locked bytes that holding ``num_bytes`` of host KV as ``host_memory`` takes (0 if pageable);
+    the memory planner's ``pinned_block_bytes`` is the one formula."""
+    return 0 if host_memory == "pageable" else pinned_block_bytes(num_bytes, host_memory)
 
 
 def _release_registered(address: int, device: torch.device) -> None:
