@@ -93,10 +93,12 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--out", default=os.path.join(HERE, "results", "longctx_cpu.json"))
     p.add_argument("--plot", default=None, help="PNG path (default: the JSON's with .png; 'none' to skip)")
-    p.add_argument("--from-json", metavar="JSON", help="measure nothing: report and plot an earlier result")
+    p.add_argument("--from-json", metavar="JSON", nargs="+",
+                   help="measure nothing: report and plot earlier results; several files are merged into --out "
+                        "(a later file's sample replaces an earlier one with the same task, context and key)")
     args = p.parse_args(argv)
-    if args.from_json:
-        args.out = args.from_json
+    if args.from_json and len(args.from_json) == 1:
+        args.out = args.from_json[0]
     args.plot = args.plot or os.path.splitext(args.out.removesuffix(".partial"))[0] + ".png"
     args.methods = [m for m in args.methods.split(",") if m]
     bad = [m for m in args.methods if m not in METHODS]
@@ -290,6 +292,33 @@ def report(out: dict, args) -> None:
             print(f"plot: {where}")
 
 
+def merge_results(paths: list[str]) -> dict:
+    """One result from several runs of this script (e.g. contexts run side by side, or a run resumed
+    with more samples): samples keyed by (task, context, key), a later file's replacing an earlier's;
+    contexts, budgets, methods and tasks are the union; each source's settings are kept."""
+    merged, samples = None, {}
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if merged is None:
+            merged = {k: v for k, v in data.items() if k not in ("samples", "summary")}
+            merged["settings"] = dict(data["settings"])
+            merged["sources"] = []
+        else:
+            s = merged["settings"]
+            s["contexts"] = sorted(set(s["contexts"]) | set(data["settings"]["contexts"]))
+            s["budgets"] = sorted(set(s["budgets"]) | set(data["settings"]["budgets"]))
+            s["methods"] = list(dict.fromkeys(s["methods"] + data["settings"]["methods"]))
+            s["tasks"] = list(dict.fromkeys(s["tasks"] + data["settings"]["tasks"]))
+            s["samples"] = {**s["samples"], **data["settings"]["samples"]}
+        merged["sources"].append({"file": os.path.basename(path), "settings": data["settings"],
+                                  "runs": data.get("runs") or data.get("sources")})
+        for row in data["samples"]:
+            samples[(row["task"], row["context"], row["key"])] = row
+    merged["samples"] = list(samples.values())
+    return merged
+
+
 def save(out: dict, path: str) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -300,9 +329,11 @@ def save(out: dict, path: str) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.from_json:
-        with open(args.from_json) as f:
-            out = json.load(f)
+        out = merge_results(args.from_json)
         report(out, args)
+        if len(args.from_json) > 1:
+            save(out, args.out)
+            print(f"merged: {args.out}")
         return 0
     import torch
 
