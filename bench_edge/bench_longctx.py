@@ -95,7 +95,7 @@ def parse_args(argv):
     p.add_argument("--plot", default=None, help="PNG path (default: the JSON's with .png; 'none' to skip)")
     p.add_argument("--from-json", metavar="JSON", nargs="+",
                    help="measure nothing: report and plot earlier results; several files are merged into --out "
-                        "(a later file's sample replaces an earlier one with the same task, context and key)")
+                        "(a later file's answers replace an earlier one's for the same task, context, key and method)")
     args = p.parse_args(argv)
     if args.from_json and len(args.from_json) == 1:
         args.out = args.from_json[0]
@@ -294,7 +294,8 @@ def report(out: dict, args) -> None:
 
 def merge_results(paths: list[str]) -> dict:
     """One result from several runs of this script (e.g. contexts run side by side, or a run resumed
-    with more samples): samples keyed by (task, context, key), a later file's replacing an earlier's;
+    with more samples, or some methods re-run): samples keyed by (task, context, key), and within a
+    sample each method's answer from the latest file that has it;
     contexts, budgets, methods and tasks are the union; each source's settings are kept."""
     merged, samples = None, {}
     for path in paths:
@@ -313,8 +314,11 @@ def merge_results(paths: list[str]) -> dict:
             s["samples"] = {**s["samples"], **data["settings"]["samples"]}
         merged["sources"].append({"file": os.path.basename(path), "settings": data["settings"],
                                   "runs": data.get("runs") or data.get("sources")})
-        for row in data["samples"]:
-            samples[(row["task"], row["context"], row["key"])] = row
+        for row in data["samples"]:  # per method: a later run of some methods keeps the others' answers
+            key = (row["task"], row["context"], row["key"])
+            if key in samples:
+                row = {**row, "results": {**samples[key]["results"], **row["results"]}}
+            samples[key] = row
     merged["samples"] = list(samples.values())
     return merged
 

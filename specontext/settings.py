@@ -51,7 +51,7 @@ class RuntimeSettings:
                                     "decides the pinned positions (specontext with --pin-fraction, snapkv)")
     focus_layers: str = _opt("late", "layers whose focus the pins average: all, late (the second half), or layers and "
                              "ranges like 14-22,25")
-    focus_pool_tokens: int = _opt(7, "odd width of the max-pool smoothing the focus over neighbouring positions "
+    focus_pool_tokens: int = _opt(15, "odd width of the max-pool smoothing the focus over neighbouring positions "
                                   "before pinning (1 = none)")
     fallback_threshold: float = _opt(0.0, "run a decode step dense when the retrieval head's attention mass on its "
                                      "chosen tokens is below this (0 = never)")

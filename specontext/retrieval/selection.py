@@ -297,7 +297,7 @@ class SnapKVSelector(Selector):
     method = "snapkv"
     focus_keep = "layers"
 
-    def __init__(self, *args, focus_window_tokens: int = 32, pool_tokens: int = 7, **kwargs):
+    def __init__(self, *args, focus_window_tokens: int = 32, pool_tokens: int = 15, **kwargs):
         super().__init__(*args, **kwargs)
         self.focus_window_tokens, self.pool_tokens = focus_window_tokens, pool_tokens
         self.pin_masks: list[torch.Tensor] | None = None  # per layer [B, G, P] bool
@@ -615,7 +615,7 @@ class SparsityOptions:
     block_tokens: int = 1
     pin_fraction: float = 0.5
     focus_window_tokens: int = 32
-    focus_pool_tokens: int = 7
+    focus_pool_tokens: int = 15
     focus_layers: str = "late"
 
     @property
