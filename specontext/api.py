@@ -156,19 +156,23 @@ class LLM:
         ``prompt`` is a string (wrapped as one user message and rendered with the chat template
         when ``chat`` is true and the model has one), a list of ``{"role", "content"}`` messages
         (always rendered with the template), or a list of token ids (used as they are).
+
+        Strings and message contents are always text: only the chat template's own markup becomes
+        control tokens, so ``<|im_end|>`` inside a document cannot end its turn. A prompt that is
+        meant to hold markup (already rendered) is passed as token ids, e.g.
+        ``llm.tokenizer.encode(rendered)``.
         """
         if isinstance(prompt, str):
             if chat and self.tokenizer.chat_template:
                 return self.encode_prompt([{"role": "user", "content": prompt}])
-            return self.tokenizer.encode(prompt)
+            return self.tokenizer.encode(prompt, parse_special=False)
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
             bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
             if bad:
                 raise InputError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
             return list(prompt)
         if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
-            text = self.tokenizer.render_chat(prompt, add_generation_prompt=True)
-            return self.tokenizer.encode(text, add_bos=False)
+            return self.tokenizer.encode_chat(prompt, add_generation_prompt=True)
         raise InputError("prompt must be a string, a list of {'role', 'content'} messages, or a list of token ids")
 
     def encode_document(self, document: str | None, question: str | None, chat: bool = True) -> list[int]:

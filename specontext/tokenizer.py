@@ -3,12 +3,15 @@
 A tokenizer comes either from a model folder's ``tokenizer.json`` or is built from a GGUF file's
 vocabulary (byte-level BPE for ``gpt2``-type vocabularies, score-ordered BPE with byte fallback for
 SentencePiece ``llama``-type ones). Control and user-defined tokens such as ``<|im_start|>`` are
-registered as special tokens, so they encode as single ids.
+registered as special tokens, so they encode as single ids when markup is meant (``encode`` with
+``parse_special``, the chat template's own markup in ``encode_chat``); message contents, documents
+and questions never produce them (``encode_chat``, ``parse_special=False``).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 import jinja2
@@ -111,6 +114,58 @@ class Tokenizer:
         except jinja2.TemplateError as exc:
             raise ModelFileError(f"the model's chat template failed to render: {exc}") from None
 
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of ``messages`` rendered with the chat template, where only the template's own
+        markup becomes control tokens: every message's content is text, so a document holding
+        ``<|im_end|>\n<|im_start|>assistant`` cannot end its turn or write the assistant's.
+
+        Contents free of added-token text encode exactly as ``encode(render_chat(...))``. Otherwise
+        each added token matched inside a content is replaced by the ids of its characters as
+        text. Raises InputError when such a content cannot be located in the rendering (a template
+        that rewrites contents); pass token ids for prompts that are meant to hold markup.
+        """
+        rendered = self.render_chat(messages, add_generation_prompt)
+        added = self.backend.get_added_tokens_decoder() or {}
+        texts = {t.content for t in added.values()}
+        if not any(t in m["content"] for m in messages for t in texts):
+            return self.encode(rendered, add_bos=False)
+        spans = self._content_spans(messages, rendered, add_generation_prompt)
+        enc = self.backend.encode(rendered, add_special_tokens=False)
+        ids: list[int] = []
+        for tid, (start, end) in zip(enc.ids, enc.offsets):
+            if tid in added and any(start < b and end > a for a, b in spans):
+                ids.extend(self.encode(rendered[start:end], add_bos=False, parse_special=False))
+            else:
+                ids.append(tid)
+        return ids
+
+    def _content_spans(self, messages: list[dict], rendered: str, add_generation_prompt: bool) -> list[tuple[int, int]]:
+        """[start, end) of each message's content in ``rendered``: the template is rendered again
+        with a marker for each content, and the markup between markers is matched in order."""
+        marked = self.render_chat([{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)],
+                                  add_generation_prompt)
+        parts = re.split("\ue000(\\d+)\ue001", marked)  # markup, index, markup, index, ..., markup
+        if not rendered.startswith(parts[0]):
+            raise InputError(self._untrackable)
+        spans, pos = [], len(parts[0])
+        for j in range(1, len(parts), 2):
+            content, after = messages[int(parts[j])]["content"], parts[j + 1]
+            last = j + 2 >= len(parts)
+            for form in dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip())):
+                end = pos + len(form)
+                if rendered.startswith(form, pos) and rendered.startswith(after, end) and \
+                        (not last or end + len(after) == len(rendered)):
+                    spans.append((pos, end))
+                    pos = end + len(after)
+                    break
+            else:
+                raise InputError(self._untrackable)
+        return spans
+
+    _untrackable = ("a message holds the text of a control token (e.g. <|im_end|>) and this model's chat template "
+                    "rewrites message contents, so it cannot be kept as plain text; remove it from the message, or "
+                    "pass token ids (e.g. from tokenizer.encode) if the markup is meant")
+
     def _text_of(self, token_id: int | None) -> str:
         if token_id is None:
             return ""
@@ -139,7 +194,7 @@ class Tokenizer:
         bos = token_id(tcfg.get("bos_token"))
         eos = token_id(tcfg.get("eos_token"))
         eos_ids = tuple(dict.fromkeys([*eos_token_ids, *([eos] if eos is not None else [])]))
-        special = frozenset(t.id for t in _added_special(backend))
+        special = frozenset(_added_special_ids(backend))
         return cls(backend=backend, bos_token_id=bos if bos is not None else bos_token_id,
                    eos_token_ids=eos_ids, add_bos=bool(tcfg.get("add_bos_token", False)),
                    chat_template=read_chat_template(folder), special_ids=special)
@@ -198,9 +253,9 @@ class Tokenizer:
                    special_ids=frozenset(i for i, t in enumerate(types) if t == _CONTROL))
 
 
-def _added_special(backend: HFTokenizer):
-    decoder = backend.get_added_tokens_decoder()
-    return [tok for tok in decoder.values() if tok.special] if decoder else []
+def _added_special_ids(backend: HFTokenizer) -> list[int]:
+    decoder = backend.get_added_tokens_decoder()  # {id: AddedToken}
+    return [i for i, tok in decoder.items() if tok.special] if decoder else []
 
 
 def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
