@@ -8,18 +8,20 @@ with a non-zero exit (``--debug`` shows the traceback).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import warnings
 from dataclasses import MISSING, fields, replace
 
 from . import __version__
 from .errors import InputError, SpecontextError
+from .output import answer_output, resolve_output
 from .settings import GenerationConfig, RuntimeSettings
 
-EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
 
 DESCRIPTION = """\
 Answer a question about a long document with a local language model.
@@ -127,7 +129,7 @@ def run_plan(args: argparse.Namespace) -> int:
 
     settings = _from_args(RuntimeSettings, args)
     if args.output:
-        check_output_path(args.output)
+        resolve_output(args.output)  # fail before any work if it cannot be written
     dtype = settings.dtype
     plan = make_plan(args.model, settings.device_profile, context_tokens=args.context_tokens, requests=args.requests,
                      budget_tokens=settings.budget_tokens, sparsity=settings.sparsity, dtype=dtype,
@@ -149,7 +151,7 @@ def run_export(args: argparse.Namespace) -> int:
 
     if not args.export_head_onnx.lower().endswith(".onnx"):
         raise InputError(f"--export-head-onnx needs a path ending in .onnx, got {args.export_head_onnx}")
-    check_output_path(args.export_head_onnx)
+    resolve_output(args.export_head_onnx, "--export-head-onnx")
     llm = load(args.model, device="cpu")
     path = llm.export_head_onnx(args.export_head_onnx, retrieval_head=args.retrieval_head)
     print(f"exported {path}")
@@ -181,40 +183,6 @@ def read_document(path: str) -> str:
             f"document {where} is not UTF-8 text (invalid byte 0x{data[exc.start]:02x} at offset {exc.start}); "
             "convert it, e.g. iconv -f latin1 -t utf-8"
         ) from None
-
-
-def check_output_path(path: str) -> None:
-    """Fail before any work if ``path`` cannot be written; never creates the file."""
-    if os.path.isdir(path):
-        raise InputError(f"--output {path} is a directory, expected a file path")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise InputError(f"--output directory does not exist: {parent}")
-    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise InputError(f"--output {path} is not writable")
-
-
-@contextlib.contextmanager
-def partial_output(path: str | None):
-    """A file open for writing at ``path + ".partial"`` (None without ``path``).
-
-    When the block ends (a Ctrl-C handled inside it counts as ending), the partial file replaces
-    ``path``; when it raises, the partial file is removed, so a failed run never leaves a
-    half-written answer and never clobbers an earlier one.
-    """
-    if not path:
-        yield None
-        return
-    partial = path + ".partial"
-    f = open(partial, "w", encoding="utf-8")
-    try:
-        yield f
-    except BaseException:
-        f.close()
-        os.remove(partial)
-        raise
-    f.close()
-    os.replace(partial, path)
 
 
 BATCH_KEYS = {"id", "question", "document", "text", "prompt"}
@@ -306,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
             requests.append({"id": path if path is not None else 0, "prompt": None, "document": document,
                              "question": args.question or None, "generation": gen})
     if args.output:
-        check_output_path(args.output)
+        resolve_output(args.output)  # fail before any work if it cannot be written
     if len(requests) > 1 or args.batch:
         return run_batch(args, settings, requests)
 
@@ -328,11 +296,11 @@ def run(args: argparse.Namespace) -> int:
         bar.update(done - bar.n)
 
     generation = llm.engine.generate(ids, gen, progress=progress)
-    interrupted = False
-    # Tokens go to FILE.partial as they arrive; it replaces FILE when the run ends or is
-    # interrupted, so a killed run leaves what it generated in FILE.partial.
+    interrupted: BaseException | None = None
+    # Tokens go to the output as they arrive (see specontext/output.py): a regular FILE through
+    # FILE.partial, which replaces FILE when the run ends or is interrupted (Ctrl-C, SIGTERM).
     try:
-        with partial_output(args.output) as out_file:
+        with answer_output(args.output) as out_file:
             try:
                 for piece in generation:
                     if bar is not None:
@@ -343,12 +311,11 @@ def run(args: argparse.Namespace) -> int:
                         sys.stdout.flush()
                     if out_file:
                         out_file.write(piece)
-                        out_file.flush()
-            except KeyboardInterrupt:
-                interrupted = True
+            except KeyboardInterrupt as exc:
+                interrupted = exc
                 generation.interrupt()
-            except BrokenPipeError:  # the reader went away (e.g. piped into head): stop quietly
-                interrupted = True
+            except BrokenPipeError as exc:  # the reader went away (e.g. piped into head)
+                interrupted = exc
                 generation.interrupt()
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     finally:
@@ -368,10 +335,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"[{result.stop_reason}] prompt {s.prompt_tokens} tok, prefill {s.prefill_tokens_per_s:.1f} tok/s; "
               f"generated {s.generated_tokens} tok, decode {s.decode_tokens_per_s:.1f} tok/s; "
               f"peak RSS {s.peak_host_rss_bytes / 2**20:.0f} MiB", file=sys.stderr)
-    if interrupted:
+    if out_file is not None and out_file.error:
+        print(f"specontext-run: error: {out_file.error} (the answer was printed to standard output)", file=sys.stderr)
+        return EXIT_ERROR
+    if interrupted is not None:
         kept = f" (kept in {args.output})" if args.output else ""
-        print(f"specontext-run: interrupted after {result.stats.generated_tokens} tokens{kept}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        why = "standard output was closed (broken pipe); stopped" if isinstance(interrupted, BrokenPipeError) \
+            else "terminated" if isinstance(interrupted, Terminated) else "interrupted"
+        print(f"specontext-run: {why} after {result.stats.generated_tokens} tokens{kept}", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(interrupted, Terminated) else EXIT_INTERRUPTED
     return 0
 
 
@@ -409,9 +381,9 @@ def run_batch(args: argparse.Namespace, settings: RuntimeSettings, requests: lis
 
     batch = llm.engine.generate_batch(prompts, [r["generation"] for r in requests], progress=progress)
     written: set[int] = set()
-    interrupted = False
+    interrupted: BaseException | None = None
     try:
-        with partial_output(args.output) as out_file:
+        with answer_output(args.output) as out_file:
 
             def emit(i: int) -> None:
                 result = batch.result(i)
@@ -424,7 +396,6 @@ def run_batch(args: argparse.Namespace, settings: RuntimeSettings, requests: lis
                     print(f"### {requests[i]['id']} [{result.stop_reason}]\n{result.text}\n", flush=True)
                 if out_file:
                     out_file.write(line + "\n")
-                    out_file.flush()
                 written.add(i)
 
             try:
@@ -434,8 +405,8 @@ def run_batch(args: argparse.Namespace, settings: RuntimeSettings, requests: lis
                         bar = None
                     if batch.finished(i) and i not in written:
                         emit(i)
-            except KeyboardInterrupt:
-                interrupted = True
+            except KeyboardInterrupt as exc:
+                interrupted = exc
                 batch.interrupt()
                 for i in range(len(requests)):
                     if i not in written:
@@ -448,10 +419,14 @@ def run_batch(args: argparse.Namespace, settings: RuntimeSettings, requests: lis
         print(f"[batch] {b['num_requests']} requests, prompt {b['prompt_tokens']} tok, prefill {b['prefill_s']:.2f} s; "
               f"generated {b['generated_tokens']} tok in {b['total_s']:.2f} s: {b['tokens_per_s']:.1f} tok/s end to end, "
               f"decode {b['decode_tokens_per_s']:.1f} tok/s", file=sys.stderr)
-    if interrupted:
-        print(f"specontext-run: interrupted; {len(requests)} requests kept with what they generated"
+    if out_file is not None and out_file.error:
+        print(f"specontext-run: error: {out_file.error} (every answer was printed to standard output)", file=sys.stderr)
+        return EXIT_ERROR
+    if interrupted is not None:
+        why = "terminated" if isinstance(interrupted, Terminated) else "interrupted"
+        print(f"specontext-run: {why}; {len(requests)} requests kept with what they generated"
               + (f" (in {args.output})" if args.output else ""), file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if isinstance(interrupted, Terminated) else EXIT_INTERRUPTED
     return 0
 
 
@@ -460,9 +435,20 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"specontext-run: warning: {message}", file=file or sys.stderr)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `kill`, `timeout` and job schedulers send), handled as Ctrl-C is: the answer so
+    far is kept (in --output too), and the exit status is 143."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         with warnings.catch_warnings():
             if not args.debug:
@@ -475,11 +461,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"specontext-run: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if args.debug:
             raise
-        print("specontext-run: interrupted before generation started", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        why = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        print(f"specontext-run: {why} before generation started", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
     except Exception as exc:  # a bug or an exhausted machine, not bad input: still one line unless --debug
         if args.debug:
             raise

@@ -1,0 +1,109 @@
+"""``--output`` on paths the user does not control: a symlink, a FIFO, a full filesystem, and SIGTERM
+mid-answer. No test here touches /dev."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from specontext.cli import main
+
+from conftest import make_tiny_chat_model
+
+ANSWER_ARGS = ["-q", "the", "--max-new-tokens", "40", "--ignore-eos", "--quiet", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    return make_tiny_chat_model(tmp_path_factory.mktemp("out"), max_position_embeddings=200_000)["gguf"]
+
+
+def answer(tiny_gguf, capsys) -> str:
+    assert main(["--model", tiny_gguf, *ANSWER_ARGS]) == 0
+    return capsys.readouterr().out.rstrip("\n")
+
+
+def test_a_symlink_is_followed_and_stays_a_link(tiny_gguf, tmp_path, capsys):
+    expected = answer(tiny_gguf, capsys)
+    target = tmp_path / "target.txt"
+    target.write_text("an earlier answer")
+    link = tmp_path / "link.txt"
+    link.symlink_to(target)
+    assert main(["--model", tiny_gguf, *ANSWER_ARGS, "--output", str(link)]) == 0
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert target.read_text(encoding="utf-8") == expected
+    assert sorted(os.listdir(tmp_path)) == ["link.txt", "target.txt"]  # no partial left anywhere
+
+
+def test_a_fifo_is_written_through_and_stays_a_fifo(tiny_gguf, tmp_path, capsys):
+    expected = answer(tiny_gguf, capsys)
+    fifo = tmp_path / "answer.fifo"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(open(fifo, encoding="utf-8").read()), daemon=True)
+    reader.start()
+    assert main(["--model", tiny_gguf, *ANSWER_ARGS, "--output", str(fifo)]) == 0
+    reader.join(timeout=60)
+    assert received == [expected]
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and os.listdir(tmp_path) == ["answer.fifo"]
+
+
+@pytest.fixture
+def full_filesystem(tmp_path):
+    """A one-page tmpfs, filled by an earlier answer: nothing more can be written there."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(mount)],
+                                                       capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a size-limited tmpfs here (needs root or CAP_SYS_ADMIN)")
+    try:
+        (mount / "old.txt").write_bytes(b"x" * 4096)
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_names_the_file_keeps_stdout_and_leaves_no_partial(tiny_gguf, full_filesystem, capsys):
+    expected = answer(tiny_gguf, capsys)
+    old = full_filesystem / "old.txt"
+    code = main(["--model", tiny_gguf, *ANSWER_ARGS, "--output", str(old)])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert out.rstrip("\n") == expected  # the whole answer still reached standard output
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and str(old) in lines[0] and "No space left on device" in lines[0]
+    assert "Traceback" not in err and "internal error" not in err
+    assert old.read_bytes() == b"x" * 4096 and os.listdir(full_filesystem) == ["old.txt"]
+
+
+def test_sigterm_keeps_the_partial_answer_and_exits_143(tiny_gguf, tmp_path):
+    out = tmp_path / "answer.txt"
+    exe = shutil.which("specontext-run")
+    cmd = [exe] if exe else [sys.executable, "-m", "specontext.cli"]
+    stdout_file = open(tmp_path / "stdout.txt", "w+", encoding="utf-8")
+    proc = subprocess.Popen([*cmd, "--model", tiny_gguf, "-q", "the", "--max-new-tokens", "150000", "--ignore-eos",
+                             "--output", str(out), "--quiet", "--device", "cpu"],
+                            stdout=stdout_file, stderr=subprocess.PIPE, text=True)
+    partial = tmp_path / "answer.txt.partial"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not partial.exists() or partial.stat().st_size < 50) and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stderr.read()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        stderr = proc.communicate(timeout=180)[1]
+    finally:
+        stdout_file.close()
+    assert proc.returncode == 143, stderr
+    assert "Traceback" not in stderr and "terminated after" in stderr
+    kept = out.read_text(encoding="utf-8")
+    assert len(kept) >= 20 and (tmp_path / "stdout.txt").read_text(encoding="utf-8").startswith(kept[:20])
+    assert not partial.exists()
