@@ -22,7 +22,8 @@ Engines (one process, models sharing the same random weights):
   ``DynamicCache(offloading=True)`` in 5.x: KV on the host, whole layers prefetched one ahead).
 
 For each, R is --requests if given, else the largest R (powers of two up to 64) that fits both
-device memory and host memory, the host's being what psutil reports available when the engine
+device memory and host memory, the host's being what psutil reports available (within a container's
+cgroup limit) when the engine
 starts, less a margin (:func:`usable_host_bytes`): for our engines by the memory planner
 (pinned host KV included), for transformers by counting its cache (:func:`hf_memory_bytes`: on
 the host, every layer's KV in pinned blocks of a power of two). A device out-of-memory error
@@ -312,16 +313,19 @@ def run(args) -> int:
 
     makers = {"specontext": ours_runner("specontext"), "dense": ours_runner("dense"),
               "hf-sdpa": hf_runner(False), "hf-offloaded": hf_runner(True)}
-    import psutil
+    from specontext.planner.profiles import host_memory_bytes
 
     head_shape = None
     if "specontext" in engines:
         from specontext.planner.memory import HeadShape
 
         head_shape = HeadShape.from_config(head.config)
+    path = args.out or os.path.join(HERE, "results", f"e2e_gpu_{args.shape}_{input_tokens}_{output_tokens}"
+                                    f"{'_edge' if args.edge else ''}.json")
+    t_start = time.perf_counter()
     for engine in engines:
         _release_memory(args.device)
-        profile = _device_profile(args, usable_host_bytes(psutil.virtual_memory().available))
+        profile = _device_profile(args, usable_host_bytes(host_memory_bytes(available=True)))
         runtime_profile[0] = _profile_file(profile) if args.device != "cpu" else None
         options = our_settings(args, engine).sparsity_options() if engine in ("specontext", "dense") else None
         R = args.requests or planned_requests(
@@ -333,6 +337,7 @@ def run(args) -> int:
                                                f"and {_gib(profile.host_budget_bytes)} of host memory"}
             print(f"{engine:13s} {json.dumps(out['engines'][engine])}", file=sys.stderr, flush=True)
             continue
+        print(f"[{time.perf_counter() - t_start:6.0f}s] {engine}: {R} requests", file=sys.stderr, flush=True)
         row = None
         while R >= 1:
             try:
@@ -356,10 +361,11 @@ def run(args) -> int:
             row["roofline_step_s"] = round(read / bandwidth, 6)
             row["roofline_fraction"] = round(row["roofline_step_s"] / row["time_per_output_token_s"], 3)
         out["engines"][engine] = row
-        print(f"{engine:13s} {json.dumps(row)[:300]}", file=sys.stderr, flush=True)
+        out["ratios"] = _ratios(out["engines"])
+        write_json(out, path)  # after every engine, so a run stopped later keeps the earlier ones
+        print(f"[{time.perf_counter() - t_start:6.0f}s] {engine:13s} {json.dumps(row)[:300]}", file=sys.stderr,
+              flush=True)
     out["ratios"] = _ratios(out["engines"])
-    path = args.out or os.path.join(HERE, "results", f"e2e_gpu_{args.shape}_{input_tokens}_{output_tokens}"
-                                    f"{'_edge' if args.edge else ''}.json")
     write_json(out, path)
     print(json.dumps({"engines": {k: {x: v.get(x) for x in ("requests", "tokens_per_s", "time_per_output_token_s",
                                                              "roofline_fraction", "error")}
@@ -386,7 +392,7 @@ def _gib(num_bytes: int) -> str:
 
 
 def usable_host_bytes(available_bytes: int) -> int:
-    """Host memory an engine may fill: ``available_bytes`` (psutil's available memory) less
+    """Host memory an engine may fill: ``available_bytes`` (available memory, within the cgroup limit) less
     HOST_MARGIN_FRACTION of it, and at least HOST_MARGIN_MIN_BYTES less."""
     margin = max(int(HOST_MARGIN_FRACTION * available_bytes), HOST_MARGIN_MIN_BYTES)
     return max(available_bytes - margin, 0)
@@ -412,7 +418,7 @@ def _device_profile(args, host_bytes: int):
                 "device_memory_gib": props.total_memory / GIB, "source": "memory from torch (no NVML); "
                 "bandwidths assumed as in the shipped h100-80gb profile"}
     base.update(host_memory_gib=host_gib, reserved_host_gib=0.0,
-                source=base["source"] + "; host memory: available now (psutil) less a margin")
+                source=base["source"] + "; host memory: available now (psutil, cgroup limit) less a margin")
     if args.edge:
         base.update(name=f"{base['name']} capped at 4 GB", device_memory_gib=4.0,
                     reserved_device_gib=min(base["reserved_device_gib"], 0.5))

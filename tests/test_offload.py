@@ -294,6 +294,15 @@ def _refuse_registration(shape, dtype, device):
     raise RuntimeError("cudaHostRegister failed: no device")
 
 
+def _is_mapped(address: int) -> bool:
+    with open("/proc/self/maps", encoding="ascii") as f:
+        for line in f:
+            start, end = (int(x, 16) for x in line.split()[0].split("-"))
+            if start <= address < end:
+                return True
+    return False
+
+
 class _FakeCudart:
     """The two calls of torch.cuda.cudart() that allocate_host makes, recorded."""
 
@@ -309,6 +318,7 @@ class _FakeCudart:
 
     def cudaHostUnregister(self, address):  # noqa: N802
         self.calls.append(("unregister", address))
+        self.calls.append(("still mapped", _is_mapped(address)))  # the range must be unregistered before munmap
         return 0
 
     def cudaGetErrorString(self, status):  # noqa: N802
@@ -342,7 +352,7 @@ def test_registered_host_kv_pins_its_exact_bytes_for_exactly_its_lifetime(monkey
     view.fill_(1.0)
     del view
     gc.collect()
-    assert calls[1:] == [("synchronize", torch.device("cuda:0")), ("unregister", address)]
+    assert calls[1:] == [("synchronize", torch.device("cuda:0")), ("unregister", address), ("still mapped", True)]
 
 
 def test_a_refused_registration_falls_back_to_torch_pinned_memory(monkeypatch):
@@ -360,7 +370,8 @@ def test_a_refused_registration_falls_back_to_torch_pinned_memory(monkeypatch):
     with pytest.warns(RuntimeWarning, match="does not report the range as pinned"):
         t, kind = offload.allocate_host((4, 4), torch.float32, pin=True)
     gc.collect()
-    assert kind == "pin_memory" and [c[0] for c in calls] == ["register", "synchronize", "unregister"]
+    assert kind == "pin_memory" and calls[1:] == [("synchronize", torch.device("cuda")), ("unregister", calls[0][1]),
+                                                  ("still mapped", True)]
 
 
 def test_pinned_bytes_follow_how_the_host_kv_is_held():

@@ -362,3 +362,18 @@ def test_the_manager_refuses_a_context_that_cannot_fit_up_front(deep, tmp_path):
         llm.generate(list(range(3, 90)) * 3, max_new_tokens=200, ignore_eos=True)
     with pytest.raises(InputError, match="drop offload_layers"):
         specontext.load(deep["path"], device="cpu", adaptive_offload=True, offload_layers=1)
+
+
+def test_host_memory_respects_a_container_limit(tmp_path, monkeypatch):
+    from specontext.planner import profiles
+
+    assert profiles.cgroup_memory_limit(str(tmp_path)) is None  # no controller files: no limit
+    (tmp_path / "memory.max").write_text("max\n")
+    (tmp_path / "memory.current").write_text("123\n")
+    assert profiles.cgroup_memory_limit(str(tmp_path)) is None  # "max": unlimited
+    (tmp_path / "memory.max").write_text(f"{8 * 2**30}\n")
+    (tmp_path / "memory.current").write_text(f"{3 * 2**30}\n")
+    assert profiles.cgroup_memory_limit(str(tmp_path)) == (8 * 2**30, 3 * 2**30)
+    monkeypatch.setattr(profiles, "cgroup_memory_limit", lambda: (8 * 2**30, 3 * 2**30))
+    assert profiles.host_memory_bytes() <= 8 * 2**30
+    assert profiles.host_memory_bytes(available=True) <= 5 * 2**30

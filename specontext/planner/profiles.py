@@ -7,7 +7,8 @@ machine), a shipped NAME, or a FILE.
 Detection: NVML (pynvml) for discrete GPUs: memory, memory bandwidth from the maximum memory
 clock and bus width, host link from the PCIe generation and width. Jetson has no NVML; it is
 recognised from its device tree and matched to a shipped Jetson profile, with psutil's memory
-total. With no GPU, the compute memory is host RAM (psutil).
+total. With no GPU, the compute memory is host RAM (psutil). Host memory is capped by the
+container's cgroup limit where one is set (:func:`host_memory_bytes`).
 """
 
 from __future__ import annotations
@@ -153,11 +154,36 @@ def _jetson_model() -> str | None:
 _PCIE_GB_S_PER_LANE = {1: 0.25, 2: 0.5, 3: 0.985, 4: 1.969, 5: 3.938, 6: 7.563}
 
 
-def detect_profile(gpu_index: int = 0) -> DeviceProfile:
-    """This machine's profile: NVML for a discrete GPU, the device tree for Jetson, else the CPU."""
+def cgroup_memory_limit(root: str = "/sys/fs/cgroup") -> tuple[int, int] | None:
+    """(limit, in use) in bytes from this process's cgroup v2 memory controller, or None where no
+    limit is set or readable. psutil reads /proc/meminfo, which shows the whole node's memory
+    inside a container."""
+    try:
+        with open(os.path.join(root, "memory.max"), encoding="ascii") as f:
+            limit = f.read().strip()
+        with open(os.path.join(root, "memory.current"), encoding="ascii") as f:
+            current = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    return None if limit == "max" or not limit.isdigit() else (int(limit), current)
+
+
+def host_memory_bytes(available: bool = False) -> int:
+    """This machine's host memory (``available``: what is free now), within a container's limit."""
     import psutil
 
-    host_gib = psutil.virtual_memory().total / GIB
+    vm = psutil.virtual_memory()
+    value = vm.available if available else vm.total
+    cgroup = cgroup_memory_limit()
+    if cgroup is not None:
+        limit, current = cgroup
+        value = min(value, limit - current if available else limit)
+    return max(int(value), 0)
+
+
+def detect_profile(gpu_index: int = 0) -> DeviceProfile:
+    """This machine's profile: NVML for a discrete GPU, the device tree for Jetson, else the CPU."""
+    host_gib = host_memory_bytes() / GIB
     jetson = _jetson_model()
     if jetson is not None:
         shipped = shipped_profiles()
