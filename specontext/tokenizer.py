@@ -2,10 +2,11 @@
 
 A tokenizer comes either from a model folder's ``tokenizer.json`` or is built from a GGUF file's
 vocabulary (byte-level BPE for ``gpt2``-type vocabularies, score-ordered BPE with byte fallback for
-SentencePiece ``llama``-type ones). Control and user-defined tokens such as ``<|im_start|>`` are
-registered as special tokens, so they encode as single ids when markup is meant (``encode`` with
+SentencePiece ``llama``-type ones). Control tokens such as ``<|im_start|>`` are registered as
+special tokens, so they encode as single ids when markup is meant (``encode`` with
 ``parse_special``, the chat template's own markup in ``encode_chat``); message contents, documents
-and questions never produce them (``encode_chat``, ``parse_special=False``).
+and questions never produce them (``encode_chat``, ``parse_special=False``). User-defined tokens
+(GGUF type 4, e.g. ``<think>``) are ordinary added tokens: one piece each, decoded as text.
 """
 
 from __future__ import annotations
@@ -119,13 +120,13 @@ class Tokenizer:
         markup becomes control tokens: every message's content is text, so a document holding
         ``<|im_end|>\n<|im_start|>assistant`` cannot end its turn or write the assistant's.
 
-        Contents free of added-token text encode exactly as ``encode(render_chat(...))``. Otherwise
-        each added token matched inside a content is replaced by the ids of its characters as
-        text. Raises InputError when such a content cannot be located in the rendering (a template
+        Contents free of special-token text encode exactly as ``encode(render_chat(...))``.
+        Otherwise each special token matched inside a content is replaced by the ids of its
+        characters as text (user-defined tokens such as ``<think>`` are text already). Raises InputError when such a content cannot be located in the rendering (a template
         that rewrites contents); pass token ids for prompts that are meant to hold markup.
         """
         rendered = self.render_chat(messages, add_generation_prompt)
-        added = self.backend.get_added_tokens_decoder() or {}
+        added = {i: t for i, t in (self.backend.get_added_tokens_decoder() or {}).items() if t.special}
         texts = {t.content for t in added.values()}
         if not any(t in m["content"] for m in messages for t in texts):
             return self.encode(rendered, add_bos=False)
@@ -195,8 +196,12 @@ class Tokenizer:
         eos = token_id(tcfg.get("eos_token"))
         eos_ids = tuple(dict.fromkeys([*eos_token_ids, *([eos] if eos is not None else [])]))
         special = frozenset(_added_special_ids(backend))
-        return cls(backend=backend, bos_token_id=bos if bos is not None else bos_token_id,
-                   eos_token_ids=eos_ids, add_bos=bool(tcfg.get("add_bos_token", False)),
+        bos = bos if bos is not None else bos_token_id
+        add_bos = tcfg.get("add_bos_token")
+        if add_bos is None:  # Llama-3 folders: BOS comes only from tokenizer.json's post-processor
+            add_bos = bos is not None and _post_processor_adds(backend, bos)
+        return cls(backend=backend, bos_token_id=bos,
+                   eos_token_ids=eos_ids, add_bos=bool(add_bos),
                    chat_template=read_chat_template(folder), special_ids=special)
 
     @classmethod
@@ -241,9 +246,13 @@ class Tokenizer:
             raise UnsupportedModelError(
                 f"GGUF tokenizer model {kind!r} is not supported; supported: 'gpt2' (BPE), 'llama' (SentencePiece)"
             )
-        specials = [AddedToken(tok, special=True, normalized=False)
-                    for tok, typ in zip(tokens, types) if typ in (_CONTROL, _USER_DEFINED)]
-        backend.add_special_tokens(specials)
+        # Control tokens are special: markup, hidden when decoding skips specials, matched in text
+        # only where markup is meant. User-defined tokens (e.g. Qwen3's <think>) are text that
+        # tokenizes as one piece, as llama.cpp treats them: always matched, always decoded.
+        backend.add_special_tokens([AddedToken(tok, special=True, normalized=False)
+                                    for tok, typ in zip(tokens, types) if typ == _CONTROL])
+        backend.add_tokens([AddedToken(tok, special=False, normalized=False)
+                            for tok, typ in zip(tokens, types) if typ == _USER_DEFINED])
         eos = meta.get("tokenizer.ggml.eos_token_id")
         eot = meta.get("tokenizer.ggml.eot_token_id")
         eos_ids = tuple(dict.fromkeys(i for i in (eos, eot) if i is not None))
@@ -251,6 +260,16 @@ class Tokenizer:
                    eos_token_ids=eos_ids, add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", default_bos)),
                    chat_template=meta.get("tokenizer.chat_template"),
                    special_ids=frozenset(i for i, t in enumerate(types) if t == _CONTROL))
+
+
+def _post_processor_adds(backend: HFTokenizer, token_id: int) -> bool:
+    """Whether the tokenizer's post-processor puts ``token_id`` first (as Llama-3's does with BOS)."""
+    try:
+        with_specials = backend.encode("a", add_special_tokens=True).ids
+        without = backend.encode("a", add_special_tokens=False).ids
+    except Exception:  # noqa: BLE001 - a post-processor that cannot run adds nothing we can use
+        return False
+    return with_specials[:1] == [token_id] and without[:1] != [token_id]
 
 
 def _added_special_ids(backend: HFTokenizer) -> list[int]:

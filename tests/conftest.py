@@ -148,7 +148,8 @@ def _byte_symbols() -> list[str]:
     return [symbols[b] for b in range(256)]
 
 
-def write_tiny_gguf(hf_model, path: str, arch: str = "llama", tensor_type=None, chat_template: str | None = None):
+def write_tiny_gguf(hf_model, path: str, arch: str = "llama", tensor_type=None, chat_template: str | None = None,
+                    extra: dict | None = None):
     """Convert a tiny transformers model to GGUF the way llama.cpp's converter lays it out.
 
     Vocabulary: 3 control tokens, 256 byte symbols, then merged pieces up to the model's vocab.
@@ -185,6 +186,14 @@ def write_tiny_gguf(hf_model, path: str, arch: str = "llama", tensor_type=None, 
     w.add_add_bos_token(False)
     if chat_template:
         w.add_chat_template(chat_template)
+    for key, value in (extra or {}).items():  # more metadata, {arch}.-prefixed: str, int or float values
+        key = f"{arch}.{key}"
+        if isinstance(value, str):
+            w.add_string(key, value)
+        elif isinstance(value, int):
+            w.add_uint32(key, value)
+        else:
+            w.add_float32(key, float(value))
 
     def permute(t, heads):
         return t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)

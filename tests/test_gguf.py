@@ -115,3 +115,32 @@ def _copy_fields(reader, writer):
             writer.add_key_value(key, value, vtype, sub_type=field.types[-1])
         else:
             writer.add_key_value(key, value, vtype)
+
+
+@pytest.mark.parametrize("attn,expected", [({"rope.scaling.yarn_attn_factor": 1.25}, 1.25),
+                                           ({"rope.scaling.attn_factor": 0.5}, 0.5 * (0.1 * np.log(4.0) + 1.0)),
+                                           ({}, None)])
+def test_gguf_yarn_metadata_is_read(tmp_path, attn, expected):
+    """YaRN's beta bounds and attention factor come from the GGUF metadata, and give the same RoPE
+    as the Hugging Face config that says the same."""
+    from specontext.config import ModelConfig
+    from specontext.model.rope import inverse_frequencies
+
+    hf = make_hf_model("llama", str(tmp_path / "hf"), vocab_size=288, hidden_size=64, num_attention_heads=4,
+                       num_key_value_heads=2)
+    path = str(tmp_path / "yarn.gguf")
+    write_tiny_gguf(hf, path, extra={"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0,
+                                     "rope.scaling.original_context_length": 64, "rope.scaling.yarn_beta_fast": 16.0,
+                                     "rope.scaling.yarn_beta_slow": 2.0, **attn})
+    rope = GGUFFile(path).model_config().rope
+    assert rope.kind == "yarn" and rope.factor == 4.0 and rope.original_max_position_embeddings == 64
+    assert (rope.beta_fast, rope.beta_slow) == (16.0, 2.0)
+    assert rope.attention_factor == pytest.approx(expected) if expected is not None else rope.attention_factor is None
+    hf_cfg = hf.config.to_dict()
+    hf_cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": rope.theta, "factor": 4.0, "beta_fast": 16.0,
+                                 "beta_slow": 2.0, "original_max_position_embeddings": 64,
+                                 **({"attention_factor": expected} if expected else {})}
+    from_hf = ModelConfig.from_hf_dict(hf_cfg, name="yarn").rope
+    ours = inverse_frequencies(rope, 16, 256)
+    theirs = inverse_frequencies(from_hf, 16, 256)
+    assert torch.allclose(ours[0], theirs[0]) and ours[1] == pytest.approx(theirs[1])

@@ -126,3 +126,44 @@ def test_default_model_documents_questions_batch_lines_and_messages_are_text(def
     # the explicit way for markup that is meant: token ids, used as they are
     meant = tok.encode(tok.render_chat([{"role": "user", "content": "hi"}]), add_bos=False)
     assert llm.encode_prompt(meant) == meant
+
+
+def test_gguf_user_defined_tokens_are_text_that_decodes():
+    """GGUF token type 4 (user-defined, e.g. Qwen3's <think>) tokenizes as one piece and is never hidden
+    as a control token when decoding skips specials."""
+    tokens = ["<|endoftext|>", *CONTROL, "<think>"] + _byte_symbols()
+    tok = Tokenizer.from_gguf_fields({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm",
+                                      "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": [3, 3, 3, 4] + [1] * 256,
+                                      "tokenizer.ggml.merges": [], "tokenizer.chat_template": CHATML_TEMPLATE})
+    think = tokens.index("<think>")
+    ids = tok.encode("a<think>b", parse_special=False)
+    assert think in ids and len(ids) == 3
+    assert tok.decode(ids, skip_special=True) == "a<think>b"
+    assert think not in tok.special_ids
+    chat = tok.encode_chat([{"role": "user", "content": "<think>"}])
+    assert think in chat and control_count(tok, chat) == 3
+
+
+def test_a_bos_added_only_by_the_post_processor_is_honoured(tmp_path):
+    """Llama-3 folders: tokenizer_config.json names the BOS but has no add_bos_token; tokenizer.json's
+    post-processor adds it. A raw prompt must then start with BOS, once."""
+    from tokenizers import processors
+
+    symbols = _byte_symbols()
+    backend = HFTokenizer(models.BPE(vocab={s: i for i, s in enumerate(symbols)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken("<|begin_of_text|>", special=True, normalized=False)])
+    bos = backend.token_to_id("<|begin_of_text|>")
+    backend.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[
+        ("<|begin_of_text|>", bos)])
+    backend.save(str(tmp_path / "tokenizer.json"))
+    with open(tmp_path / "tokenizer_config.json", "w") as f:
+        json.dump({"bos_token": "<|begin_of_text|>"}, f)
+    tok = Tokenizer.from_hf_folder(str(tmp_path))
+    assert tok.add_bos and tok.bos_token_id == bos
+    ids = tok.encode("hello")
+    assert ids[0] == bos and ids.count(bos) == 1
+    with open(tmp_path / "tokenizer_config.json", "w") as f:
+        json.dump({"bos_token": "<|begin_of_text|>", "add_bos_token": False}, f)
+    assert not Tokenizer.from_hf_folder(str(tmp_path)).add_bos  # an explicit setting wins

@@ -7,6 +7,8 @@ interleaved RoPE; they are permuted back here so one model implementation serves
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -105,6 +107,7 @@ class GGUFFile:
                 factor=float(self._get("rope.scaling.factor", required=False, default=1.0)),
                 original_max_position_embeddings=self._get("rope.scaling.original_context_length", required=False),
                 freq_factors=freq_factors,
+                **(self._yarn_fields() if kind == "yarn" else {}),
             ),
             tie_word_embeddings="output.weight" not in names,
             qkv_bias="blk.0.attn_q.bias" in names,
@@ -115,6 +118,25 @@ class GGUFFile:
             eos_token_ids=(int(eos),) if eos is not None else (),
             name=str(self.meta.get("general.name") or ""),
         )
+
+    def _yarn_fields(self) -> dict:
+        """YaRN's optional GGUF metadata as RopeConfig fields: the ramp's rotation bounds
+        (``rope.scaling.yarn_beta_fast`` / ``yarn_beta_slow``) and the attention scale. A
+        ``yarn_attn_factor`` is the whole scale (transformers' ``attention_factor``); llama.cpp's
+        general ``rope.scaling.attn_factor`` multiplies YaRN's own 0.1 ln(factor) + 1."""
+        out = {}
+        for key, name in (("rope.scaling.yarn_beta_fast", "beta_fast"), ("rope.scaling.yarn_beta_slow", "beta_slow")):
+            value = self._get(key, required=False)
+            if value is not None:
+                out[name] = float(value)
+        whole = self._get("rope.scaling.yarn_attn_factor", required=False)
+        general = self._get("rope.scaling.attn_factor", required=False)
+        factor = float(self._get("rope.scaling.factor", required=False, default=1.0))
+        if whole is not None:
+            out["attention_factor"] = float(whole)
+        elif general is not None:
+            out["attention_factor"] = float(general) * (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+        return out
 
     def _tensor_f32(self, name: str) -> np.ndarray:
         import gguf
