@@ -144,3 +144,47 @@ def test_gguf_yarn_metadata_is_read(tmp_path, attn, expected):
     ours = inverse_frequencies(rope, 16, 256)
     theirs = inverse_frequencies(from_hf, 16, 256)
     assert torch.allclose(ours[0], theirs[0]) and ours[1] == pytest.approx(theirs[1])
+
+
+def _header(n_tensors: int, n_kv: int, version: int = 3) -> bytes:
+    import struct
+
+    return b"GGUF" + struct.pack("<IQQ", version, n_tensors, n_kv)
+
+
+def _kv_string(key: str, value: bytes, claimed: int | None = None) -> bytes:
+    import struct
+
+    k = key.encode()
+    return struct.pack("<Q", len(k)) + k + struct.pack("<IQ", 8, len(value) if claimed is None else claimed) + value
+
+
+@pytest.mark.parametrize("body,message", [
+    (_header(0, 2**60), "more than the file can hold"),  # would make the reader loop for ages
+    (_header(0, 1) + _kv_string("general.architecture", b"llama", claimed=2**40), "past the end of the file"),
+    (_header(0, 1, version=7), "version 7 is not supported"),
+    (_header(2**61, 0), "more than the file can hold"),
+    (b"GGU", "past the end of the file"),
+    (b"PK\x03\x04" + bytes(40), "does not start with 'GGUF'"),
+])
+def test_gguf_header_counts_are_checked_against_the_file_size(tmp_path, body, message):
+    from specontext.errors import ModelFileError
+    from specontext.loaders.gguf_check import check_gguf_layout
+
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(body)
+    with pytest.raises(ModelFileError, match=message):
+        check_gguf_layout(str(path))
+
+
+def test_gguf_tensor_outside_the_file_is_refused_before_reading(tmp_path):
+    import struct
+
+    from specontext.errors import ModelFileError
+
+    name = b"token_embd.weight"
+    tensor = struct.pack("<Q", len(name)) + name + struct.pack("<IQQIQ", 2, 64, 64, 0, 0)  # F32, 16 KiB
+    path = tmp_path / "short.gguf"
+    path.write_bytes(_header(1, 1) + _kv_string("general.architecture", b"llama") + tensor + bytes(64))
+    with pytest.raises(ModelFileError, match="lies outside the file"):
+        GGUFFile(str(path))

@@ -14,6 +14,7 @@ import torch
 
 from ..config import ModelConfig, RopeConfig
 from ..errors import ModelFileError, UnsupportedModelError
+from .gguf_check import check_gguf_layout
 
 GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
@@ -41,6 +42,7 @@ class GGUFFile:
         import gguf
 
         self.path = path
+        check_gguf_layout(path)  # every count and length against the file's real size, first
         try:
             self.reader = gguf.GGUFReader(path, "r")
         except FileNotFoundError:

@@ -1,0 +1,175 @@
+"""A bounded walk over a GGUF file's header before anything else reads it.
+
+The ``gguf`` package trusts the counts and lengths a header gives: a file that claims 2^60
+metadata entries, a string 2^40 bytes long or a tensor past the end of the file makes it loop for
+hours, allocate what the header says, or fail deep inside numpy. Model files come from anywhere,
+so :func:`check_gguf_layout` reads the header itself first and checks every count and length
+against the bytes that are really there: each field must fit in what is left of the file before
+it is read, each tensor's data must lie inside the file, and nothing is allocated from a size
+field. A file that passes has a header the ``gguf`` package can read in time proportional to
+the file's size.
+
+Layout (GGUF v2 and v3, little-endian): ``GGUF``, u32 version, u64 tensor count, u64 metadata
+count; each metadata entry a string key (u64 length + bytes), a u32 value type and the value
+(an array: u32 element type, u64 count, elements); each tensor a string name, u32 dimension
+count, u64 dimensions, u32 GGML type and u64 offset into the data section, which starts at the
+next multiple of ``general.alignment`` (32 by default) after the header.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+
+from ..errors import ModelFileError
+
+MAGIC = b"GGUF"
+VERSIONS = (2, 3)
+MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_KEY_BYTES = 1 << 16
+# value type -> fixed size in bytes (None: string; "array": an array)
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+_INT_FORMATS = {4: "<I", 5: "<i", 10: "<Q", 11: "<q", 2: "<H", 3: "<h", 0: "<B", 1: "<b"}
+
+
+class _Reader:
+    def __init__(self, buf, path: str):
+        self.buf, self.pos, self.path, self.size = buf, 0, path, len(buf)
+
+    def fail(self, what: str) -> ModelFileError:
+        return ModelFileError(f"{self.path} is not a valid GGUF file ({what} at byte {self.pos}; "
+                              f"the file has {self.size} bytes)")
+
+    def need(self, n: int, what: str) -> None:
+        if n < 0 or self.pos + n > self.size:
+            raise self.fail(f"{what} needs {n} bytes past the end of the file")
+
+    def unpack(self, fmt: str, what: str):
+        n = struct.calcsize(fmt)
+        self.need(n, what)
+        value = struct.unpack_from(fmt, self.buf, self.pos)[0]
+        self.pos += n
+        return value
+
+    def string(self, what: str, limit: int | None = None) -> bytes:
+        n = self.unpack("<Q", f"the length of {what}")
+        if limit is not None and n > limit:
+            raise self.fail(f"{what} is {n} bytes long (at most {limit})")
+        self.need(n, what)
+        value = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        return value
+
+    def skip_string(self, what: str) -> None:
+        n = self.unpack("<Q", f"the length of {what}")
+        self.need(n, what)
+        self.pos += n
+
+
+def _skip_value(r: _Reader, vtype: int, key: str, depth: int = 0):
+    """Step over one value of ``vtype``; return it when it is a small scalar or a short string."""
+    if vtype in _SCALAR_SIZES:
+        if vtype in _INT_FORMATS:
+            return r.unpack(_INT_FORMATS[vtype], f"the value of {key}")
+        r.need(_SCALAR_SIZES[vtype], f"the value of {key}")
+        r.pos += _SCALAR_SIZES[vtype]
+        return None
+    if vtype == _STRING:
+        return r.string(f"the value of {key}")
+    if vtype == _ARRAY:
+        if depth > 0:
+            raise r.fail(f"{key} is an array of arrays")
+        etype = r.unpack("<I", f"the element type of {key}")
+        count = r.unpack("<Q", f"the length of {key}")
+        if etype in _SCALAR_SIZES:
+            r.need(count * _SCALAR_SIZES[etype], f"the {count} elements of {key}")
+            r.pos += count * _SCALAR_SIZES[etype]
+        elif etype == _STRING:
+            if count * 8 > r.size - r.pos:  # every string takes at least its 8-byte length
+                raise r.fail(f"{key} claims {count} strings, more than the file can hold")
+            for _ in range(count):
+                r.skip_string(f"a string of {key}")
+        else:
+            raise r.fail(f"{key} has an unknown element type {etype}")
+        return None
+    raise r.fail(f"{key} has an unknown value type {vtype}")
+
+
+def check_gguf_layout(path: str) -> None:
+    """Raise ModelFileError, naming what is wrong and where, unless ``path``'s header is consistent.
+
+    Example:
+        >>> check_gguf_layout(default_model_path())  # doctest: +SKIP
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            if size == 0:
+                raise ModelFileError(f"{path} is empty, not a GGUF file")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                _check(_Reader(buf, path))  # no memoryview: an exception must not keep the map exported
+    except ModelFileError:
+        raise
+    except FileNotFoundError:
+        raise ModelFileError(f"model file not found: {path}") from None
+    except IsADirectoryError:
+        raise ModelFileError(f"{path} is a directory, expected a .gguf file") from None
+    except PermissionError:
+        raise ModelFileError(f"model file is not readable: {path}") from None
+    except (OSError, ValueError) as exc:
+        raise ModelFileError(f"cannot read {path}: {exc}") from None
+
+
+def _check(r: _Reader) -> None:
+    import gguf
+
+    r.need(4, "the magic number")
+    if bytes(r.buf[:4]) != MAGIC:
+        raise ModelFileError(f"{r.path} is not a GGUF file (it does not start with 'GGUF')")
+    r.pos = 4
+    version = r.unpack("<I", "the version")
+    if version not in VERSIONS:
+        raise r.fail(f"version {version} is not supported (GGUF {' or '.join(map(str, VERSIONS))})")
+    n_tensors = r.unpack("<Q", "the tensor count")
+    n_kv = r.unpack("<Q", "the metadata count")
+    # the smallest entries: a 1-byte key and a 1-byte value; a 1-byte name, 1 dim, type and offset
+    if n_kv * (8 + 1 + 4 + 1) > r.size - r.pos or n_tensors * (8 + 1 + 4 + 8 + 4 + 8) > r.size - r.pos:
+        raise r.fail(f"it claims {n_kv} metadata entries and {n_tensors} tensors, more than the file can hold")
+    alignment = 32
+    for _ in range(n_kv):
+        key = r.string("a metadata key", MAX_KEY_BYTES).decode("utf-8", "replace")
+        vtype = r.unpack("<I", f"the type of {key}")
+        value = _skip_value(r, vtype, key)
+        if key == "general.alignment":
+            if not isinstance(value, int) or value <= 0 or value & (value - 1) or value > 1 << 20:
+                raise r.fail(f"general.alignment is {value!r}, not a power of two")
+            alignment = value
+    tensors = []
+    for _ in range(n_tensors):
+        name = r.string("a tensor name", MAX_KEY_BYTES).decode("utf-8", "replace")
+        n_dims = r.unpack("<I", f"the dimension count of {name}")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise r.fail(f"tensor {name} has {n_dims} dimensions (1 to {MAX_DIMS})")
+        dims = [r.unpack("<Q", f"a dimension of {name}") for _ in range(n_dims)]
+        ggml_type = r.unpack("<I", f"the type of {name}")
+        offset = r.unpack("<Q", f"the data offset of {name}")
+        tensors.append((name, dims, ggml_type, offset))
+    data_start = -(-r.pos // alignment) * alignment
+    for name, dims, ggml_type, offset in tensors:
+        try:
+            block, type_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
+        except (ValueError, KeyError):
+            raise r.fail(f"tensor {name} has an unknown GGML type {ggml_type}") from None
+        count = 1
+        for d in dims:
+            if d == 0 or d > r.size * 256:  # no dimension can exceed what 256 values per byte could hold
+                raise r.fail(f"tensor {name} has a dimension of {d}")
+            count *= d
+        if dims[0] % block:
+            raise r.fail(f"tensor {name}'s first dimension {dims[0]} is not a multiple of its block size {block}")
+        nbytes = count // block * type_bytes
+        if offset % alignment or data_start + offset + nbytes > r.size:
+            raise r.fail(f"tensor {name} ({nbytes} bytes at data offset {offset}) lies outside the file "
+                         f"or off its {alignment}-byte alignment")
