@@ -26,3 +26,28 @@ class ContextLengthError(SpecontextError):
 
 class InputError(SpecontextError, ValueError):
     """A document, question or option value is unusable (not UTF-8, empty, out of range, ...)."""
+
+
+def malformed(where: str, error: type[SpecontextError] = ModelFileError):
+    """A decorator for parsers of untrusted files: any plain exception that escapes (a field of the
+    wrong type, a value out of range, a library's own failure on odd bytes) becomes a
+    ``error`` (a :class:`ModelFileError` by default) naming ``where`` and the cause, so bad bytes
+    never reach the user as a traceback. Our own typed errors pass through unchanged."""
+    import functools
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except SpecontextError:
+                raise
+            except (MemoryError, RecursionError):
+                raise error(f"{where} is malformed: it asks for more memory or nesting than it could hold") from None
+            except Exception as exc:  # noqa: BLE001 - untrusted bytes: every failure is the file's
+                detail = (str(exc).strip().splitlines() or [""])[0][:200]
+                raise error(f"{where} is malformed ({type(exc).__name__}: {detail})") from None
+
+        return inner
+
+    return wrap

@@ -20,7 +20,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from .errors import InputError, ModelFileError, UnsupportedModelError
+from .errors import InputError, ModelFileError, UnsupportedModelError, malformed
 
 # Pre-tokenizer split patterns, keyed by GGUF ``tokenizer.ggml.pre``. These are the published
 # regular expressions of each model family's tokenizer (they are data, not code).
@@ -205,6 +205,7 @@ class Tokenizer:
                    chat_template=read_chat_template(folder), special_ids=special)
 
     @classmethod
+    @malformed("the GGUF file's tokenizer metadata")
     def from_gguf_fields(cls, meta: dict) -> "Tokenizer":
         """Build from GGUF ``tokenizer.ggml.*`` metadata (already decoded to Python values)."""
         kind = meta.get("tokenizer.ggml.model")

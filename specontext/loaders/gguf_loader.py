@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig, RopeConfig
-from ..errors import ModelFileError, UnsupportedModelError
+from ..errors import ModelFileError, UnsupportedModelError, malformed
 from .gguf_check import check_gguf_layout
 
 GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
@@ -75,6 +75,7 @@ class GGUFFile:
             return default
         return value
 
+    @malformed("the GGUF file's model metadata")
     def model_config(self) -> ModelConfig:
         names = {t.name for t in self.reader.tensors}
         num_heads = int(self._get("attention.head_count"))
@@ -162,6 +163,7 @@ class GGUFFile:
             raise ModelFileError(f"tensor {name} in {self.path} has {arr.size} values, expected {np.prod(shape)}")
         return arr.reshape(shape)
 
+    @malformed("a GGUF tensor")
     def hf_tensors(self, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         """All weights as float32 CPU tensors under Hugging Face names."""
         out = {}

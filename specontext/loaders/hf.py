@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..config import ModelConfig
-from ..errors import ModelFileError
+from ..errors import ModelFileError, malformed
 
 
 def read_safetensors(folder: str) -> dict[str, torch.Tensor]:
@@ -94,6 +94,7 @@ def read_generation_eos(folder: str) -> tuple[int, ...]:
     return tuple(e for e in eos if isinstance(e, int)) if isinstance(eos, list) else ()
 
 
+@malformed("config.json")
 def load_hf_config(folder: str) -> ModelConfig:
     return ModelConfig.from_hf_file(os.path.join(folder, "config.json"))
 

@@ -17,7 +17,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 
 from ..config import read_json_object
-from ..errors import InputError, ModelFileError
+from ..errors import InputError, ModelFileError, malformed
 
 GIB = 2**30
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,6 +117,7 @@ def shipped_profiles() -> dict[str, str]:
     return out
 
 
+@malformed("the device profile", InputError)
 def read_profile(path: str) -> DeviceProfile:
     """A profile from a JSON file; InputError names the file and the bad field."""
     try:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig, RopeConfig
-from ..errors import InputError, ModelFileError
+from ..errors import InputError, ModelFileError, malformed
 from ..model.llama import RMSNorm
 from ..model.rope import RotaryEmbedding, apply_rotary
 
@@ -295,6 +295,7 @@ def read_head_config(path: str) -> RetrievalHeadConfig:
     return RetrievalHeadConfig.from_dict(data, where=config_path)
 
 
+@malformed("the retrieval head artefact")
 def load_head(path: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
               target: TargetInfo | None = None) -> RetrievalHead:
     """Load an artefact; with ``target`` given, refuse a head made for another model.

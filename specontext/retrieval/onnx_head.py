@@ -49,7 +49,7 @@ import warnings
 import torch
 from torch import nn
 
-from ..errors import InputError, ModelFileError
+from ..errors import InputError, ModelFileError, malformed
 from .head import RetrievalHead, RetrievalHeadConfig, TargetInfo
 
 OPSET = 18
@@ -137,6 +137,7 @@ def cached_export(head: RetrievalHead) -> str:
     return path
 
 
+@malformed("the ONNX retrieval head")
 def read_onnx_metadata(path: str) -> tuple[RetrievalHeadConfig, int]:
     """(head config, opset) recorded in an exported file; ModelFileError when it is not one of ours."""
     onnx = _require("onnx")
