@@ -8,6 +8,7 @@ with a non-zero exit (``--debug`` shows the traceback).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -318,6 +319,11 @@ def run(args: argparse.Namespace) -> int:
                 interrupted = exc
                 generation.interrupt()
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except Exception as exc:  # out of memory mid-answer: keep what was generated, then say so
+                if not _is_oom(exc):
+                    raise
+                interrupted = exc
+                generation.interrupt()
     finally:
         if bar is not None:
             bar.close()
@@ -337,6 +343,12 @@ def run(args: argparse.Namespace) -> int:
               f"peak RSS {s.peak_host_rss_bytes / 2**20:.0f} MiB", file=sys.stderr)
     if out_file is not None and out_file.error:
         print(f"specontext-run: error: {out_file.error} (the answer was printed to standard output)", file=sys.stderr)
+        return EXIT_ERROR
+    if interrupted is not None and _is_oom(interrupted):
+        kept = f", kept in {args.output}" if args.output else ""
+        print(f"specontext-run: error: out of memory after {result.stats.generated_tokens} tokens (the answer so far "
+              f"was printed{kept}); {_what_fits(args, settings, len(ids) + result.stats.generated_tokens)}",
+              file=sys.stderr)
         return EXIT_ERROR
     if interrupted is not None:
         kept = f" (kept in {args.output})" if args.output else ""
@@ -435,6 +447,29 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"specontext-run: warning: {message}", file=file or sys.stderr)
 
 
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+
+
+def _what_fits(args: argparse.Namespace, settings: RuntimeSettings | None, reached: int | None = None) -> str:
+    """What the memory plan for this machine says would fit, for an out-of-memory message."""
+    from .planner.plan import make_plan
+
+    try:
+        plan = make_plan(args.model, settings.device_profile if settings else "auto", requests=1,
+                         budget_tokens=settings.budget_tokens if settings else 2048,
+                         sparsity=settings.sparsity if settings else "specontext")
+        fits = plan.placement.max_context_tokens
+    except SpecontextError as exc:  # the plan itself says what cannot fit, and what would
+        return str(exc)
+    except Exception:  # noqa: BLE001 - no plan at all: the generic advice
+        return "use a shorter document, fewer new tokens or a smaller model"
+    where = f" (this run reached {reached})" if reached else ""
+    return (f"the memory plan for this machine fits at most {fits} tokens of prompt plus answer{where}, with "
+            f"memory other programs hold counted as free; see specontext-run --plan, and use a shorter document, "
+            f"fewer new tokens or a smaller model")
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (what `kill`, `timeout` and job schedulers send), handled as Ctrl-C is: the answer so
     far is kept (in --output too), and the exit status is 143."""
@@ -470,9 +505,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug or an exhausted machine, not bad input: still one line unless --debug
         if args.debug:
             raise
-        if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-            print("specontext-run: error: out of memory; use a shorter document, fewer new tokens or a smaller model",
-                  file=sys.stderr)
+        if _is_oom(exc):
+            settings = None
+            with contextlib.suppress(Exception):
+                settings = _from_args(RuntimeSettings, args)
+            print(f"specontext-run: error: out of memory; {_what_fits(args, settings)}", file=sys.stderr)
             return EXIT_ERROR
         first_line = (str(exc).strip().splitlines() or [""])[0]
         print(f"specontext-run: internal error: {type(exc).__name__}: {first_line} (rerun with --debug for the traceback)",

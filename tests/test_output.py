@@ -107,3 +107,35 @@ def test_sigterm_keeps_the_partial_answer_and_exits_143(tiny_gguf, tmp_path):
     kept = out.read_text(encoding="utf-8")
     assert len(kept) >= 20 and (tmp_path / "stdout.txt").read_text(encoding="utf-8").startswith(kept[:20])
     assert not partial.exists()
+
+
+def test_out_of_memory_mid_answer_keeps_it_and_says_what_fits(tiny_gguf, tmp_path, capsys, monkeypatch):
+    """A MemoryError after a few tokens (injected: an address-space limit cannot be aimed at the
+    middle of a generation reliably): the answer so far stays on stdout and in --output, and one
+    line says what the memory plan fits."""
+    from specontext import engine as engine_module
+
+    real_generate = engine_module.Engine.generate
+
+    class RunsOut:
+        def __init__(self, generation):
+            self.generation = generation
+
+        def __iter__(self):
+            for i, piece in enumerate(self.generation):
+                if i == 6:
+                    raise MemoryError()
+                yield piece
+
+        def __getattr__(self, name):
+            return getattr(self.generation, name)
+
+    monkeypatch.setattr(engine_module.Engine, "generate", lambda self, *a, **k: RunsOut(real_generate(self, *a, **k)))
+    out = tmp_path / "answer.txt"
+    code = main(["--model", tiny_gguf, *ANSWER_ARGS, "--output", str(out)])
+    stdout, err = capsys.readouterr()
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "out of memory after " in lines[0] and "fits at most" in lines[0], err
+    assert out.read_text(encoding="utf-8") == stdout.rstrip("\n") and len(stdout.strip()) > 0
+    assert os.listdir(tmp_path) == ["answer.txt"]
