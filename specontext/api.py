@@ -74,10 +74,16 @@ def load_model_files(path: str | None) -> tuple[ModelConfig, dict[str, torch.Ten
             f"{path} is not a GGUF file (starts with {magic!r}, expected b'GGUF'); "
             "pass a .gguf file or a Hugging Face folder with config.json and *.safetensors"
         )
+    before = os.stat(path)
     gguf_file = GGUFFile(path)
     cfg = gguf_file.model_config()
     tokenizer = Tokenizer.from_gguf_fields(gguf_file.meta)
-    return cfg, gguf_file.hf_tensors(cfg), tokenizer
+    tensors = gguf_file.hf_tensors(cfg)  # copies: the mapped file is never read after this
+    after = os.stat(path)
+    if (after.st_size, after.st_mtime_ns, after.st_ino) != (before.st_size, before.st_mtime_ns, before.st_ino):
+        raise ModelFileError(f"{path} changed while it was being read (another program wrote or replaced it); "
+                             "load it again once it is complete")
+    return cfg, tensors, tokenizer
 
 
 class LLM:

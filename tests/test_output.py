@@ -139,3 +139,41 @@ def test_out_of_memory_mid_answer_keeps_it_and_says_what_fits(tiny_gguf, tmp_pat
     assert len(lines) == 1 and "out of memory after " in lines[0] and "fits at most" in lines[0], err
     assert out.read_text(encoding="utf-8") == stdout.rstrip("\n") and len(stdout.strip()) > 0
     assert os.listdir(tmp_path) == ["answer.txt"]
+
+
+def test_a_model_file_that_changes_after_loading_is_never_read_again(tiny_gguf, tmp_path):
+    """Weights are copied out of the memory-mapped GGUF while loading, so truncating or deleting the
+    file afterwards (another process replacing it) cannot fault a later step."""
+    import specontext
+
+    path = tmp_path / "model.gguf"
+    shutil.copy(tiny_gguf, path)
+    llm = specontext.load(str(path), device="cpu")
+    before = llm.generate("the", chat=False, max_new_tokens=8, ignore_eos=True).token_ids
+    with open(path, "r+b") as f:
+        f.truncate(100)
+    assert llm.generate("the", chat=False, max_new_tokens=8, ignore_eos=True).token_ids == before
+    os.remove(path)
+    assert llm.generate("the", chat=False, max_new_tokens=8, ignore_eos=True).token_ids == before
+
+
+def test_a_model_file_replaced_while_loading_is_refused(tiny_gguf, tmp_path, monkeypatch):
+    """The file is swapped for another between reading the header and copying the weights (here by
+    the test, at the point where a writer would race the loader): a clear error, not wrong weights."""
+    import specontext
+    from specontext.errors import ModelFileError
+    from specontext.loaders.gguf_loader import GGUFFile
+
+    path = tmp_path / "model.gguf"
+    shutil.copy(tiny_gguf, path)
+    real = GGUFFile.hf_tensors
+
+    def racing(self, cfg):
+        tensors = real(self, cfg)
+        shutil.copy(tiny_gguf, tmp_path / "new.gguf")
+        os.replace(tmp_path / "new.gguf", path)  # what `cp` + `mv` by another program does
+        return tensors
+
+    monkeypatch.setattr(GGUFFile, "hf_tensors", racing)
+    with pytest.raises(ModelFileError, match="changed while it was being read"):
+        specontext.load(str(path), device="cpu")
