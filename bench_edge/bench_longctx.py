@@ -296,7 +296,8 @@ def merge_results(paths: list[str]) -> dict:
     """One result from several runs of this script (e.g. contexts run side by side, or a run resumed
     with more samples, or some methods re-run): samples keyed by (task, context, key), and within a
     sample each method's answer from the latest file that has it;
-    contexts, budgets, methods and tasks are the union; each source's settings are kept."""
+    contexts, budgets, methods and tasks are the union, the sparsity defaults the latest file's (a
+    method re-run with new defaults replaces its earlier answers); each source's settings are kept."""
     merged, samples = None, {}
     for path in paths:
         with open(path, encoding="utf-8") as f:
@@ -312,6 +313,7 @@ def merge_results(paths: list[str]) -> dict:
             s["methods"] = list(dict.fromkeys(s["methods"] + data["settings"]["methods"]))
             s["tasks"] = list(dict.fromkeys(s["tasks"] + data["settings"]["tasks"]))
             s["samples"] = {**s["samples"], **data["settings"]["samples"]}
+            s["sparsity_defaults"] = data["settings"].get("sparsity_defaults", s.get("sparsity_defaults"))
         merged["sources"].append({"file": os.path.basename(path), "settings": data["settings"],
                                   "runs": data.get("runs") or data.get("sources")})
         for row in data["samples"]:  # per method: a later run of some methods keeps the others' answers
