@@ -224,6 +224,10 @@ def one_input(target: str, workdir: str):
 def run_atheris(target: str, seconds: int, timeout: int, rss_limit_mb: int, corpus: str, artifacts: str) -> int:
     import atheris
 
+    # atheris instruments what the standard path finders load; an editable install's redirecting
+    # finder would hand it specontext uninstrumented (no coverage), so the source tree on
+    # PYTHONPATH is imported through the path finder instead
+    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__.lower()]
     with atheris.instrument_imports(include=["specontext", "gguf"]):
         import specontext.cli  # noqa: F401 - every module a target reaches, instrumented
         import specontext.loaders.gguf_loader  # noqa: F401
