@@ -448,7 +448,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+    """Python's MemoryError, torch's OutOfMemoryError (CUDA), or torch's CPU allocator failing (a
+    RuntimeError "DefaultCPUAllocator: can't allocate memory")."""
+    return (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+            or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)))
 
 
 def _what_fits(args: argparse.Namespace, settings: RuntimeSettings | None, reached: int | None = None) -> str:

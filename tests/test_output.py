@@ -177,3 +177,23 @@ def test_a_model_file_replaced_while_loading_is_refused(tiny_gguf, tmp_path, mon
     monkeypatch.setattr(GGUFFile, "hf_tensors", racing)
     with pytest.raises(ModelFileError, match="changed while it was being read"):
         specontext.load(str(path), device="cpu")
+
+
+def test_out_of_memory_under_an_address_space_limit_is_one_line_with_the_plan(tiny_gguf, tmp_path):
+    """A real allocation failure: the CLI runs in a process whose address space is capped just above
+    what it holds after loading the model, and is asked for a cache that cannot fit."""
+    script = tmp_path / "capped.py"
+    script.write_text(
+        "import resource, sys\n"
+        "import specontext, specontext.cli\n"
+        f"specontext.load({str(tiny_gguf)!r}, device='cpu')  # everything a run imports and maps, once\n"
+        "vm = int([l for l in open('/proc/self/status') if l.startswith('VmSize')][0].split()[1]) * 1024\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (vm + 64 * 2**20, resource.RLIM_INFINITY))\n"
+        f"sys.exit(specontext.cli.main(['--model', {str(tiny_gguf)!r}, '-q', 'the', '--max-new-tokens', '190000',\n"
+        "                               '--ignore-eos', '--quiet', '--device', 'cpu']))\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert len(lines) == 1 and "out of memory" in lines[0] and "memory plan" in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
