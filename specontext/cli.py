@@ -423,6 +423,13 @@ def run_batch(args: argparse.Namespace, settings: RuntimeSettings, requests: lis
                 for i in range(len(requests)):
                     if i not in written:
                         emit(i)
+            except BrokenPipeError as exc:  # the reader of standard output went away: --output keeps every line
+                interrupted = exc
+                batch.interrupt()
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                for i in range(len(requests)):
+                    if i not in written:
+                        emit(i)
     finally:
         if bar is not None:
             bar.close()
@@ -435,7 +442,8 @@ def run_batch(args: argparse.Namespace, settings: RuntimeSettings, requests: lis
         print(f"specontext-run: error: {out_file.error} (every answer was printed to standard output)", file=sys.stderr)
         return EXIT_ERROR
     if interrupted is not None:
-        why = "terminated" if isinstance(interrupted, Terminated) else "interrupted"
+        why = "standard output was closed (broken pipe); stopped" if isinstance(interrupted, BrokenPipeError) \
+            else "terminated" if isinstance(interrupted, Terminated) else "interrupted"
         print(f"specontext-run: {why}; {len(requests)} requests kept with what they generated"
               + (f" (in {args.output})" if args.output else ""), file=sys.stderr)
         return EXIT_TERMINATED if isinstance(interrupted, Terminated) else EXIT_INTERRUPTED

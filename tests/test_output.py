@@ -3,6 +3,7 @@ mid-answer. No test here touches /dev."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -197,3 +198,25 @@ def test_out_of_memory_under_an_address_space_limit_is_one_line_with_the_plan(ti
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert len(lines) == 1 and "out of memory" in lines[0] and "memory plan" in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
+
+
+def test_a_batch_whose_reader_goes_away_keeps_every_request_in_the_output(tiny_gguf, tmp_path):
+    """`specontext-run --batch ... | head -1`: stdout closes after the first line; --output still
+    gets every request, and the run ends with one line, no traceback."""
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text('{"id": "a", "question": "the", "max_new_tokens": 2}\n'
+                        '{"id": "b", "question": "in a", "max_new_tokens": 400}\n')
+    out = tmp_path / "results.jsonl"
+    exe = shutil.which("specontext-run")
+    cmd = [exe] if exe else [sys.executable, "-m", "specontext.cli"]
+    proc = subprocess.Popen([*cmd, "--model", tiny_gguf, "--batch", str(requests), "--ignore-eos", "--json",
+                             "--output", str(out), "--quiet", "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stdout.readline()
+    proc.stdout.close()  # what `head -1` does
+    stderr = proc.stderr.read()
+    proc.wait(timeout=300)
+    assert '"id": "a"' in first
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1 and "broken pipe" in stderr, stderr
+    ids = [json.loads(line)["id"] for line in out.read_text(encoding="utf-8").splitlines()]
+    assert sorted(ids) == ["a", "b"]
