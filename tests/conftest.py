@@ -13,6 +13,15 @@ CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['co
                    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
+def cli_command() -> list[str]:
+    """How to run specontext-run here: the installed script, else the module."""
+    import shutil
+    import sys
+
+    exe = shutil.which("specontext-run")
+    return [exe] if exe else [sys.executable, "-m", "specontext.cli"]
+
+
 def make_tiny_chat_model(root, max_position_embeddings: int) -> dict:
     """A tiny llama as a Hugging Face folder and as a GGUF with a ChatML template."""
     hf = make_hf_model("llama", str(root / "hf"), vocab_size=288, hidden_size=64, num_attention_heads=4,

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -17,7 +15,7 @@ from specontext.cli import main
 from specontext.engine import Sampler, StopMatcher
 from specontext.settings import GenerationConfig
 
-from conftest import make_tiny_chat_model
+from conftest import cli_command, make_tiny_chat_model
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +96,7 @@ def test_cli_output_file_and_json(capsys, tmp_path, tiny_gguf):
 
 
 def test_cli_reads_document_from_stdin(tiny_gguf, tmp_path):
-    exe = shutil.which("specontext-run")
-    cmd = [exe] if exe else [sys.executable, "-m", "specontext.cli"]
+    cmd = cli_command()
     proc = subprocess.run([*cmd, "--model", tiny_gguf, "--document", "-", "-q", "the", "--max-new-tokens", "5",
                            "--ignore-eos", "--json", "--quiet", "--device", "cpu"],
                           input="on the er in", capture_output=True, text=True, timeout=300)
@@ -123,8 +120,7 @@ def _interrupt(proc, stdout_file) -> str:
 def test_ctrl_c_keeps_the_partial_answer(tiny_gguf, tmp_path):
     """SIGINT mid-generation: exit 130, a one-line notice, and the output file keeps what was generated."""
     out = tmp_path / "partial.txt"
-    exe = shutil.which("specontext-run")
-    cmd = [exe] if exe else [sys.executable, "-m", "specontext.cli"]
+    cmd = cli_command()
     # stdout goes to a file, not a pipe: nobody reads a pipe until after SIGINT, and a child blocked
     # writing to a full pipe is a state of this harness, not of a user at a terminal
     stdout_file = open(tmp_path / "stdout.txt", "w+", encoding="utf-8")
@@ -156,8 +152,7 @@ def test_ctrl_c_in_a_batch_keeps_every_request(tiny_gguf, tmp_path):
     requests.write_text('{"id": "short", "question": "the", "max_new_tokens": 3}\n'
                         '{"id": "long", "question": "in a", "max_new_tokens": 150000}\n')
     out = tmp_path / "results.jsonl"
-    exe = shutil.which("specontext-run")
-    cmd = [exe] if exe else [sys.executable, "-m", "specontext.cli"]
+    cmd = cli_command()
     stdout_file = open(tmp_path / "stdout.txt", "w+", encoding="utf-8")
     proc = subprocess.Popen([*cmd, "--model", tiny_gguf, "--batch", str(requests), "--ignore-eos", "--json",
                              "--output", str(out), "--quiet", "--device", "cpu"],

@@ -6,13 +6,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
 from specontext.cli import main
 
-from conftest import make_tiny_chat_model
+from conftest import cli_command, make_tiny_chat_model
 
 
 @pytest.fixture(scope="module")
@@ -190,8 +189,7 @@ def test_failed_run_leaves_no_output_file(capsys, tmp_path, tiny):
 
 def test_real_entry_point_prints_no_traceback(tmp_path):
     """The installed console script, as a user runs it."""
-    exe = shutil.which("specontext-run")
-    cmd = [exe] if exe else [sys.executable, "-m", "specontext.cli"]
+    cmd = cli_command()
     proc = subprocess.run([*cmd, "--model", str(tmp_path / "x.gguf"), "-q", "hi"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1

@@ -17,7 +17,7 @@ import pytest
 
 from specontext.cli import main
 
-from conftest import make_tiny_chat_model
+from conftest import cli_command, make_tiny_chat_model
 
 ANSWER_ARGS = ["-q", "the", "--max-new-tokens", "40", "--ignore-eos", "--quiet", "--device", "cpu"]
 
@@ -87,8 +87,7 @@ def test_a_full_disk_names_the_file_keeps_stdout_and_leaves_no_partial(tiny_gguf
 
 def test_sigterm_keeps_the_partial_answer_and_exits_143(tiny_gguf, tmp_path):
     out = tmp_path / "answer.txt"
-    exe = shutil.which("specontext-run")
-    cmd = [exe] if exe else [sys.executable, "-m", "specontext.cli"]
+    cmd = cli_command()
     stdout_file = open(tmp_path / "stdout.txt", "w+", encoding="utf-8")
     proc = subprocess.Popen([*cmd, "--model", tiny_gguf, "-q", "the", "--max-new-tokens", "150000", "--ignore-eos",
                              "--output", str(out), "--quiet", "--device", "cpu"],
@@ -207,8 +206,7 @@ def test_a_batch_whose_reader_goes_away_keeps_every_request_in_the_output(tiny_g
     requests.write_text('{"id": "a", "question": "the", "max_new_tokens": 2}\n'
                         '{"id": "b", "question": "in a", "max_new_tokens": 400}\n')
     out = tmp_path / "results.jsonl"
-    exe = shutil.which("specontext-run")
-    cmd = [exe] if exe else [sys.executable, "-m", "specontext.cli"]
+    cmd = cli_command()
     proc = subprocess.Popen([*cmd, "--model", tiny_gguf, "--batch", str(requests), "--ignore-eos", "--json",
                              "--output", str(out), "--quiet", "--device", "cpu"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
