@@ -22,6 +22,45 @@ def cli_command() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "specontext.cli"]
 
 
+def start_long_answer(gguf: str, tmp_path, out) -> tuple:
+    """specontext-run streaming a very long answer into ``out``; returns (process, its stdout file) once
+    ``out``'s partial file holds 50 bytes. Stdout goes to tmp_path/stdout.txt, not a pipe: nobody reads
+    a pipe until the test signals, and a child blocked on a full pipe is a state of this harness."""
+    import signal
+    import subprocess
+    import time
+
+    stdout_file = open(tmp_path / "stdout.txt", "w+", encoding="utf-8")
+    proc = subprocess.Popen([*cli_command(), "--model", gguf, "-q", "the", "--max-new-tokens", "150000", "--ignore-eos",
+                             "--output", str(out), "--quiet", "--device", "cpu"],
+                            stdout=stdout_file, stderr=subprocess.PIPE, text=True,
+                            # a test runner started in the background (`cmd &`, nohup) ignores SIGINT, and its
+                            # children inherit that; Python then installs no KeyboardInterrupt handler and a
+                            # SIGINT would be dropped. A user's terminal gives the default disposition.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    partial = out.parent / (out.name + ".partial")  # tokens stream here; it becomes ``out`` at the end
+    deadline = time.time() + 240
+    while time.time() < deadline and (not partial.exists() or partial.stat().st_size < 50) and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stderr.read()
+    return proc, stdout_file
+
+
+def signal_and_wait(proc, stdout_file, signum) -> str:
+    """Send ``signum`` to ``proc``; its stderr once it exits (the test fails if it has not within 180 s)."""
+    import subprocess
+
+    proc.send_signal(signum)
+    try:
+        return proc.communicate(timeout=180)[1]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stderr = proc.communicate()[1]
+        pytest.fail(f"no exit within 180 s of signal {signum}; stderr: {stderr[-2000:]}")
+    finally:
+        stdout_file.close()
+
+
 def make_tiny_chat_model(root, max_position_embeddings: int) -> dict:
     """A tiny llama as a Hugging Face folder and as a GGUF with a ChatML template."""
     hf = make_hf_model("llama", str(root / "hf"), vocab_size=288, hidden_size=64, num_attention_heads=4,

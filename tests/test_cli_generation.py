@@ -15,7 +15,7 @@ from specontext.cli import main
 from specontext.engine import Sampler, StopMatcher
 from specontext.settings import GenerationConfig
 
-from conftest import cli_command, make_tiny_chat_model
+from conftest import cli_command, make_tiny_chat_model, signal_and_wait, start_long_answer
 
 
 @pytest.fixture(scope="module")
@@ -104,41 +104,11 @@ def test_cli_reads_document_from_stdin(tiny_gguf, tmp_path):
     assert json.loads(proc.stdout)["generated_tokens"] == 5
 
 
-def _interrupt(proc, stdout_file) -> str:
-    """SIGINT to ``proc``; its stderr once it exits (the test fails if it has not within 180 s)."""
-    proc.send_signal(signal.SIGINT)
-    try:
-        return proc.communicate(timeout=180)[1]
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        stderr = proc.communicate()[1]
-        pytest.fail(f"no exit within 180 s of SIGINT; stderr: {stderr[-2000:]}")
-    finally:
-        stdout_file.close()
-
-
 def test_ctrl_c_keeps_the_partial_answer(tiny_gguf, tmp_path):
     """SIGINT mid-generation: exit 130, a one-line notice, and the output file keeps what was generated."""
     out = tmp_path / "partial.txt"
-    cmd = cli_command()
-    # stdout goes to a file, not a pipe: nobody reads a pipe until after SIGINT, and a child blocked
-    # writing to a full pipe is a state of this harness, not of a user at a terminal
-    stdout_file = open(tmp_path / "stdout.txt", "w+", encoding="utf-8")
-    proc = subprocess.Popen([*cmd, "--model", tiny_gguf, "-q", "the", "--max-new-tokens", "150000", "--ignore-eos",
-                             "--output", str(out), "--quiet", "--device", "cpu"],
-                            stdout=stdout_file, stderr=subprocess.PIPE, text=True,
-                            # a test runner started in the background (`cmd &`, nohup) ignores SIGINT, and its
-                            # children inherit that; Python then installs no KeyboardInterrupt handler and the
-                            # SIGINT below would be dropped. A user's terminal gives the default disposition.
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 240
-    partial = tmp_path / "partial.txt.partial"  # tokens stream here; it becomes partial.txt at the end
-    while time.time() < deadline and (not partial.exists() or partial.stat().st_size < 50):
-        if proc.poll() is not None:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, proc.stderr.read()
-    stderr = _interrupt(proc, stdout_file)
+    proc, stdout_file = start_long_answer(tiny_gguf, tmp_path, out)
+    stderr = signal_and_wait(proc, stdout_file, signal.SIGINT)
     stdout = (tmp_path / "stdout.txt").read_text(encoding="utf-8")
     assert proc.returncode == 130
     assert "Traceback" not in stderr and "interrupted after" in stderr
@@ -166,7 +136,7 @@ def test_ctrl_c_in_a_batch_keeps_every_request(tiny_gguf, tmp_path):
         time.sleep(0.2)
     time.sleep(1.0)  # the long request generates some more
     assert proc.poll() is None, proc.stderr.read()
-    stderr = _interrupt(proc, stdout_file)
+    stderr = signal_and_wait(proc, stdout_file, signal.SIGINT)
     assert proc.returncode == 130 and "Traceback" not in stderr and "interrupted" in stderr
     lines = {r["id"]: r for r in map(json.loads, out.read_text(encoding="utf-8").splitlines())}
     assert lines["short"]["stop_reason"] == "length" and lines["short"]["generated_tokens"] == 3

@@ -11,13 +11,12 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
 from specontext.cli import main
 
-from conftest import cli_command, make_tiny_chat_model
+from conftest import cli_command, make_tiny_chat_model, signal_and_wait, start_long_answer
 
 ANSWER_ARGS = ["-q", "the", "--max-new-tokens", "40", "--ignore-eos", "--quiet", "--device", "cpu"]
 
@@ -87,21 +86,9 @@ def test_a_full_disk_names_the_file_keeps_stdout_and_leaves_no_partial(tiny_gguf
 
 def test_sigterm_keeps_the_partial_answer_and_exits_143(tiny_gguf, tmp_path):
     out = tmp_path / "answer.txt"
-    cmd = cli_command()
-    stdout_file = open(tmp_path / "stdout.txt", "w+", encoding="utf-8")
-    proc = subprocess.Popen([*cmd, "--model", tiny_gguf, "-q", "the", "--max-new-tokens", "150000", "--ignore-eos",
-                             "--output", str(out), "--quiet", "--device", "cpu"],
-                            stdout=stdout_file, stderr=subprocess.PIPE, text=True)
     partial = tmp_path / "answer.txt.partial"
-    deadline = time.time() + 240
-    while time.time() < deadline and (not partial.exists() or partial.stat().st_size < 50) and proc.poll() is None:
-        time.sleep(0.2)
-    assert proc.poll() is None, proc.stderr.read()
-    proc.send_signal(signal.SIGTERM)
-    try:
-        stderr = proc.communicate(timeout=180)[1]
-    finally:
-        stdout_file.close()
+    proc, stdout_file = start_long_answer(tiny_gguf, tmp_path, out)
+    stderr = signal_and_wait(proc, stdout_file, signal.SIGTERM)
     assert proc.returncode == 143, stderr
     assert "Traceback" not in stderr and "terminated after" in stderr
     kept = out.read_text(encoding="utf-8")

@@ -42,15 +42,11 @@ class GGUFFile:
         import gguf
 
         self.path = path
-        check_gguf_layout(path)  # every count and length against the file's real size, first
+        # every count and length against the file's real size first; this also names a missing,
+        # unreadable or directory path, so the reader below sees only bytes that fit
+        check_gguf_layout(path)
         try:
             self.reader = gguf.GGUFReader(path, "r")
-        except FileNotFoundError:
-            raise ModelFileError(f"model file not found: {path}") from None
-        except PermissionError:
-            raise ModelFileError(f"model file is not readable: {path}") from None
-        except IsADirectoryError:
-            raise ModelFileError(f"{path} is a directory, expected a .gguf file") from None
         except Exception as exc:  # gguf raises ValueError/IndexError/struct errors on bad bytes
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ModelFileError(f"{path} is not a valid GGUF file (truncated or corrupt: {msg})") from None
