@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -18,7 +19,8 @@ import warnings
 from dataclasses import MISSING, fields, replace
 
 from . import __version__
-from .errors import InputError, SpecontextError
+from .config import ModelConfig
+from .errors import ContextLengthError, InputError, SpecontextError
 from .output import answer_output, resolve_output
 from .settings import GenerationConfig, RuntimeSettings
 
@@ -346,9 +348,13 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     if interrupted is not None and _is_oom(interrupted):
         kept = f", kept in {args.output}" if args.output else ""
+        # the plan needs a little memory: free the cache first (the traceback's frames hold it too)
+        interrupted.__traceback__ = None
+        del generation
+        gc.collect()
+        fits = _what_fits(args, settings, len(ids) + result.stats.generated_tokens, llm.config)
         print(f"specontext-run: error: out of memory after {result.stats.generated_tokens} tokens (the answer so far "
-              f"was printed{kept}); {_what_fits(args, settings, len(ids) + result.stats.generated_tokens)}",
-              file=sys.stderr)
+              f"was printed{kept}); {fits}", file=sys.stderr)
         return EXIT_ERROR
     if interrupted is not None:
         kept = f" (kept in {args.output})" if args.output else ""
@@ -462,18 +468,21 @@ def _is_oom(exc: BaseException) -> bool:
             or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)))
 
 
-def _what_fits(args: argparse.Namespace, settings: RuntimeSettings | None, reached: int | None = None) -> str:
-    """What the memory plan for this machine says would fit, for an out-of-memory message."""
+def _what_fits(args: argparse.Namespace, settings: RuntimeSettings | None, reached: int | None = None,
+               model: ModelConfig | None = None) -> str:
+    """What the memory plan for this machine says would fit, for an out-of-memory message. ``model``,
+    the loaded model's shape, spares reading the model file again with memory short."""
     from .planner.plan import make_plan
 
     try:
-        plan = make_plan(args.model, settings.device_profile if settings else "auto", requests=1,
+        plan = make_plan(model or args.model, settings.device_profile if settings else "auto", context_tokens=1,
+                         requests=1,
                          budget_tokens=settings.budget_tokens if settings else 2048,
                          sparsity=settings.sparsity if settings else "specontext")
         fits = plan.placement.max_context_tokens
-    except SpecontextError as exc:  # the plan itself says what cannot fit, and what would
+    except (InputError, ContextLengthError) as exc:  # the plan itself says what cannot fit, and what would
         return str(exc)
-    except Exception:  # noqa: BLE001 - no plan at all: the generic advice
+    except Exception:  # noqa: BLE001 - no plan at all (a file unreadable with memory short): the generic advice
         return "use a shorter document, fewer new tokens or a smaller model"
     where = f" (this run reached {reached})" if reached else ""
     return (f"the memory plan for this machine fits at most {fits} tokens of prompt plus answer{where}, with "

@@ -186,6 +186,43 @@ def test_out_of_memory_under_an_address_space_limit_is_one_line_with_the_plan(ti
     assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
 
 
+def test_out_of_memory_mid_answer_under_an_address_space_limit_keeps_the_answer(tiny_gguf, tmp_path):
+    """A real allocation failure in the middle of an answer: once three pieces of the answer are on
+    stdout, the process caps its address space just above what it holds. The resident cache grows
+    in steps (--adaptive-offload), so a later step cannot allocate: the answer so far stays on stdout
+    and in --output, and one line says what the memory plan fits."""
+    out = tmp_path / "answer.txt"
+    script = tmp_path / "capped.py"
+    script.write_text(
+        "import resource, sys\n"
+        "import specontext.cli\n"
+        "class CapsMidAnswer:\n"
+        "    def __init__(self, real):\n"
+        "        self.real, self.writes = real, 0\n"
+        "    def write(self, text):\n"
+        "        self.writes += 1\n"
+        "        if self.writes == 3:\n"
+        "            vm = int([l for l in open('/proc/self/status') if l.startswith('VmSize')][0].split()[1]) * 1024\n"
+        "            resource.setrlimit(resource.RLIMIT_AS, (vm + 2**20, resource.RLIM_INFINITY))\n"
+        "        return self.real.write(text)\n"
+        "    def __getattr__(self, name):\n"
+        "        return getattr(self.real, name)\n"
+        "sys.stdout = CapsMidAnswer(sys.stdout)\n"
+        f"sys.exit(specontext.cli.main(['--model', {str(tiny_gguf)!r}, '-q', 'the', '--max-new-tokens', '190000',\n"
+        "    '--ignore-eos', '--quiet', '--device', 'cpu', '--adaptive-offload', '--prefill-chunk-tokens', '64',\n"
+        f"    '--output', {str(out)!r}]))\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert len(lines) == 1 and "out of memory after " in lines[0] and "fits at most" in lines[0], proc.stderr[-2000:]
+    generated = int(lines[0].split("out of memory after ")[1].split()[0])
+    assert generated > 3, lines[0]  # mid-answer, not at the cache's first allocation
+    kept = out.read_text(encoding="utf-8")
+    assert len(kept) > 20 and proc.stdout.rstrip("\n") == kept
+    assert sorted(os.listdir(tmp_path)) == ["answer.txt", "capped.py"]
+
+
 def test_a_batch_whose_reader_goes_away_keeps_every_request_in_the_output(tiny_gguf, tmp_path):
     """`specontext-run --batch ... | head -1`: stdout closes after the first line; --output still
     gets every request, and the run ends with one line, no traceback."""

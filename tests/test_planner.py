@@ -377,3 +377,20 @@ def test_host_memory_respects_a_container_limit(tmp_path, monkeypatch):
     monkeypatch.setattr(profiles, "cgroup_memory_limit", lambda: (8 * 2**30, 3 * 2**30))
     assert profiles.host_memory_bytes() <= 8 * 2**30
     assert profiles.host_memory_bytes(available=True) <= 5 * 2**30
+
+
+def test_host_memory_respects_an_address_space_limit():
+    """`ulimit -v` caps what this process can map: the plan counts it as the host's memory."""
+    import subprocess
+    import sys
+
+    code = ("import resource\n"
+            "from specontext.planner import profiles\n"
+            "assert profiles.address_space_limit() is None\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (6 * 2**30, resource.RLIM_INFINITY))\n"
+            "limit, held = profiles.address_space_limit()\n"
+            "assert limit == 6 * 2**30 and 0 < held < limit\n"
+            "assert profiles.host_memory_bytes() <= 6 * 2**30\n"
+            "assert profiles.host_memory_bytes(available=True) <= 6 * 2**30 - held\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

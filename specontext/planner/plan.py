@@ -16,10 +16,13 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 MIB = 2**20
 
 
-def read_model_config(path: str | None) -> tuple[ModelConfig, str]:
-    """The target's shape from a .gguf file, a Hugging Face folder, or a config.json alone."""
+def read_model_config(path: str | ModelConfig | None) -> tuple[ModelConfig, str]:
+    """The target's shape from a .gguf file, a Hugging Face folder, or a config.json alone (or a
+    :class:`ModelConfig` already read, e.g. a loaded model's, which reads no file)."""
     from .. import assets
 
+    if isinstance(path, ModelConfig):
+        return path, path.name
     path = path or assets.default_model_path()
     if not os.path.exists(path):
         raise InputError(f"model not found: {path} (give a .gguf file, a Hugging Face folder or a config.json)")
@@ -152,14 +155,15 @@ class MemoryPlan:
         return "\n".join(out)
 
 
-def make_plan(model: str | None = None, device_profile: str | DeviceProfile = "auto", context_tokens: int | None = None,
+def make_plan(model: str | ModelConfig | None = None, device_profile: str | DeviceProfile = "auto", context_tokens: int | None = None,
               requests: int = 1, budget_tokens: int = 2048, sparsity: str = "specontext", dtype: str = "auto",
               slot_pool: float = 1.0, block_tokens: int = 1, prefill_chunk_tokens: int = 512,
               retrieval_head: str = "auto", pin_fraction: float = 0.5, focus_window_tokens: int = 32) -> MemoryPlan:
     """Plan memory without loading weights or touching the device.
 
     Args:
-        model: a .gguf file, a Hugging Face folder, or a config.json (None: the default model).
+        model: a .gguf file, a Hugging Face folder, a config.json (None: the default model), or a
+            :class:`ModelConfig`.
         device_profile: ``auto``, a shipped profile name, a JSON file, or a :class:`DeviceProfile`.
         context_tokens: S, prompt plus new tokens per request (None: the model's context limit).
         requests: R; budget_tokens: K; sparsity: the decode method; slot_pool: the smallest P / K.

@@ -169,16 +169,33 @@ def cgroup_memory_limit(root: str = "/sys/fs/cgroup") -> tuple[int, int] | None:
     return None if limit == "max" or not limit.isdigit() else (int(limit), current)
 
 
+def address_space_limit() -> tuple[int, int] | None:
+    """This process's address-space limit (``ulimit -v``, RLIMIT_AS) and the address space it holds
+    now, or None when unlimited (always so on platforms without it)."""
+    try:
+        import resource
+
+        import psutil
+
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if limit == resource.RLIM_INFINITY:
+            return None
+        return int(limit), int(psutil.Process().memory_info().vms)
+    except (ImportError, OSError, ValueError, AttributeError):
+        return None
+
+
 def host_memory_bytes(available: bool = False) -> int:
-    """This machine's host memory (``available``: what is free now), within a container's limit."""
+    """This machine's host memory (``available``: what is free now), within a container's limit and
+    this process's address-space limit."""
     import psutil
 
     vm = psutil.virtual_memory()
     value = vm.available if available else vm.total
-    cgroup = cgroup_memory_limit()
-    if cgroup is not None:
-        limit, current = cgroup
-        value = min(value, limit - current if available else limit)
+    for capped in (cgroup_memory_limit(), address_space_limit()):
+        if capped is not None:
+            limit, current = capped
+            value = min(value, limit - current if available else limit)
     return max(int(value), 0)
 
 
