@@ -166,6 +166,41 @@ def test_a_model_file_replaced_while_loading_is_refused(tiny_gguf, tmp_path, mon
         specontext.load(str(path), device="cpu")
 
 
+@pytest.mark.parametrize("when", ["after the header", "half-way through the weights"])
+def test_a_model_file_truncated_while_loading_is_an_error_not_a_sigbus(tiny_gguf, tmp_path, when):
+    """Another program truncates the GGUF while it loads. Nothing of the file is memory-mapped (a
+    mapping would turn the first read past the new end into SIGBUS, killing the process): the run
+    ends with one line naming the file. In a subprocess, so that a regression cannot kill pytest."""
+    path = tmp_path / "model.gguf"
+    shutil.copy(tiny_gguf, path)
+    script = tmp_path / "truncating.py"
+    script.write_text(
+        "import sys\n"
+        "import specontext.cli\n"
+        "from specontext.loaders.gguf_loader import GGUFFile\n"
+        f"path, when = {str(path)!r}, {when!r}\n"
+        "def truncate():\n"
+        "    with open(path, 'r+b') as f:\n"
+        "        f.truncate(f.seek(0, 2) // 2)\n"
+        "real_config, real_read, reads = GGUFFile.model_config, GGUFFile._read, []\n"
+        "def model_config(self):\n"
+        "    if when == 'after the header':\n"
+        "        truncate()\n"
+        "    return real_config(self)\n"
+        "def read(self, offset, size):\n"
+        "    reads.append(offset)\n"
+        "    if when != 'after the header' and len(reads) == 4:\n"
+        "        truncate()\n"
+        "    return real_read(self, offset, size)\n"
+        "GGUFFile.model_config, GGUFFile._read = model_config, read\n"
+        "sys.exit(specontext.cli.main(['--model', path, '-q', 'the', '--max-new-tokens', '4', '--quiet',\n"
+        "                               '--device', 'cpu']))\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    assert len(lines) == 1 and "changed while it was being read" in lines[0] and str(path) in lines[0], proc.stderr
+
+
 def test_out_of_memory_under_an_address_space_limit_is_one_line_with_the_plan(tiny_gguf, tmp_path):
     """A real allocation failure: the CLI runs in a process whose address space is capped just above
     what it holds after loading the model, and is asked for a cache that cannot fit."""

@@ -9,6 +9,9 @@ it is read, each tensor's data must lie inside the file, and nothing is allocate
 field. A file that passes has a header the ``gguf`` package can read in time proportional to
 the file's size.
 
+The header is read through the file, never memory-mapped: a file truncated by another program
+while it is read gives a short read and a clear error, where a mapping would fault (SIGBUS).
+
 Layout (GGUF v2 and v3, little-endian): ``GGUF``, u32 version, u64 tensor count, u64 metadata
 count; each metadata entry a string key (u64 length + bytes), a u32 value type and the value
 (an array: u32 element type, u64 count, elements); each tensor a string name, u32 dimension
@@ -18,9 +21,10 @@ next multiple of ``general.alignment`` (32 by default) after the header.
 
 from __future__ import annotations
 
-import mmap
+import contextlib
 import os
 import struct
+from dataclasses import dataclass
 
 from ..errors import ModelFileError
 
@@ -28,15 +32,29 @@ MAGIC = b"GGUF"
 VERSIONS = (2, 3)
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_KEY_BYTES = 1 << 16
+_CHUNK = 1 << 20
 # value type -> fixed size in bytes (None: string; "array": an array)
 _SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _STRING, _ARRAY = 8, 9
 _INT_FORMATS = {4: "<I", 5: "<i", 10: "<Q", 11: "<q", 2: "<H", 3: "<h", 0: "<B", 1: "<b"}
 
 
+@dataclass(frozen=True)
+class GGUFLayout:
+    """What the walk found: the file's size and identity when it was read, and its header's bytes
+    (everything before the data section), read through the file, never memory-mapped."""
+
+    size: int
+    data_start: int
+    header: bytes
+    stat: os.stat_result
+
+
 class _Reader:
-    def __init__(self, buf, path: str):
-        self.buf, self.pos, self.path, self.size = buf, 0, path, len(buf)
+    """Reads the header from ``f`` as the walk needs it, in chunks, never past the file's size."""
+
+    def __init__(self, f, path: str, size: int):
+        self.f, self.buf, self.pos, self.path, self.size = f, bytearray(), 0, path, size
 
     def fail(self, what: str) -> ModelFileError:
         return ModelFileError(f"{self.path} is not a valid GGUF file ({what} at byte {self.pos}; "
@@ -45,6 +63,16 @@ class _Reader:
     def need(self, n: int, what: str) -> None:
         if n < 0 or self.pos + n > self.size:
             raise self.fail(f"{what} needs {n} bytes past the end of the file")
+        self.load(self.pos + n)
+
+    def load(self, end: int) -> None:
+        """Have the file's first ``end`` bytes in ``buf`` (``end`` is within the size checked)."""
+        while len(self.buf) < end:
+            chunk = self.f.read(max(end - len(self.buf), _CHUNK))
+            if not chunk:
+                raise ModelFileError(f"{self.path} changed while it was being read (it is shorter than its "
+                                     f"{self.size} bytes now); load it again once it is complete")
+            self.buf += chunk
 
     def unpack(self, fmt: str, what: str):
         n = struct.calcsize(fmt)
@@ -97,19 +125,24 @@ def _skip_value(r: _Reader, vtype: int, key: str, depth: int = 0):
     raise r.fail(f"{key} has an unknown value type {vtype}")
 
 
-def check_gguf_layout(path: str) -> None:
-    """Raise ModelFileError, naming what is wrong and where, unless ``path``'s header is consistent.
+def check_gguf_layout(path: str, f=None) -> GGUFLayout:
+    """The header's layout; raise ModelFileError, naming what is wrong and where, unless it is
+    consistent. ``f``: the file, already open for reading at its start (else ``path`` is opened).
 
     Example:
-        >>> check_gguf_layout(default_model_path())  # doctest: +SKIP
+        >>> check_gguf_layout(default_model_path()).data_start  # doctest: +SKIP
     """
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            if size == 0:
+        with contextlib.ExitStack() as stack:
+            if f is None:
+                f = stack.enter_context(open(path, "rb"))
+            stat = os.fstat(f.fileno())
+            if stat.st_size == 0:
                 raise ModelFileError(f"{path} is empty, not a GGUF file")
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                _check(_Reader(buf, path))  # no memoryview: an exception must not keep the map exported
+            r = _Reader(f, path, stat.st_size)
+            data_start = _check(r)
+            r.load(min(data_start, r.size))
+            return GGUFLayout(stat.st_size, data_start, bytes(r.buf[:data_start]), stat)
     except ModelFileError:
         raise
     except FileNotFoundError:
@@ -122,7 +155,8 @@ def check_gguf_layout(path: str) -> None:
         raise ModelFileError(f"cannot read {path}: {exc}") from None
 
 
-def _check(r: _Reader) -> None:
+def _check(r: _Reader) -> int:
+    """Walk the header; the byte where the data section starts."""
     import gguf
 
     r.need(4, "the magic number")
@@ -173,3 +207,4 @@ def _check(r: _Reader) -> None:
         if offset % alignment or data_start + offset + nbytes > r.size:
             raise r.fail(f"tensor {name} ({nbytes} bytes at data offset {offset}) lies outside the file "
                          f"or off its {alignment}-byte alignment")
+    return data_start

@@ -7,14 +7,17 @@ interleaved RoPE; they are permuted back here so one model implementation serves
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import tempfile
 
 import numpy as np
 import torch
 
 from ..config import ModelConfig, RopeConfig
 from ..errors import ModelFileError, UnsupportedModelError, malformed
-from .gguf_check import check_gguf_layout
+from .gguf_check import GGUFLayout, check_gguf_layout
 
 GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
@@ -44,9 +47,10 @@ class GGUFFile:
         self.path = path
         # every count and length against the file's real size first; this also names a missing,
         # unreadable or directory path, so the reader below sees only bytes that fit
-        check_gguf_layout(path)
+        self.layout = check_gguf_layout(path)
         try:
-            self.reader = gguf.GGUFReader(path, "r")
+            with _header_only_copy(self.layout) as copy:
+                self.reader = gguf.GGUFReader(copy, "r")
         except Exception as exc:  # gguf raises ValueError/IndexError/struct errors on bad bytes
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ModelFileError(f"{path} is not a valid GGUF file (truncated or corrupt: {msg})") from None
@@ -143,11 +147,14 @@ class GGUFFile:
         tensor = next(t for t in self.reader.tensors if t.name == name)
         qtype = tensor.tensor_type
         try:
+            # the reader's view is only a shape and dtype: its bytes are read from the file here
+            data = np.frombuffer(self._read(tensor.data_offset, int(tensor.n_bytes)),
+                                 dtype=tensor.data.dtype).reshape(tensor.data.shape)
             if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
                          gguf.GGMLQuantizationType.F64):
-                arr = np.asarray(tensor.data).astype(np.float32)
+                arr = data.astype(np.float32)
             else:
-                arr = gguf.quants.dequantize(tensor.data, qtype)
+                arr = gguf.quants.dequantize(data, qtype)
         except NotImplementedError:
             raise UnsupportedModelError(
                 f"tensor {name} has GGUF type {qtype.name}, which the gguf package cannot dequantize"
@@ -158,6 +165,26 @@ class GGUFFile:
         if arr.size != int(np.prod(shape)):
             raise ModelFileError(f"tensor {name} in {self.path} has {arr.size} values, expected {np.prod(shape)}")
         return arr.reshape(shape)
+
+    def _read(self, offset: int, size: int) -> bytearray:
+        """``size`` bytes at ``offset``, read through the file (never mapped: a file truncated
+        meanwhile is a short read and a clear error, not a SIGBUS), from the file the header
+        came from."""
+        buf = bytearray(size)
+        with open(self.path, "rb") as f:
+            now = os.fstat(f.fileno())
+            then = self.layout.stat
+            if (now.st_ino, now.st_dev, now.st_size, now.st_mtime_ns) != (then.st_ino, then.st_dev, then.st_size,
+                                                                           then.st_mtime_ns):
+                raise self._changed()
+            f.seek(offset)
+            if f.readinto(buf) != size:
+                raise self._changed()
+        return buf
+
+    def _changed(self) -> ModelFileError:
+        return ModelFileError(f"{self.path} changed while it was being read (another program wrote or replaced it); "
+                              "load it again once it is complete")
 
     @malformed("a GGUF tensor")
     def hf_tensors(self, cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -184,6 +211,22 @@ class GGUFFile:
                 arr = _unpermute_rope_rows(arr, heads)
             out[hf_name] = torch.from_numpy(np.array(arr, dtype=np.float32, order="C"))  # own, writable copy
         return out
+
+
+@contextlib.contextmanager
+def _header_only_copy(layout: GGUFLayout):
+    """An anonymous file holding the header's bytes, sparse (zeros, never read) up to the real
+    file's size, for the ``gguf`` package's reader, which memory-maps what it is given: mapping
+    the model file itself would turn a truncation by another program into a SIGBUS."""
+    make = getattr(os, "memfd_create", None)
+    f = os.fdopen(make("specontext-gguf-header", getattr(os, "MFD_CLOEXEC", 0)), "w+b") if make \
+        else tempfile.TemporaryFile()
+    with f:
+        f.write(layout.header)
+        f.truncate(layout.size)
+        f.flush()
+        f.seek(0)
+        yield f
 
 
 def _unpermute_rope_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
