@@ -522,6 +522,14 @@ def main(argv: list[str] | None = None) -> int:
         why = "terminated" if isinstance(exc, Terminated) else "interrupted"
         print(f"specontext-run: {why} before generation started", file=sys.stderr)
         return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader of stdout went away (`| head`) while results were printed
+        if args.debug:
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        kept = f" (--output {args.output} has it)" if getattr(args, "output", None) else ""
+        print(f"specontext-run: standard output was closed (broken pipe) before everything was printed{kept}",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as exc:  # a bug or an exhausted machine, not bad input: still one line unless --debug
         if args.debug:
             raise

@@ -277,3 +277,15 @@ def test_a_batch_whose_reader_goes_away_keeps_every_request_in_the_output(tiny_g
     assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1 and "broken pipe" in stderr, stderr
     ids = [json.loads(line)["id"] for line in out.read_text(encoding="utf-8").splitlines()]
     assert sorted(ids) == ["a", "b"]
+
+
+@pytest.mark.parametrize("mode", [["-q", "the", "--max-new-tokens", "4", "--json"], ["--plan", "--context-tokens", "64"]])
+def test_results_printed_to_a_closed_stdout_are_one_line(tiny_gguf, tmp_path, mode):
+    """`specontext-run --json ... | head -c 0`: the reader is gone before the result is printed."""
+    proc = subprocess.Popen([*cli_command(), "--model", tiny_gguf, *mode, "--device", "cpu", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    proc.wait(timeout=300)
+    assert proc.returncode == 130, stderr
+    assert len(stderr.strip().splitlines()) == 1 and "broken pipe" in stderr and "Traceback" not in stderr, stderr
