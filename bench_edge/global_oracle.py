@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from specontext.retrieval.selection import Selection, Selector, append_current, past_attention
+from specontext.kv.plan import Selection, append_current
+from specontext.retrieval.recall import past_attention
+from specontext.retrieval.selection import Selector
 
 METHOD = "oracle-global"
 
@@ -42,13 +44,14 @@ class AttentionRecorder(Selector):
             raise ValueError("the global-oracle recorder runs one sequence at a time")
         self._past = past_lens[0]
         self.scores[self._past] = torch.zeros(1, self.num_kv_heads, self._past)
-        return Selection(indices=None, per_layer=self._record_layer)
+        self._positions = plan.positions
+        return Selection(indices=None, policy=self._record_layer)
 
     def _record_layer(self, layer, queries, past_keys, past_valid):
         probs = past_attention(queries, past_keys, past_valid)  # [B, G, R, P]
         self.scores[self._past] += probs.mean(dim=2).cpu() / self.num_layers
         B, G, P, _ = past_keys.shape
-        return torch.arange(P, device=past_keys.device).expand(B, G, P), None
+        return append_current(torch.arange(P, device=past_keys.device).expand(B, G, P), None, self._positions)
 
 
 class ReplayedGlobalOracle(Selector):

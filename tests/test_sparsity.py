@@ -19,7 +19,8 @@ import torch
 
 import specontext
 from specontext.errors import InputError
-from specontext.retrieval.selection import METHODS, SparsityOptions, past_attention
+from specontext.retrieval.recall import past_attention
+from specontext.retrieval.selection import METHODS, SparsityOptions
 
 from conftest import make_hf_model, recording_selections, tiny_sparse_setup
 
@@ -228,7 +229,7 @@ def test_quest_pages_follow_the_key_bound():
 def test_gathered_attention_equals_a_masked_float32_reference():
     """The cache's per-KV-head gather gives the same attention as masking dense attention."""
     from specontext.kv.cache import DenseKVCache
-    from specontext.retrieval.selection import Selection
+    from specontext.kv.plan import Selection
 
     torch.manual_seed(0)
     B, G, R, D, S = 2, 3, 2, 8, 37
@@ -302,7 +303,7 @@ def test_selection_synchronises_the_device_only_when_asked_to_time_it(tiny, monk
 
 def test_recall_is_the_dense_mass_on_the_chosen_set():
     probs = torch.tensor([[[[0.5, 0.3, 0.2]]]])  # [B=1, G=1, R=1, P=3]
-    from specontext.retrieval.selection import SelectionStats, record_recall
+    from specontext.retrieval.recall import SelectionStats, record_recall
 
     stats = SelectionStats()
     record_recall(stats, probs, torch.tensor([[[0, 2]]]), None)

@@ -1,69 +1,29 @@
-"""KV storage behind one small interface, and the per-step plan every layer receives.
+"""KV storage behind one small interface.
 
 Shape letters: B batch, T new tokens this step, G KV heads, S cached positions, D head dim.
 
-A cache strategy (dense, or offloaded in ``kv/offload.py``) implements these calls:
+A cache strategy (dense, or offloaded in ``kv/offload.py``) stores and returns; it never chooses
+(the step's plan and selection are in ``kv/plan.py``). It implements these calls:
 
-* ``plan_step(input_lens)``: once per step, on the host, decide where this step's tokens go and
-  what each layer will attend to; returns a :class:`StepPlan`.
+* ``plan_step(input_lens)``: once per step, on the host, reserve positions for this step's
+  tokens; returns a :class:`~specontext.kv.plan.StepPlan`.
 * ``begin_step(plan)``: called by the model once the plan is complete (selection included),
   before layer 0 runs: where an offloaded cache issues its loads for the whole step.
-* ``update(layer, k, v, plan, queries)``: store the layer's new K/V and return (keys, values,
-  mask) to attend over. Layers call only this, so they never branch on the cache type or on the
-  sparsity method: a decode step whose plan carries a ``selection`` gets only the chosen rows.
+* ``update(layer, k, v, plan)``: store the layer's new K/V and return (keys, values, mask) to
+  attend over: every position in range, or, when the plan carries a global selection, only
+  the chosen rows.
+* ``store`` / ``past`` / ``gather``: the same in three parts, for a selection that attention
+  makes inside the layer from its own queries and past keys (a per-layer policy).
 """
 
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import ContextLengthError
-
-
-@dataclass
-class StepPlan:
-    """Metadata for one forward step, planned once and passed to every layer.
-
-    Attributes:
-        positions: [B, T] int64 on the compute device; absolute position of each new token.
-        input_lens: number of real (non-padding) new tokens per row, host ints.
-        write_start: the common start position when every row writes all T tokens at the same
-            offset (the fast path: one slice assignment); None otherwise.
-        kv_len: number of cache positions the step attends over (max over rows).
-        attn_mask: [B, 1, T, kv_len] bool (True = attend) or None when every query may see every
-            key in range (decode of equal-length rows without a sliding window).
-        valid_index: ([N] batch index, [N] position) of the real tokens when rows differ.
-        cos, sin: [B, T, D] rotary tables, filled in by the model.
-        selection: a ``retrieval.selection.Selection`` for sparse decode steps, else None.
-        focus: a ``retrieval.focus.QueryFocus`` on prefill chunks holding a row's focus window
-            (attention layers report their window attention to it), else None.
-    """
-
-    positions: torch.Tensor
-    input_lens: list[int]
-    write_start: int | None
-    kv_len: int
-    attn_mask: torch.Tensor | None
-    valid_index: tuple[torch.Tensor, torch.Tensor] | None = None
-    cos: torch.Tensor | None = None
-    sin: torch.Tensor | None = None
-    selection: object | None = None
-    focus: object | None = None
-    _grouped: dict = field(default_factory=dict, repr=False)
-
-    def grouped_mask(self, mask: torch.Tensor, num_queries_per_kv: int) -> torch.Tensor:
-        """``mask`` [B, 1, T, S] repeated to [B, 1, R*T, S] for queries folded per KV head.
-
-        Built once per step and mask, not once per layer: every layer of a dense step gets the
-        same mask object from the cache.
-        """
-        key = (id(mask), num_queries_per_kv)
-        if key not in self._grouped:
-            self._grouped[key] = (mask, mask.repeat(1, 1, num_queries_per_kv, 1))
-        return self._grouped[key][1]
+from .plan import StepPlan
 
 
 class KVCache(abc.ABC):
@@ -78,12 +38,22 @@ class KVCache(abc.ABC):
         """Reserve room for this step's tokens; return the plan every layer receives."""
 
     @abc.abstractmethod
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: StepPlan,
-               queries: torch.Tensor | None = None):
-        """Store k, v [B, G, T, D] of ``layer``; return (keys, values, attn_mask) to attend over.
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: StepPlan, queries: torch.Tensor | None = None):
+        """Store k, v [B, G, T, D] of ``layer``; return (keys, values, attn_mask) to attend over:
+        every position in range, or the rows of the plan's global selection."""
 
-        ``queries`` [B, H, T, D] (roped) let per-layer selection methods choose inside the layer.
-        """
+    @abc.abstractmethod
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: StepPlan) -> None:
+        """Store k, v only (a step whose selection is chosen in the layer, from :meth:`past`)."""
+
+    @abc.abstractmethod
+    def past(self, layer: int, plan: StepPlan) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """A decode step's past keys of ``layer`` and which are real, (None, None) if they are not
+        on the device."""
+
+    @abc.abstractmethod
+    def gather(self, layer: int, plan: StepPlan, indices: torch.Tensor, valid: torch.Tensor | None):
+        """(keys, values, mask) of the positions ``indices`` [B, G, K + 1] of ``layer``."""
 
     @abc.abstractmethod
     def allocated_bytes(self) -> int:
@@ -140,6 +110,7 @@ class DenseKVCache(KVCache):
         # gathered rows of a sparse step, [B, G, K + 1, D]; sized on the first sparse step
         self.k_selected_device: torch.Tensor | None = None
         self.v_selected_device: torch.Tensor | None = None
+        self._flat_rows: tuple | None = None  # (indices, S, flat rows) of the last gather
 
     def allocated_bytes(self) -> int:
         bufs = self.k_device + self.v_device + [self.k_selected_device, self.v_selected_device]
@@ -198,10 +169,8 @@ class DenseKVCache(KVCache):
                     bufs[layer] = new  # the old one is freed here: one layer's transient at a time
         self.device_tokens = size
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: StepPlan,
-               queries: torch.Tensor | None = None):
-        """Store k, v [B, G, T, D]; return keys/values [B, G, kv_len, D] (or the selected
-        [B, G, K + 1, D] on a sparse step) and the mask."""
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: StepPlan) -> None:
+        """Write the step's new k, v [B, G, T, D] of ``layer`` at their positions."""
         k_buf, v_buf = self.k_device[layer], self.v_device[layer]
         if plan.write_start is not None:
             end = plan.write_start + k.shape[2]
@@ -213,30 +182,31 @@ class DenseKVCache(KVCache):
             # Advanced indices around a slice put the selected axis first: [N, G, D].
             k_buf[b_idx, :, pos] = k[b_idx, :, t_idx]
             v_buf[b_idx, :, pos] = v[b_idx, :, t_idx]
-        if plan.selection is not None:
-            return self._gather_selected(layer, plan, queries)
-        return k_buf[:, :, :plan.kv_len], v_buf[:, :, :plan.kv_len], plan.attn_mask
 
-    def _gather_selected(self, layer: int, plan: StepPlan, queries: torch.Tensor | None):
-        """Rows chosen by ``plan.selection`` (plus the current token) for a decode step."""
-        from ..retrieval.selection import append_current, past_attention, record_recall
-
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: StepPlan, queries: torch.Tensor | None = None):
+        """Store k, v [B, G, T, D]; return keys/values [B, G, kv_len, D] (or, on a step with a
+        global selection, its rows [B, G, K + 1, D]) and the mask. ``queries`` are for a subclass
+        that observes attention (the distillation's teacher probe); storage ignores them."""
+        self.store(layer, k, v, plan)
         sel = plan.selection
-        k_buf, v_buf = self.k_device[layer], self.v_device[layer]
-        past_lens = plan.positions[:, 0]
+        if sel is not None:
+            return self.gather(layer, plan, sel.indices, sel.valid)
+        return self.k_device[layer][:, :, :plan.kv_len], self.v_device[layer][:, :, :plan.kv_len], plan.attn_mask
+
+    def past(self, layer: int, plan: StepPlan) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """A decode step's past keys [B, G, P, D] of ``layer`` (P = kv_len - 1) and, when rows
+        differ in length, which are real ([B, P] bool; else None)."""
         num_past = plan.kv_len - 1
-        past_keys = k_buf[:, :, :num_past]  # [B, G, P, D]
+        past_keys = self.k_device[layer][:, :, :num_past]
         past_valid = None
         if len(set(self.seq_lens)) > 1:
-            past_valid = torch.arange(num_past, device=k_buf.device)[None, :] < past_lens[:, None]
-        if sel.indices is not None:
-            indices, valid = sel.indices, sel.valid
-        else:
-            chosen, chosen_valid = sel.per_layer(layer, queries, past_keys, past_valid)
-            indices, valid = append_current(chosen, chosen_valid, plan.positions)
-        if sel.measure_recall:
-            probs = past_attention(queries, past_keys, past_valid)
-            record_recall(sel.stats, probs, indices[..., :-1], None if valid is None else valid[..., :-1])
+            past_valid = torch.arange(num_past, device=past_keys.device)[None, :] < plan.positions[:, :1]
+        return past_keys, past_valid
+
+    def gather(self, layer: int, plan: StepPlan, indices: torch.Tensor, valid: torch.Tensor | None):
+        """The rows ``indices`` [B, G, K + 1] (current token last) of ``layer`` as keys and values
+        [B, G, K + 1, D], and the mask [B, G, 1, K + 1] from ``valid`` (None: all real)."""
+        k_buf, v_buf = self.k_device[layer], self.v_device[layer]
         B, G, S, D = k_buf.shape
         shape = (*indices.shape, D)  # [B, G, K + 1, D]
         if self.k_selected_device is None or self.k_selected_device.shape != shape:
@@ -246,13 +216,11 @@ class DenseKVCache(KVCache):
         # torch.gather over an expanded [B, G, K + 1, D] index reads and checks every element
         # (measured on CPU at 8k, B = 1024: 72 us against 860 us per buffer). A global selection's
         # row numbers are the same for every layer, so they are made once per step.
-        flat = None if sel.indices is None else sel.flat_rows
-        if flat is None or flat[0] != S:
+        if self._flat_rows is None or self._flat_rows[0] is not indices or self._flat_rows[1] != S:
             base = torch.arange(B * G, device=indices.device).view(B, G, 1) * S
-            flat = (S, (indices + base).reshape(-1))
-            if sel.indices is not None:
-                sel.flat_rows = flat
-        torch.index_select(k_buf.view(B * G * S, D), 0, flat[1], out=self.k_selected_device.view(-1, D))
-        torch.index_select(v_buf.view(B * G * S, D), 0, flat[1], out=self.v_selected_device.view(-1, D))
+            self._flat_rows = (indices, S, (indices + base).reshape(-1))
+        flat = self._flat_rows[2]
+        torch.index_select(k_buf.view(B * G * S, D), 0, flat, out=self.k_selected_device.view(-1, D))
+        torch.index_select(v_buf.view(B * G * S, D), 0, flat, out=self.v_selected_device.view(-1, D))
         mask = None if valid is None else valid[:, :, None, :]  # [B, G, 1, K + 1]
         return self.k_selected_device, self.v_selected_device, mask

@@ -61,7 +61,8 @@ import torch
 from .. import native
 from ..errors import InputError
 from ..planner.memory import pinned_block_bytes
-from .cache import DenseKVCache, StepPlan
+from .cache import DenseKVCache
+from .plan import StepPlan
 from .slots import SlotPool
 
 
@@ -630,10 +631,9 @@ class OffloadedKVCache(DenseKVCache):
                 torch.zeros(2, 2, B, G, S, D, dtype=self.kv_host.dtype, device=self.device))
         return self.kv_staging_device
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: StepPlan,
-               queries: torch.Tensor | None = None):
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: StepPlan) -> None:
         if not self.offloaded[layer]:
-            return super().update(layer, k, v, plan, queries)
+            return super().store(layer, k, v, plan)
         i = self._index[layer]
         if self._step_kind == "slots":
             self.copier.wait(("fetch", layer))
@@ -641,14 +641,7 @@ class OffloadedKVCache(DenseKVCache):
             slots[0, :, :, self.pool_tokens] = k[:, :, 0]
             slots[1, :, :, self.pool_tokens] = v[:, :, 0]
             self._write_back(i, k, v, plan)
-            shape = self._gather_shape
-            if self.k_selected_device is None or self.k_selected_device.shape != shape:
-                self.k_selected_device = torch.empty(shape, dtype=k.dtype, device=self.device)
-                self.v_selected_device = torch.empty(shape, dtype=v.dtype, device=self.device)
-            D = shape[-1]
-            torch.index_select(slots[0].reshape(-1, D), 0, self._gather_rows, out=self.k_selected_device.view(-1, D))
-            torch.index_select(slots[1].reshape(-1, D), 0, self._gather_rows, out=self.v_selected_device.view(-1, D))
-            return self.k_selected_device, self.v_selected_device, self._gather_valid
+            return
         # staged: the whole layer, streamed through a double buffer
         self.copier.wait(("stage", layer))
         buf = self._staging()[i % 2]
@@ -665,4 +658,33 @@ class OffloadedKVCache(DenseKVCache):
         if i + 1 < len(self.kv_slots_device):  # the other buffer: its layer's attention is queued
             nxt = layer + 1  # offloaded layers are a suffix: the next layer is offloaded too
             self._submit_or_defer(("stage", nxt), partial(self._stage_load, i + 1, plan.kv_len - T))
+
+    def past(self, layer: int, plan: StepPlan):
+        if not self.offloaded[layer]:
+            return super().past(layer, plan)
+        return None, None  # in host memory: a policy here can only be the step's global selection
+
+    def gather(self, layer: int, plan: StepPlan, indices: torch.Tensor, valid: torch.Tensor | None):
+        """For an offloaded layer, the step's global selection (``indices``), from its slots."""
+        if not self.offloaded[layer]:
+            return super().gather(layer, plan, indices, valid)
+        if self._step_kind != "slots":
+            raise InputError("an offloaded layer serves only a global selection (specontext, streaming) from its slots")
+        slots = self.kv_slots_device[self._index[layer]]
+        shape = self._gather_shape
+        if self.k_selected_device is None or self.k_selected_device.shape != shape:
+            self.k_selected_device = torch.empty(shape, dtype=slots.dtype, device=self.device)
+            self.v_selected_device = torch.empty(shape, dtype=slots.dtype, device=self.device)
+        D = shape[-1]
+        torch.index_select(slots[0].reshape(-1, D), 0, self._gather_rows, out=self.k_selected_device.view(-1, D))
+        torch.index_select(slots[1].reshape(-1, D), 0, self._gather_rows, out=self.v_selected_device.view(-1, D))
+        return self.k_selected_device, self.v_selected_device, self._gather_valid
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: StepPlan, queries: torch.Tensor | None = None):
+        if not self.offloaded[layer]:
+            return super().update(layer, k, v, plan)
+        self.store(layer, k, v, plan)
+        if self._step_kind == "slots":
+            return self.gather(layer, plan, None, None)
+        buf = self._staging()[self._index[layer] % 2]
         return buf[0, :, :, :plan.kv_len], buf[1, :, :, :plan.kv_len], plan.attn_mask

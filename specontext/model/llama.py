@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..kv.cache import KVCache, StepPlan
+from ..kv.cache import KVCache
+from ..kv.plan import StepPlan
+from .norm import RMSNorm
 from .rope import RotaryEmbedding, apply_rotary
 
 # our parameter name suffix -> the checkpoint suffixes concatenated (along dim 0) to make it
@@ -26,21 +28,6 @@ FUSED_WEIGHTS = {
     "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
     "mlp.gate_up_proj.bias": ("mlp.gate_proj.bias", "mlp.up_proj.bias"),
 }
-
-
-class RMSNorm(nn.Module):
-    """Root-mean-square norm computed in float32, as the reference implementations do."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
 
 
 class Attention(nn.Module):
@@ -67,7 +54,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rotary(q.transpose(1, 2), plan.cos, plan.sin)  # [B, H, T, D]
         k = apply_rotary(k.transpose(1, 2), plan.cos, plan.sin)  # [B, G, T, D]
-        keys, values, mask = cache.update(self.layer_idx, k, v.transpose(1, 2), plan, queries=q)  # [B, G, S, D]
+        keys, values, mask = self._attended(k, v.transpose(1, 2), q, plan, cache)  # [B, G, S, D]
         if plan.focus is not None:  # a prefill chunk holding the prompt's focus window
             plan.focus.observe(self.layer_idx, q, keys, mask)
         # Fold the R query heads of each KV group into the query axis so attention runs per KV
@@ -78,6 +65,18 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [B, G, R*T, D]
         out = out.view(B, G, R, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D)
         return self.o_proj(out)
+
+
+    def _attended(self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, plan: StepPlan, cache: KVCache):
+        """Store the new k, v [B, G, T, D]; the keys, values and mask this step attends over. A
+        selection chosen inside each layer is asked here, with this layer's queries and past keys."""
+        layer, sel = self.layer_idx, plan.selection
+        if sel is None or sel.policy is None:
+            return cache.update(layer, k, v, plan, queries=q)
+        cache.store(layer, k, v, plan)
+        past_keys, past_valid = cache.past(layer, plan)
+        indices, valid = sel.policy(layer, q, past_keys, past_valid)
+        return cache.gather(layer, plan, indices, valid)
 
 
 class MLP(nn.Module):

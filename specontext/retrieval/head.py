@@ -26,7 +26,7 @@ from torch import nn
 
 from ..config import ModelConfig, RopeConfig
 from ..errors import InputError, ModelFileError, malformed
-from ..model.llama import RMSNorm
+from ..model.norm import RMSNorm
 from ..model.rope import RotaryEmbedding, apply_rotary
 
 FORMAT_VERSION = 1

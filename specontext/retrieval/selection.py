@@ -33,106 +33,21 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Callable
 
 import torch
 
 from ..errors import InputError
+from ..kv.plan import Selection, append_current
 from .focus import QueryFocus, focus_layer_weights, parse_layer_list, pinned_mask
 from .head import RetrievalHead
+from .recall import RecallMeter, SelectionStats, past_attention
 
 METHODS = ("dense", "specontext", "oracle", "quest", "streaming", "snapkv")
 # methods that choose inside each layer from all of its keys, so they need every layer on the device
 PER_LAYER_METHODS = ("oracle", "quest", "snapkv")
-
-
-@dataclass
-class SelectionStats:
-    """Counters a selector keeps over one generation."""
-
-    sparse_steps: int = 0
-    dense_steps: int = 0  # decode steps that ran dense because the context fit in the budget
-    fallback_steps: int = 0  # decode steps that ran dense because the head was not confident
-    # time spent scoring and choosing, host clock; on CUDA the device's time only with
-    # ``measure_selection_time`` (which synchronises), otherwise the time to queue the work
-    selection_s: float = 0.0
-    recall_sum: float = 0.0
-    recall_count: int = 0
-    confidence_sum: float = 0.0
-
-    @property
-    def recall(self) -> float | None:
-        return self.recall_sum / self.recall_count if self.recall_count else None
-
-    def to_dict(self) -> dict:
-        out = {"sparse_steps": self.sparse_steps, "dense_steps": self.dense_steps,
-               "fallback_steps": self.fallback_steps, "selection_s": round(self.selection_s, 4)}
-        if self.recall is not None:
-            out["recall"] = round(self.recall, 4)
-        if self.sparse_steps + self.fallback_steps and self.confidence_sum:
-            out["mean_head_confidence"] = round(self.confidence_sum / (self.sparse_steps + self.fallback_steps), 4)
-        return out
-
-
-@dataclass
-class Selection:
-    """One decode step's choice, carried in ``StepPlan.selection``.
-
-    Attributes:
-        indices: [B, G, K + 1] int64 positions to attend, the current token's last; None for
-            per-layer methods, which fill it per layer through ``per_layer``.
-        valid: [B, G, K + 1] bool where rows hold fewer than K real choices (padding is False);
-            None when every entry is real.
-        per_layer: ``f(layer, queries [B, H, 1, D], past_keys [B, G, P, D], past_valid [B, P] or
-            None) -> (indices [B, G, K], valid or None)`` for methods that choose inside each layer.
-        measure_recall: accumulate the dense attention mass on the chosen set into ``stats``.
-        stats: where recall is accumulated.
-        fallback_rows: batch rows that attend to every past position this step (the head was not
-            confident for them while it was for others); their ``indices`` cover the whole past.
-    """
-
-    indices: torch.Tensor | None
-    valid: torch.Tensor | None = None
-    per_layer: Callable | None = None
-    measure_recall: bool = False
-    stats: SelectionStats | None = None
-    fallback_rows: tuple[int, ...] = ()
-    # (positions per row S, [B * G * (K + 1)] flat row numbers), made by the cache on the first
-    # layer of a global selection and reused by the others
-    flat_rows: tuple | None = field(default=None, repr=False)
-
-
-def past_attention(queries: torch.Tensor, past_keys: torch.Tensor,
-                   past_valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Dense attention probabilities of the current token over past positions only.
-
-    Args:
-        queries: [B, H, 1, D] roped queries of the current token; past_keys: [B, G, P, D];
-        past_valid: [B, P] bool, False past a shorter row's end (None: all real).
-    Returns:
-        [B, G, R, P] float32, softmax over the P past positions (the current token excluded, so
-        recall measures how much of the mass on the past the chosen set holds).
-    """
-    B, H, _, D = queries.shape
-    G = past_keys.shape[1]
-    q = queries.reshape(B, G, H // G, D).float()
-    logits = torch.matmul(q, past_keys.float().transpose(-1, -2)) * D ** -0.5
-    if past_valid is not None:
-        logits = logits.masked_fill(~past_valid[:, None, None, :], float("-inf"))
-    return logits.softmax(dim=-1)
-
-
-def record_recall(stats: SelectionStats, probs: torch.Tensor, indices: torch.Tensor,
-                  valid: torch.Tensor | None) -> None:
-    """Add the mass of ``probs`` [B, G, R, P] on ``indices`` [B, G, K] (past positions) to ``stats``."""
-    R = probs.shape[2]
-    idx = indices[:, :, None, :].expand(-1, -1, R, -1)
-    mass = probs.gather(-1, idx)
-    if valid is not None:
-        mass = mass * valid[:, :, None, :]
-    stats.recall_sum += float(mass.sum(-1).mean())
-    stats.recall_count += 1
 
 
 class Selector:
@@ -217,7 +132,8 @@ class Selector:
             self.stats.fallback_steps += 1
             return None
         self.stats.sparse_steps += 1
-        sel.measure_recall, sel.stats = self.measure_recall, self.stats
+        if self.measure_recall:  # every layer's choice goes through the meter
+            sel = replace(sel, policy=RecallMeter(sel, self.stats))
         return sel
 
     def _sync_for_timing(self, plan) -> None:
@@ -228,21 +144,18 @@ class Selector:
         """Work every decode step needs, sparse or not (the head caches the new token's key)."""
 
     def choose(self, ids: torch.Tensor, plan, past_lens: list[int]) -> Selection | None:
-        return Selection(indices=None, per_layer=self.choose_in_layer)
+        return Selection(indices=None, policy=partial(_in_layer, self.choose_in_layer, plan.positions))
 
     def choose_in_layer(self, layer: int, queries: torch.Tensor, past_keys: torch.Tensor,
                         past_valid: torch.Tensor | None):
         raise NotImplementedError(f"{type(self).__name__} chooses globally")
 
 
-def append_current(indices: torch.Tensor, valid: torch.Tensor | None, positions: torch.Tensor):
-    """indices [B, G, K] -> [B, G, K + 1] with each row's current position last (always valid)."""
-    B, G, _ = indices.shape
-    cur = positions[:, :1, None].expand(B, G, 1).to(indices.dtype)
-    full = torch.cat([indices, cur], dim=-1)
-    if valid is not None:
-        valid = torch.cat([valid, valid.new_ones(B, G, 1)], dim=-1)
-    return full, valid
+def _in_layer(choose_in_layer: Callable, positions: torch.Tensor, layer: int, queries: torch.Tensor,
+              past_keys: torch.Tensor, past_valid: torch.Tensor | None):
+    """A per-layer method's :class:`~specontext.kv.plan.LayerPolicy`: its choice plus the current token."""
+    chosen, chosen_valid = choose_in_layer(layer, queries, past_keys, past_valid)
+    return append_current(chosen, chosen_valid, positions)
 
 
 def _pad_rows(per_row: list[torch.Tensor], budget: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
