@@ -52,10 +52,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..errors import InputError, SpecontextError
-from ..kv.cache import DenseKVCache
-from . import tasks
-from .head import RetrievalHead, RetrievalHeadConfig, save_head, user_head_dir
+from ...errors import InputError, SpecontextError
+from ...kv.cache import DenseKVCache
+from ...retrieval import tasks
+from ...retrieval.head import RetrievalHead, RetrievalHeadConfig, save_head, user_head_dir
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 # task haystacks from the Python reference topics start here: bench_edge/needles.py evaluates on the
@@ -722,8 +722,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from .. import assets
-        from ..api import load
+        from ... import assets
+        from ...api import load
 
         for name in ("seq_tokens", "max_sequences", "queries_per_sequence", "steps", "eval_sequences"):
             if getattr(args, name) < 1:

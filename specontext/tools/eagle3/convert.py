@@ -51,9 +51,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import _hf_rope, read_json_object
-from ..errors import InputError, ModelFileError, SpecontextError, UnsupportedModelError
-from .head import RetrievalHead, RetrievalHeadConfig, TargetInfo, save_head
+from ...config import _hf_rope, read_json_object
+from ...errors import InputError, ModelFileError, SpecontextError, UnsupportedModelError
+from ...retrieval.head import RetrievalHead, RetrievalHeadConfig, TargetInfo, save_head
 
 # Draft tensor -> head parameter. Biases are optional (present when the draft has attention_bias).
 KEPT_TENSORS = {
@@ -510,9 +510,9 @@ def _millions(n: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..api import load_model_files
-    from ..assets import default_model_path
-    from .head import target_fingerprint
+    from ...api import load_model_files
+    from ...assets import default_model_path
+    from ...retrieval.head import target_fingerprint
 
     if os.path.isdir(args.output):
         raise InputError(f"--output {args.output} is a directory; give a file stem such as {args.output}/head")
