@@ -137,11 +137,7 @@ class OursRunner:
         model = self.engine.model
         for t in tokens:
             x = torch.tensor([[t]] * self.requests, dtype=torch.int64, device=model.device)
-            plan = self.cache.plan_step([1] * self.requests)
-            plan.selection = self.selector.select(x, plan)
-            captured: dict = {}
-            model(x, plan, self.cache, capture_layers=self.selector.capture_layers, captured=captured)
-            self.selector.observe(x, plan, captured)
+            self.engine.step(x, [1] * self.requests, self.cache, self.selector, decode=True)
 
     def extra(self) -> dict:
         out = {}

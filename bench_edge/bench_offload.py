@@ -117,25 +117,16 @@ def record_selections(llm, ids: list[int], prefix_len: int, budget: int, block_t
                            window_tokens=engine.sparsity.window_tokens, block_tokens=block_tokens,
                            measure_recall=True)
     recorded = []
-    original = engine.new_selector
 
-    def factory(*a, **k):
-        selector = original(*a, **k)
-        select = selector.select
-
-        def wrapped(x, plan):
-            sel = select(x, plan)
-            if sel is not None:
-                valid = None if sel.valid is None else sel.valid[0, :, :-1].cpu()
-                recorded.append((sel.indices[0, :, :-1].cpu(), valid))
-            return sel
-        selector.select = wrapped
-        return selector
-    engine.new_selector = factory
+    def record(sel, plan):
+        if sel is not None:
+            valid = None if sel.valid is None else sel.valid[0, :, :-1].cpu()
+            recorded.append((sel.indices[0, :, :-1].cpu(), valid))
+    engine.on_select = record
     try:
         _, selector = engine.teacher_forced(ids[:prefix_len], ids[prefix_len:], sparsity=opts)
     finally:
-        engine.new_selector = original
+        engine.on_select = None
     return recorded, selector.stats.recall
 
 

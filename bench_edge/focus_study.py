@@ -189,7 +189,7 @@ def main(argv=None) -> int:
                             pass
                         text = g.result().text
                         res = {"pass": haystack.answer_passes(text, list(needle.keywords)), "answer": text[:120]}
-                        sel = g._selector
+                        sel = g.selector
                         mask = getattr(sel, "pin_mask", None)
                         if mask is not None and span is not None:
                             res["coverage"] = round(float(mask[0, :, span[0]:span[1]].float().mean()), 3)

@@ -60,22 +60,10 @@ def main(argv=None) -> int:
     recorder = global_oracle.AttentionRecorder(cfg.num_layers, cfg.num_kv_heads)
     eng.teacher_forced(ids, answer, state=state, sparsity=dense, selector=recorder)
     head_sets = []
-    original = eng.new_selector
-
-    def recording(*a, **k):
-        selector = original(*a, **k)
-        select = selector.select
-
-        def wrapped(x, plan):
-            sel = select(x, plan)
-            head_sets.append(None if sel is None else set(sel.indices[0, 0, :-1].tolist()))
-            return sel
-        selector.select = wrapped
-        return selector
-    eng.new_selector = recording
+    eng.on_select = lambda sel, plan: head_sets.append(None if sel is None else set(sel.indices[0, 0, :-1].tolist()))
     opts = SparsityOptions(method="specontext", budget_tokens=args.budget)
     head_logits, _ = eng.teacher_forced(ids, answer, state=state, sparsity=opts)
-    eng.new_selector = original
+    eng.on_select = None
     oracle = global_oracle.ReplayedGlobalOracle(recorder.scores, args.budget, opts.sink_tokens, opts.window_tokens,
                                                 cfg.num_kv_heads)
     oracle_logits, _ = eng.teacher_forced(ids, answer, state=state, selector=oracle)

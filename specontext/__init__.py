@@ -10,7 +10,7 @@ Example::
 
 from .api import LLM, load
 from .config import ModelConfig, RopeConfig
-from .engine import GenerationResult, GenerationStats
+from .stats import GenerationResult, GenerationStats
 from .planner.plan import MemoryPlan
 from .planner.plan import make_plan as plan
 from .errors import (ContextLengthError, InputError, ModelFileError, SpecontextError,

@@ -20,7 +20,9 @@ import torch
 
 from . import assets, prompting
 from .config import ModelConfig
-from .engine import BatchGeneration, Engine, Generation, GenerationResult
+from .engine import Engine
+from .generation import BatchGeneration, Generation
+from .stats import GenerationResult
 from .errors import InputError, ModelFileError
 from .model.llama import LlamaForCausalLM
 from .retrieval.head import RetrievalHead, TargetInfo, resolve_head, target_fingerprint

@@ -145,25 +145,14 @@ def tiny_sparse_setup(root, num_tokens: int) -> dict:
 
 
 def recording_selections(llm):
-    """Wrap ``llm``'s selector factory so each decode step's global selection is recorded.
+    """Record each decode step's global selection through the engine's ``on_select`` hook.
 
     Returns (record, restore): ``record`` gets, per step, the selection's indices [B, G, K + 1]
-    (a copy) or None for a dense step; ``restore()`` puts the original factory back.
+    (a copy) or None for a dense step; ``restore()`` removes the hook.
     """
-    record, original = [], llm.engine.new_selector
-
-    def factory(*args, **kwargs):
-        selector = original(*args, **kwargs)
-        select = selector.select
-
-        def recorded(x, plan):
-            sel = select(x, plan)
-            record.append(None if sel is None else sel.indices.clone())
-            return sel
-        selector.select = recorded
-        return selector
-    llm.engine.new_selector = factory
-    return record, lambda: setattr(llm.engine, "new_selector", original)
+    record = []
+    llm.engine.on_select = lambda sel, plan: record.append(None if sel is None else sel.indices.clone())
+    return record, lambda: setattr(llm.engine, "on_select", None)
 
 
 @pytest.fixture(scope="session")

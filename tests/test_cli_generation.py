@@ -12,7 +12,7 @@ import torch
 
 import specontext
 from specontext.cli import main
-from specontext.engine import Sampler, StopMatcher
+from specontext.decoding import Sampler, StopMatcher
 from specontext.settings import GenerationConfig
 
 from conftest import cli_command, make_tiny_chat_model, signal_and_wait, start_long_answer

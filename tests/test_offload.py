@@ -213,21 +213,9 @@ def test_block_granular_offload_equals_resident_block_selection(tiny, slot_pool)
     common = dict(sparsity="specontext", budget_tokens=32, sink_tokens=2, window_tokens=4, block_tokens=8)
     resident = _load(tiny, **common)
     record = []
-    original = resident.engine.new_selector
-
-    def factory(*a, **k):
-        selector = original(*a, **k)
-        select = selector.select
-
-        def wrapped(x, plan):
-            sel = select(x, plan)
-            record.append((sel, int(plan.positions[0, 0])))
-            return sel
-        selector.select = wrapped
-        return selector
-    resident.engine.new_selector = factory
+    resident.engine.on_select = lambda sel, plan: record.append((sel, int(plan.positions[0, 0])))
     ref_logits, _ = resident.engine.teacher_forced(ids[:PREFIX], ids[PREFIX:])
-    resident.engine.new_selector = original
+    resident.engine.on_select = None
     for sel, past in record:
         chosen = sel.indices[0, :, :-1]
         valid = sel.valid[0, :, :-1]

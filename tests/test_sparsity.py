@@ -167,7 +167,7 @@ def test_head_k_cache_covers_prompt_and_generated_tokens(tiny, budget):
         list(g)
     finally:
         restore()
-    selector = g._selector
+    selector = g.selector
     full = ids[:PREFIX] + g.result().token_ids
     cfg = llm.config
     mask = _mask_from_record(record, PREFIX, len(full), cfg.num_heads, cfg.num_kv_heads)
