@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import specontext
-from specontext.tools.distill.train import (DistillConfig, distill, distill_loss, evaluate, group_target, head_scores,
-                                            main, selection_recall, teacher_sequence)
 from specontext.retrieval.head import load_head
+from specontext.tools.distill import (DistillConfig, distill, distill_loss, evaluate, group_target, head_scores,
+                                      main, selection_recall, teacher_sequence)
 
 from conftest import make_hf_model
 
@@ -150,7 +150,7 @@ def test_cli_errors_are_one_line(tiny, capsys):
 def test_task_examples_query_the_positions_that_produce_the_models_own_answer(tiny):
     """A task example is a document with a question and the model's own greedy answer; the head
     learns the attention at the positions that produce the answer, plus sampled reading ones."""
-    from specontext.tools.distill.train import TaskPool, query_weights, task_teacher_sequence
+    from specontext.tools.distill import TaskPool, query_weights, task_teacher_sequence
 
     llm = tiny["llm"]
     ids = llm.tokenizer.encode(tiny["text"], add_bos=False)
@@ -191,7 +191,7 @@ def test_answer_weights_scale_each_querys_kl():
 
 
 def test_task_mix_is_parsed_and_bad_input_refused_in_one_line(tiny, capsys):
-    from specontext.tools.distill.train import parse_task_mix
+    from specontext.tools.distill import parse_task_mix
 
     assert parse_task_mix("needle:8, kv:4,vt:0,") == (("needle", 8), ("kv", 4))
     assert parse_task_mix("") == ()

@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 
 from specontext.api import load_model_files
 from specontext.errors import InputError, ModelFileError, UnsupportedModelError
-from specontext.tools.eagle3.convert import default_hidden_layers, import_eagle3, main, resolve_hidden_layers
 from specontext.retrieval.head import TargetInfo, load_head, target_fingerprint
+from specontext.tools.eagle3 import default_hidden_layers, import_eagle3, main, resolve_hidden_layers
 
 from conftest import make_hf_model
 
