@@ -9,7 +9,7 @@ strings in ``decoding.py``; counters in ``stats.py``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -17,7 +17,7 @@ import torch
 from .errors import ContextLengthError, InputError
 from .kv.cache import DenseKVCache, KVCache
 from .kv.offload import OffloadedKVCache
-from .kv.plan import Selection, StepPlan
+from .kv.plan import Selection, StepPlan, make_plan, to_device
 from .model.llama import LlamaForCausalLM
 from .retrieval.focus import QueryFocus, focus_layer_weights
 from .retrieval.head import RetrievalHead
@@ -128,16 +128,21 @@ class Engine:
         Returns:
             float32 logits (see :meth:`LlamaForCausalLM.forward`).
         """
-        plan = cache.plan_step(input_lens)
+        cfg, model = self.model.config, self.model
+        plan = make_plan(cache.reserve(input_lens), input_lens, model.device, cfg.sliding_window,
+                         cfg.num_heads // cfg.num_kv_heads)
+        cos, sin = model.rotary(plan.positions, model.dtype)
+        plan = replace(plan, cos=cos, sin=sin)
         if decode and selector is not None:
-            plan.selection = selector.select(ids, plan)
+            plan = plan.with_selection(selector.select(ids, plan), cache.row_pitch)
             if self.on_select is not None:
                 self.on_select(plan.selection, plan)
         elif focus is not None and focus.begin_chunk(input_lens):
-            plan.focus = focus
+            plan = replace(plan, focus=focus)
+        cache.begin_step(plan)
         captured: dict = {}
         capture = selector.capture_layers if selector is not None else ()
-        out = self.model(ids, plan, cache, logits_for=logits_for, capture_layers=capture, captured=captured)
+        out = model(ids, plan, cache, logits_for=logits_for, capture_layers=capture, captured=captured)
         if selector is not None:
             selector.observe(ids, plan, captured, is_prefill=not decode)
         return out
@@ -203,7 +208,7 @@ class Engine:
             ends = [b for b, r in enumerate(rows) if start < len(r) <= start + chunk]
             want = "all" if logits_for == "all" else ("last" if ends and logits_for != "none" else "none")
             width = max(lens)
-            x = torch.tensor([p + [0] * (width - len(p)) for p in parts], dtype=torch.int64, device=device)
+            x = to_device([p + [0] * (width - len(p)) for p in parts], device)
             out = self.step(x, lens, cache, selector, logits_for=want, focus=focus)
             if want == "all":
                 pieces.append(out)
@@ -292,7 +297,7 @@ class Engine:
         cache, selector = self.decoder(state, sparsity, selector)
         rows = [state.logits.float().cpu()]
         for token in continuation_ids[:-1]:
-            x = torch.tensor([[token]], dtype=torch.int64, device=self.model.device)
+            x = to_device([[token]], self.model.device)
             rows.append(self.step(x, [1], cache, selector, decode=True).float().cpu())
         return torch.cat(rows, dim=0), selector
 

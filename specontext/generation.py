@@ -14,6 +14,7 @@ import torch
 
 from .decoding import RequestStream, Sampler, eos_ids
 from .errors import ContextLengthError, InputError
+from .kv.plan import to_device
 from .retrieval.selection import SparsityOptions
 from .settings import GenerationConfig
 from .stats import (BatchStats, GenerationResult, GenerationStats, offload_info, record_peaks,
@@ -152,7 +153,7 @@ class BatchGeneration:
             if not any(active):
                 break
             t0 = time.perf_counter()
-            x = torch.tensor([[t if a else 0] for t, a in zip(tokens, active)], dtype=torch.int64, device=model.device)
+            x = to_device([[t if a else 0] for t, a in zip(tokens, active)], model.device)
             logits = engine.step(x, [int(a) for a in active], cache, selector, decode=True)
             tokens = [int(samplers[b](logits[b:b + 1])[0]) if a else 0 for b, a in enumerate(active)]
             dt = time.perf_counter() - t0

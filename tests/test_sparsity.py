@@ -239,10 +239,10 @@ def test_gathered_attention_equals_a_masked_float32_reference():
     plan = cache.plan_step([1] * B)
     chosen = torch.stack([torch.randperm(S - 1)[:11] for _ in range(B * G)]).view(B, G, 11)
     indices = torch.cat([chosen, torch.full((B, G, 1), S - 1)], dim=-1)
-    plan.selection = Selection(indices=indices)
+    plan = plan.with_selection(Selection(indices=indices), cache.row_pitch)
     k_new, v_new = torch.randn(B, G, 1, D), torch.randn(B, G, 1, D)
     q = torch.randn(B, G * R, 1, D)
-    keys, values, mask = cache.update(0, k_new, v_new, plan, queries=q)
+    keys, values, mask = cache.update(0, k_new, v_new, plan)
     out = torch.nn.functional.scaled_dot_product_attention(q.view(B, G, R, D), keys, values)
     full_k, full_v = cache.k_device[0][:, :, :S], cache.v_device[0][:, :, :S]
     allowed = torch.zeros(B, G, S, dtype=torch.bool).scatter_(-1, indices, True)

@@ -5,9 +5,10 @@ Shape letters: B batch, T new tokens this step, G KV heads, S cached positions, 
 A cache strategy (dense, or offloaded in ``kv/offload.py``) stores and returns; it never chooses
 (the step's plan and selection are in ``kv/plan.py``). It implements these calls:
 
-* ``plan_step(input_lens)``: once per step, on the host, reserve positions for this step's
-  tokens; returns a :class:`~specontext.kv.plan.StepPlan`.
-* ``begin_step(plan)``: called by the model once the plan is complete (selection included),
+* ``reserve(input_lens)``: once per step, on the host, reserve positions for this step's tokens
+  (a growing cache grows, a managed one moves layers to host memory); returns each row's start,
+  from which the engine plans the step (``kv/plan.py``).
+* ``begin_step(plan)``: called by the engine once the plan is complete (selection included),
   before layer 0 runs: where an offloaded cache issues its loads for the whole step.
 * ``update(layer, k, v, plan)``: store the layer's new K/V and return (keys, values, mask) to
   attend over: every position in range, or, when the plan carries a global selection, only
@@ -23,7 +24,7 @@ import abc
 import torch
 
 from ..errors import ContextLengthError
-from .plan import StepPlan
+from .plan import StepPlan, make_plan
 
 
 class KVCache(abc.ABC):
@@ -34,8 +35,8 @@ class KVCache(abc.ABC):
     capacity_tokens: int
 
     @abc.abstractmethod
-    def plan_step(self, input_lens: list[int]) -> StepPlan:
-        """Reserve room for this step's tokens; return the plan every layer receives."""
+    def reserve(self, input_lens: list[int]) -> list[int]:
+        """Reserve room for this step's tokens; return each row's length before the step."""
 
     @abc.abstractmethod
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: StepPlan, queries: torch.Tensor | None = None):
@@ -110,7 +111,6 @@ class DenseKVCache(KVCache):
         # gathered rows of a sparse step, [B, G, K + 1, D]; sized on the first sparse step
         self.k_selected_device: torch.Tensor | None = None
         self.v_selected_device: torch.Tensor | None = None
-        self._flat_rows: tuple | None = None  # (indices, S, flat rows) of the last gather
 
     def allocated_bytes(self) -> int:
         bufs = self.k_device + self.v_device + [self.k_selected_device, self.v_selected_device]
@@ -119,11 +119,11 @@ class DenseKVCache(KVCache):
     def reset(self) -> None:
         self.seq_lens = [0] * self.batch_size
 
-    def plan_step(self, input_lens: list[int]) -> StepPlan:
-        """Reserve positions for ``input_lens[b]`` new tokens of each row and build the mask."""
+    def reserve(self, input_lens: list[int]) -> list[int]:
+        """Reserve positions for ``input_lens[b]`` new tokens of each row (growing the buffers if
+        they grow); returns each row's length before the step, the step's first positions."""
         if len(input_lens) != self.batch_size:
             raise ValueError(f"input_lens has {len(input_lens)} rows, cache has {self.batch_size}")
-        num_new = max(input_lens)
         new_lens = [s + n for s, n in zip(self.seq_lens, input_lens)]
         if max(new_lens) > self.capacity_tokens:
             raise ContextLengthError(
@@ -131,32 +131,18 @@ class DenseKVCache(KVCache):
             )
         if max(new_lens) > self.device_tokens:
             self._grow(max(new_lens))
-        dev = self.device
-        starts = torch.tensor(self.seq_lens, dtype=torch.int64, device=dev)
-        positions = starts[:, None] + torch.arange(num_new, device=dev)[None, :]  # [B, T]
-        kv_len = max(new_lens)
-        uniform = len(set(self.seq_lens)) == 1 and all(n == num_new for n in input_lens)
+        starts, self.seq_lens = self.seq_lens, new_lens
+        return starts
 
-        attn_mask = None
-        if not (uniform and num_new == 1 and self.sliding_window is None):
-            key_pos = torch.arange(kv_len, device=dev)
-            lens = torch.tensor(new_lens, dtype=torch.int64, device=dev)
-            mask = key_pos[None, None, :] <= positions[:, :, None]  # causal
-            mask &= key_pos[None, None, :] < lens[:, None, None]  # rows shorter than kv_len
-            if self.sliding_window is not None:
-                mask &= key_pos[None, None, :] > positions[:, :, None] - self.sliding_window
-            attn_mask = mask[:, None]
+    @property
+    def row_pitch(self) -> int:
+        """Positions per row in a resident layer's buffers (flat row numbers count in these)."""
+        return self.device_tokens
 
-        valid_index = None
-        if not uniform:
-            valid = torch.arange(num_new, device=dev)[None, :] < torch.tensor(input_lens, device=dev)[:, None]
-            b_idx, t_idx = valid.nonzero(as_tuple=True)
-            valid_index = (b_idx, positions[b_idx, t_idx])
-        plan = StepPlan(positions=positions, input_lens=list(input_lens),
-                        write_start=self.seq_lens[0] if uniform else None, kv_len=kv_len,
-                        attn_mask=attn_mask, valid_index=valid_index)
-        self.seq_lens = new_lens
-        return plan
+    def plan_step(self, input_lens: list[int], queries_per_kv: int = 1) -> StepPlan:
+        """Reserve the step's positions and plan it (positions, masks; no selection, no rotary):
+        for calling the model directly. The engine plans its steps itself (``Engine.step``)."""
+        return make_plan(self.reserve(input_lens), input_lens, self.device, self.sliding_window, queries_per_kv)
 
     def _grow(self, num_tokens: int) -> None:
         """Reallocate every device layer to hold ``num_tokens`` (rounded up to ``grow_tokens``)."""
@@ -215,11 +201,12 @@ class DenseKVCache(KVCache):
         # Whole rows by flat row number ((b * G + g) * S + position): a row copy per index, where
         # torch.gather over an expanded [B, G, K + 1, D] index reads and checks every element
         # (measured on CPU at 8k, B = 1024: 72 us against 860 us per buffer). A global selection's
-        # row numbers are the same for every layer, so they are made once per step.
-        if self._flat_rows is None or self._flat_rows[0] is not indices or self._flat_rows[1] != S:
-            base = torch.arange(B * G, device=indices.device).view(B, G, 1) * S
-            self._flat_rows = (indices, S, (indices + base).reshape(-1))
-        flat = self._flat_rows[2]
+        # row numbers are the same for every layer, so the plan holds them.
+        sel = plan.selection
+        if plan.flat_rows is not None and sel is not None and indices is sel.indices:
+            flat = plan.flat_rows
+        else:  # a per-layer choice
+            flat = (indices + torch.arange(B * G, device=indices.device).view(B, G, 1) * S).reshape(-1)
         torch.index_select(k_buf.view(B * G * S, D), 0, flat, out=self.k_selected_device.view(-1, D))
         torch.index_select(v_buf.view(B * G * S, D), 0, flat, out=self.v_selected_device.view(-1, D))
         mask = None if valid is None else valid[:, :, None, :]  # [B, G, 1, K + 1]

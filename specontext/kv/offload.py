@@ -62,7 +62,7 @@ from .. import native
 from ..errors import InputError
 from ..planner.memory import pinned_block_bytes
 from .cache import DenseKVCache
-from .plan import StepPlan
+from .plan import StepPlan, to_device
 from .slots import SlotPool
 
 
@@ -448,12 +448,12 @@ class OffloadedKVCache(DenseKVCache):
 
     # ---- the memory manager's moves -------------------------------------------------------------
 
-    def plan_step(self, input_lens: list[int]) -> StepPlan:
+    def reserve(self, input_lens: list[int]) -> list[int]:
         reach = max(s + n for s, n in zip(self.seq_lens, input_lens))
         for layer in sorted(self.offload_from, reverse=True):  # the last resident layer leaves first
             if not self.offloaded[layer] and reach >= self.offload_from[layer]:
                 self._move_to_host(layer)
-        return super().plan_step(input_lens)
+        return super().reserve(input_lens)
 
     def _move_to_host(self, layer: int) -> None:
         """Move a resident layer's cached positions to host memory and give it slots, filled with
@@ -530,7 +530,7 @@ class OffloadedKVCache(DenseKVCache):
         k = units.shape[-1]
         step = self.slot_pool.assign(units.reshape(self.num_rows, k),
                                      None if unit_valid is None else unit_valid.reshape(self.num_rows, k))
-        selected = valid.sum() if valid is not None else torch.tensor(B * G * K, device=self.device)
+        selected = valid.sum() if valid is not None else torch.full((), B * G * K, device=self.device)
         self.transfer.add(step.fetched * Nb, selected)
         slots = step.slots.view(B, G, k)
         if Nb > 1:  # token slot = block slot * N + offset in the block
@@ -575,7 +575,7 @@ class OffloadedKVCache(DenseKVCache):
         B, G, S = self.batch_size, self.kv_host.shape[3], self.kv_host.shape[4]
         rows = (torch.arange(B * G, device=self.device).view(B, G, 1) * S + plan.positions[:, None, :])
         if plan.write_start is None:
-            real = torch.arange(T, device=self.device)[None, :] < torch.tensor(plan.input_lens, device=self.device)[:, None]
+            real = torch.arange(T, device=self.device)[None, :] < to_device(plan.input_lens, self.device)[:, None]
             rows = rows.masked_fill(~real[:, None, :], -1)
         return rows
 

@@ -12,8 +12,8 @@ gathers whatever was chosen; it never chooses.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from dataclasses import dataclass, replace
+from typing import Callable, Protocol, Sequence
 
 import torch
 
@@ -59,44 +59,92 @@ def append_current(indices: torch.Tensor, valid: torch.Tensor | None, positions:
     return full, valid
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepPlan:
-    """Metadata for one forward step, planned once and passed to every layer.
+    """One forward step, planned on the host before layer 0 and only read after that.
 
     Attributes:
         positions: [B, T] int64 on the compute device; absolute position of each new token.
-        input_lens: number of real (non-padding) new tokens per row, host ints.
+        input_lens: real (non-padding) new tokens per row (host).
+        starts: each row's cached length before the step, i.e. its first new position (host).
         write_start: the common start position when every row writes all T tokens at the same
             offset (the fast path: one slice assignment); None otherwise.
         kv_len: number of cache positions the step attends over (max over rows).
         attn_mask: [B, 1, T, kv_len] bool (True = attend) or None when every query may see every
             key in range (decode of equal-length rows without a sliding window).
+        attn_mask_grouped: ``attn_mask`` repeated to [B, 1, R*T, kv_len] for the R query heads
+            folded per KV head (made once per step, not per layer); None when not needed.
         valid_index: ([N] batch index, [N] position) of the real tokens when rows differ.
-        cos, sin: [B, T, D] rotary tables, filled in by the model.
+        cos, sin: [B, T, D] rotary tables.
         selection: a :class:`Selection` for sparse decode steps, else None.
+        flat_rows: a global selection's rows as flat row numbers ((b * G + g) * S + position)
+            into a resident layer's [B, G, S, D] buffers, [B * G * (K + 1)]; the same for every
+            layer, so made once per step.
         focus: a ``retrieval.focus.QueryFocus`` on prefill chunks holding a row's focus window
             (attention layers report their window attention to it), else None.
     """
 
     positions: torch.Tensor
-    input_lens: list[int]
+    input_lens: tuple[int, ...]
+    starts: tuple[int, ...]
     write_start: int | None
     kv_len: int
     attn_mask: torch.Tensor | None
+    attn_mask_grouped: torch.Tensor | None = None
     valid_index: tuple[torch.Tensor, torch.Tensor] | None = None
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
     selection: Selection | None = None
+    flat_rows: torch.Tensor | None = None
     focus: object | None = None
-    _grouped: dict = field(default_factory=dict, repr=False)
 
-    def grouped_mask(self, mask: torch.Tensor, num_queries_per_kv: int) -> torch.Tensor:
-        """``mask`` [B, 1, T, S] repeated to [B, 1, R*T, S] for queries folded per KV head.
+    def with_selection(self, selection: Selection | None, row_pitch: int) -> StepPlan:
+        """This plan with ``selection``, its flat rows made for buffers of ``row_pitch`` positions per row."""
+        if selection is None or selection.indices is None:
+            return replace(self, selection=selection)
+        B, G, _ = selection.indices.shape
+        base = torch.arange(B * G, device=selection.indices.device).view(B, G, 1) * row_pitch
+        return replace(self, selection=selection, flat_rows=(selection.indices + base).reshape(-1))
 
-        Built once per step and mask, not once per layer: every layer of a dense step gets the
-        same mask object from the cache.
-        """
-        key = (id(mask), num_queries_per_kv)
-        if key not in self._grouped:
-            self._grouped[key] = (mask, mask.repeat(1, 1, num_queries_per_kv, 1))
-        return self._grouped[key][1]
+
+def to_device(values, device: torch.device) -> torch.Tensor:
+    """Host ints as an int64 tensor on ``device``; on CUDA through pinned memory, asynchronously, so
+    the host never waits for the device (a copy from pageable memory would)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=torch.int64, device=device)
+    return torch.tensor(values, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
+
+
+def make_plan(starts: Sequence[int], input_lens: Sequence[int], device: torch.device,
+              sliding_window: int | None = None, queries_per_kv: int = 1) -> StepPlan:
+    """The positions, masks and write layout of a step whose rows hold ``starts`` tokens and add
+    ``input_lens``, from host values alone (nothing is read back from the device)."""
+    starts, input_lens = tuple(int(s) for s in starts), tuple(int(n) for n in input_lens)
+    num_new = max(input_lens)
+    new_lens = [s + n for s, n in zip(starts, input_lens)]
+    uniform = len(set(starts)) == 1 and all(n == num_new for n in input_lens)
+    arange = torch.arange(num_new, device=device)
+    if uniform:
+        positions = (arange + starts[0])[None, :].expand(len(starts), num_new)  # [B, T]
+    else:
+        positions = to_device(starts, device)[:, None] + arange[None, :]
+    kv_len = max(new_lens)
+    attn_mask = grouped = None
+    if not (uniform and num_new == 1 and sliding_window is None):
+        key_pos = torch.arange(kv_len, device=device)
+        mask = key_pos[None, None, :] <= positions[:, :, None]  # causal
+        if not uniform:  # rows shorter than kv_len
+            mask &= key_pos[None, None, :] < to_device(new_lens, device)[:, None, None]
+        if sliding_window is not None:
+            mask &= key_pos[None, None, :] > positions[:, :, None] - sliding_window
+        attn_mask = mask[:, None]
+        if queries_per_kv > 1 and num_new > 1:
+            grouped = attn_mask.repeat(1, 1, queries_per_kv, 1)
+    valid_index = None
+    if not uniform:  # the real tokens, listed on the host
+        rows = [b for b, n in enumerate(input_lens) for _ in range(n)]
+        where = [starts[b] + t for b, n in enumerate(input_lens) for t in range(n)]
+        valid_index = (to_device(rows, device), to_device(where, device))
+    return StepPlan(positions=positions, input_lens=input_lens, starts=starts,
+                    write_start=starts[0] if uniform else None, kv_len=kv_len, attn_mask=attn_mask,
+                    attn_mask_grouped=grouped, valid_index=valid_index)

@@ -11,13 +11,15 @@ attends over what the cache returns.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
 from ..kv.cache import KVCache
-from ..kv.plan import StepPlan
+from ..kv.plan import StepPlan, to_device
 from .norm import RMSNorm
 from .rope import RotaryEmbedding, apply_rotary
 
@@ -60,8 +62,9 @@ class Attention(nn.Module):
         # Fold the R query heads of each KV group into the query axis so attention runs per KV
         # head without materialising repeated K/V (query head h uses KV head h // R).
         q = q.reshape(B, G, R * T, D)
-        if mask is not None and R > 1:
-            mask = plan.grouped_mask(mask, R)  # [B, 1, R*T, S]
+        if mask is not None and R > 1 and T > 1 and mask.shape[1] == 1:  # [B, 1, T, S] -> [B, 1, R*T, S]
+            grouped = plan.attn_mask_grouped if mask is plan.attn_mask else None
+            mask = grouped if grouped is not None else mask.repeat(1, 1, R, 1)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [B, G, R*T, D]
         out = out.view(B, G, R, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D)
         return self.o_proj(out)
@@ -188,7 +191,7 @@ class LlamaForCausalLM(nn.Module):
 
         Args:
             input_ids: [B, T] int64 on the model's device (rows padded on the right).
-            plan: from ``cache.plan_step(input_lens)``; this fills in cos/sin.
+            plan: from ``Engine.step`` (or ``cache.plan_step(input_lens)``, then rotary is made here).
             cache: the strategy holding K/V.
             logits_for: ``"last"`` -> [B, V] at each row's last real token; ``"all"`` -> [B, T, V];
                 ``"none"`` -> an empty tensor (prefill chunks that are not the last).
@@ -197,8 +200,9 @@ class LlamaForCausalLM(nn.Module):
         Returns:
             float32 logits.
         """
-        plan.cos, plan.sin = self.rotary(plan.positions, self.dtype)
-        cache.begin_step(plan)
+        if plan.cos is None:  # a plan made by cache.plan_step (a direct call): rotary made here
+            cos, sin = self.rotary(plan.positions, self.dtype)
+            plan = replace(plan, cos=cos, sin=sin)
         x = self.model.embed_tokens(input_ids)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, plan, cache)
@@ -206,8 +210,10 @@ class LlamaForCausalLM(nn.Module):
                 captured[i] = x
         if logits_for == "none":
             return x.new_empty(0)
-        if logits_for == "last":
-            last = torch.tensor([n - 1 for n in plan.input_lens], device=x.device)
+        if logits_for == "last" and x.shape[1] == 1:
+            x = x[:, 0]  # [B, E]
+        elif logits_for == "last":
+            last = to_device([max(n - 1, 0) for n in plan.input_lens], x.device)
             x = x[torch.arange(x.shape[0], device=x.device), last]  # [B, E]
         elif logits_for != "all":
             raise ValueError(f"logits_for must be 'last', 'all' or 'none', got {logits_for!r}")

@@ -40,7 +40,7 @@ from typing import Callable
 import torch
 
 from ..errors import InputError
-from ..kv.plan import Selection, append_current
+from ..kv.plan import Selection, append_current, to_device
 from .focus import QueryFocus, focus_layer_weights, parse_layer_list, pinned_mask
 from .head import RetrievalHead
 from .recall import RecallMeter, SelectionStats, past_attention
@@ -118,7 +118,7 @@ class Selector:
         self._sync_for_timing(plan)
         t0 = time.perf_counter()
         self.prepare(ids, plan)
-        past_lens = [int(p) for p in plan.positions[:, 0].tolist()]
+        past_lens = list(plan.starts)  # the host knows them: nothing is read back
         # rows with no token this step (finished requests of a batch) do not decide anything
         if max(p for p, n in zip(past_lens, plan.input_lens) if n > 0) <= self.budget_tokens:
             self.stats.dense_steps += 1
@@ -398,10 +398,13 @@ class HeadSelector(Selector):
         if hidden is not None:
             # A new tensor, never written in place: a prefill state shares its carry with every
             # decode started from it. A row with no tokens this step (finished) keeps its carry.
-            last = torch.tensor([max(n - 1, 0) for n in plan.input_lens], device=hidden.device)
-            carry = hidden[torch.arange(B, device=hidden.device), last].to(self.input_dtype)
+            if T == 1:
+                carry = hidden[:, 0].to(self.input_dtype)
+            else:
+                last = to_device([max(n - 1, 0) for n in plan.input_lens], hidden.device)
+                carry = hidden[torch.arange(B, device=hidden.device), last].to(self.input_dtype)
             if min(plan.input_lens) == 0:
-                idle = torch.tensor([n == 0 for n in plan.input_lens], device=hidden.device)
+                idle = to_device([n == 0 for n in plan.input_lens], hidden.device).bool()
                 carry = torch.where(idle[:, None], self.carry_hidden, carry)
             self.carry_hidden = carry
 
@@ -416,7 +419,10 @@ class HeadSelector(Selector):
             k, self._q, self._scores = self.head(embeds, hidden, plan.positions, self.k_device, past)
         else:
             self._q, k = self.head.project(self.head.inputs(embeds, hidden), plan.positions)  # [B, H, 1, Dh], [B, Gh, 1, Dh]
-        rows = torch.tensor([b for b, n in enumerate(plan.input_lens) if n > 0], device=self.k_device.device)
+        if min(plan.input_lens) > 0:
+            rows = torch.arange(len(plan.input_lens), device=self.k_device.device)
+        else:  # finished requests of a batch keep their keys
+            rows = to_device([b for b, n in enumerate(plan.input_lens) if n > 0], self.k_device.device)
         self.k_device[rows, :, plan.positions[rows, 0]] = k[rows, :, 0]
 
     @torch.inference_mode()
@@ -424,7 +430,7 @@ class HeadSelector(Selector):
         dev = self.k_device.device
         q = self._q
         P = max(past_lens)
-        lens = torch.tensor(past_lens, device=dev)
+        lens = to_device(past_lens, dev)
         valid = (torch.arange(P, device=dev)[None, :] < lens[:, None])[:, None]  # [B, 1, P]
         if self.onnx:
             probs = self._scores[:, :, :P]  # positions outside each row's past scored 0
