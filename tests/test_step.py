@@ -1,0 +1,78 @@
+"""The decode step: one function, planned on the host, with nothing read back from the device.
+
+A read back (``.item()``, ``.tolist()``, ``bool(tensor)``, a copy to the CPU, ``nonzero``) makes
+the host wait for the device on CUDA, which stalls the pipeline and rules out graph capture. On a
+CPU-only machine the same calls are counted instead: each is a sync on CUDA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from specontext.kv.plan import to_device
+from specontext.retrieval.selection import SparsityOptions
+
+from conftest import tiny_sparse_setup
+
+READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_sparse_setup(tmp_path_factory.mktemp("step"), 120)
+
+
+@contextlib.contextmanager
+def counting_device_reads():
+    """Count every call that reads a tensor's value back to the host."""
+    calls: list[str] = []
+    originals = {name: getattr(torch.Tensor, name) for name in READS}
+
+    def counted(name, fn):
+        def call(self, *args, **kwargs):
+            calls.append(name)
+            return fn(self, *args, **kwargs)
+        return call
+    for name, fn in originals.items():
+        setattr(torch.Tensor, name, counted(name, fn))
+    try:
+        yield calls
+    finally:
+        for name, fn in originals.items():
+            setattr(torch.Tensor, name, fn)
+
+
+def test_the_read_counter_sees_a_read():
+    with counting_device_reads() as calls:
+        torch.ones(2).sum().item()
+    assert calls == ["item"]
+
+
+@pytest.mark.parametrize("opts", [
+    dict(method="dense"),
+    dict(method="specontext", budget_tokens=40, sink_tokens=2, window_tokens=4, pin_fraction=0.0),
+    dict(method="specontext", budget_tokens=30, sink_tokens=2, window_tokens=4, pin_fraction=0.25,
+         focus_window_tokens=8),
+    dict(method="specontext", budget_tokens=500, sink_tokens=2, window_tokens=4, pin_fraction=0.0),
+    dict(method="streaming", budget_tokens=40, sink_tokens=2),
+], ids=["dense", "specontext", "specontext-pinned", "specontext-fits", "streaming"])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_a_decode_step_reads_nothing_back(tiny, opts, rows):
+    llm, ids = tiny["llm"], tiny["ids"]
+    llm.set_sparsity(sparsity="specontext", retrieval_head=tiny["head_path"])
+    engine = llm.engine
+    sparsity = SparsityOptions(**opts)
+    cache = engine.new_cache(100, batch_size=rows)
+    selector = engine.new_selector(100, batch_size=rows, sparsity=sparsity, cache=cache)
+    engine.prefill_rows([ids[:80 - 3 * b] for b in range(rows)], cache, selector=selector)
+    for step in range(3):
+        x = to_device([[ids[80 + step]]] * rows, llm.model.device)
+        with counting_device_reads() as calls:
+            engine.step(x, [1] * rows, cache, selector, decode=True)
+        assert calls == [], calls
+    if opts["method"] == "specontext" and opts["budget_tokens"] < 80:
+        assert selector.stats.sparse_steps == 3
+    llm.set_sparsity(sparsity="dense")
