@@ -120,7 +120,7 @@ def test_default_model_documents_questions_batch_lines_and_messages_are_text(def
     batch.write_text(json.dumps({"document": str(tmp_path / "doc.txt"), "question": "Where is Paris?"}) + "\n"
                      + json.dumps({"prompt": INJECTION}) + "\n")
     requests = cli.read_batch(str(batch), GenerationConfig())
-    assert [control_count(tok, cli._request_ids(llm, r, chat=True)) for r in requests] == [expected, expected]
+    assert [control_count(tok, cli.request_ids(llm, r, chat=True)) for r in requests] == [expected, expected]
     ids = llm.encode_document(INJECTION, "Where is Paris?")
     assert INJECTION in tok.decode(ids, skip_special=True)  # the document's text is all there
     # the explicit way for markup that is meant: token ids, used as they are

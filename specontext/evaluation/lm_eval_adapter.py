@@ -17,6 +17,7 @@ Shape letters: T tokens, V vocabulary.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -29,7 +30,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from ..api import LLM, load
-from ..errors import InputError
+from ..cli.common import run_main
+from ..errors import InputError, SpecontextError
 from ..settings import RuntimeSettings
 from . import MODEL_NAME, generation_config, hf_tokenizer_dir, read_tokenizer, render_chat
 
@@ -217,27 +219,41 @@ class SpecontextLM(TemplateLM):
         return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    """lm-eval's command line with the ``specontext`` model registered.
+def main(argv: list[str] | None = None) -> int:
+    """lm-eval's command line with the ``specontext`` model registered; returns the exit status.
 
     When ``--model specontext`` is chosen and neither ``--model_args`` nor ``--metadata`` names a
     ``tokenizer``, the metadata gets one: a Hugging Face folder made from the model's own
     tokenizer, which the synthetic RULER tasks size their prompts with (no hub access).
+
+    Errors end as every specontext command's do (:func:`specontext.cli.common.run_main`): one
+    line, with lm-eval's ValueErrors counted as bad input; ``--debug`` (ours, taken out before
+    lm-eval parses the rest) shows the traceback instead.
     """
     from lm_eval._cli import HarnessCLI
     from lm_eval.utils import setup_logging
 
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
     setup_logging()
-    parser = HarnessCLI()
-    args = parser.parse_args()
-    if getattr(args, "model", None) == MODEL_NAME:
-        model_args, metadata = args.model_args or {}, args.metadata or {}
-        if "tokenizer" not in model_args and "tokenizer" not in metadata:
-            args.metadata = {**metadata, "tokenizer": hf_tokenizer_dir(read_tokenizer(model_args.get("model")))}
-    parser.execute(args)
+    harness = HarnessCLI()
+
+    def parse_args(argv: list[str] | None) -> argparse.Namespace:
+        given = sys.argv[1:] if argv is None else list(argv)
+        sys.argv = [sys.argv[0], *(a for a in given if a != "--debug")]  # lm-eval parses sys.argv itself
+        args = harness.parse_args()
+        args.debug = "--debug" in given
+        return args
+
+    def run(args: argparse.Namespace) -> int:
+        del args.debug  # run_main has read it; lm-eval turns every option it is given into its config
+        if getattr(args, "model", None) == MODEL_NAME:
+            model_args, metadata = args.model_args or {}, args.metadata or {}
+            if "tokenizer" not in model_args and "tokenizer" not in metadata:
+                args.metadata = {**metadata, "tokenizer": hf_tokenizer_dir(read_tokenizer(model_args.get("model")))}
+        harness.execute(args)
+        return 0
+
+    return run_main("lm-eval", parse_args, run, argv, errors=(SpecontextError, ValueError))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-from ...errors import InputError, SpecontextError
+from ...cli.common import OneLineParser, run_main
+from ...errors import InputError
 from ...retrieval.head import TargetInfo
 from .convert import import_eagle3
 
-EXIT_ERROR, EXIT_USAGE = 1, 2
 PROG = "specontext-import-eagle3"
 
 DESCRIPTION = """\
@@ -29,11 +28,6 @@ examples:
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not usage plus message
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def _parse_layers(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(","))
@@ -42,8 +36,8 @@ def _parse_layers(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--draft", required=True, metavar="DIR",
                         help="the EAGLE-3 draft: a Hugging Face folder with config.json and *.safetensors "
                              "(pickle-only folders with pytorch_model.bin are refused; convert them first)")
@@ -65,6 +59,7 @@ def _millions(n: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """The command's body: read the target, import the draft, print what was kept and dropped."""
     from ...api import load_model_files
     from ...assets import default_model_path
     from ...retrieval.head import target_fingerprint
@@ -97,28 +92,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except SpecontextError as exc:
-        if args.debug:
-            raise
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        if args.debug:
-            raise
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return EXIT_ERROR
-    except Exception as exc:  # a bug or an exhausted machine, not bad input: still one line unless --debug
-        if args.debug:
-            raise
-        first_line = (str(exc).strip().splitlines() or [""])[0]
-        print(f"{PROG}: internal error: {type(exc).__name__}: {first_line} (rerun with --debug for the traceback)",
-              file=sys.stderr)
-        return EXIT_ERROR
+    """``specontext-import-eagle3`` with ``argv`` (None: ``sys.argv[1:]``); returns the exit status.
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    Example: ``main(["--draft", "my-draft", "--model", "model.gguf", "--output", "heads/mine"])``.
+    """
+    return run_main(PROG, build_parser().parse_args, run, argv)
