@@ -26,7 +26,7 @@ from .stats import GenerationResult
 from .errors import InputError, ModelFileError
 from .model.llama import LlamaForCausalLM
 from .retrieval.head import RetrievalHead, TargetInfo, resolve_head, target_fingerprint
-from .settings import GenerationConfig, RuntimeSettings
+from .settings import GenerationConfig, RuntimeSettings, decode_options
 from .tokenizer import Tokenizer
 
 Prompt = Union[str, list[dict], list[int]]
@@ -112,16 +112,14 @@ class LLM:
         self.set_sparsity()
 
     def set_sparsity(self, **changes) -> None:
-        """Change how later generations select tokens; keywords are :class:`RuntimeSettings` sparsity fields.
+        """Change how later generations select tokens; keywords are the :class:`RuntimeSettings` decode options (``settings.decode_options()``).
 
         Example::
 
             llm.set_sparsity(sparsity="specontext", budget_tokens=512)   # loads the head on first use
             llm.set_sparsity(sparsity="dense")
         """
-        allowed = {"sparsity", "budget_tokens", "sink_tokens", "window_tokens", "retrieval_head",
-                   "retrieval_backend", "fallback_threshold", "quest_page_tokens", "measure_recall", "block_tokens",
-                   "pin_fraction", "focus_window_tokens", "focus_pool_tokens", "focus_layers"}
+        allowed = decode_options()
         unknown = sorted(set(changes) - allowed)
         if unknown:
             raise InputError(f"unknown sparsity option {unknown[0]!r}; valid: {', '.join(sorted(allowed))}")
@@ -135,6 +133,8 @@ class LLM:
                                                                             self.settings.retrieval_backend)
         if opts.method == "specontext" and (head is None or changed):
             head = self._load_head(settings.retrieval_head, settings.retrieval_backend)
+        if settings.compile_decode != self.settings.compile_decode:
+            self.engine.clear_compiled()
         self.settings, self.retrieval_head = settings, head
         self.engine.settings, self.engine.sparsity, self.engine.retrieval_head = settings, opts, head
 

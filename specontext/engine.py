@@ -44,6 +44,7 @@ class Engine:
         # called on every decode step with (selection or None, plan), once chosen and before the
         # model runs: for tools and tests that record what was selected
         self.on_select: Callable[[Selection | None, StepPlan], None] | None = None
+        self._compiled: tuple[str, Callable] | None = None  # (mode, the model step under torch.compile), on first use
 
     @property
     def context_tokens(self) -> int:
@@ -129,8 +130,9 @@ class Engine:
             float32 logits (see :meth:`LlamaForCausalLM.forward`).
         """
         cfg, model = self.model.config, self.model
+        compiled = self._compiled_decode(cache, selector) if decode else None
         plan = make_plan(cache.reserve(input_lens), input_lens, model.device, cfg.sliding_window,
-                         cfg.num_heads // cfg.num_kv_heads)
+                         cfg.num_heads // cfg.num_kv_heads, static_tokens=cache.row_pitch if compiled else 0)
         cos, sin = model.rotary(plan.positions, model.dtype)
         plan = replace(plan, cos=cos, sin=sin)
         if decode and selector is not None:
@@ -142,10 +144,35 @@ class Engine:
         cache.begin_step(plan)
         captured: dict = {}
         capture = selector.capture_layers if selector is not None else ()
-        out = model(ids, plan, cache, logits_for=logits_for, capture_layers=capture, captured=captured)
+        if compiled is not None:
+            with torch.inference_mode():
+                out = compiled(ids, plan, cache, logits_for, capture, captured)
+        else:
+            out = model(ids, plan, cache, logits_for=logits_for, capture_layers=capture, captured=captured)
         if selector is not None:
             selector.observe(ids, plan, captured, is_prefill=not decode)
         return out
+
+    def clear_compiled(self) -> None:
+        """Forget the compiled decode step (the next compiled step compiles again)."""
+        self._compiled = None
+
+    def _compiled_decode(self, cache: KVCache, selector: Selector | None) -> Callable | None:
+        """The compiled model step for a decode step of ``cache`` and ``selector``, or None to run
+        eagerly: compiling is asked for (``compile_decode``), every layer is resident, and the
+        selection is one for all layers, made outside the step (dense, specontext, streaming)."""
+        mode = self.settings.compile_decode
+        if mode == "off" or type(cache) is not DenseKVCache or cache.grow_tokens:
+            return None
+        if selector is not None and (selector.method not in ("dense", "specontext", "streaming")
+                                     or selector.measure_recall):
+            return None
+        if mode == "cuda-graph" and self.model.device.type != "cuda":
+            raise InputError("compile_decode cuda-graph needs a CUDA device; on a CPU use on or off")
+        if self._compiled is None or self._compiled[0] != mode:
+            self._compiled = (mode, torch.compile(self.model.run, fullgraph=True, dynamic=False,
+                                                  mode="reduce-overhead" if mode == "cuda-graph" else None))
+        return self._compiled[1]
 
     def new_selector(self, capacity_tokens: int, batch_size: int = 1,
                      sparsity: SparsityOptions | None = None, cache: KVCache | None = None) -> Selector:

@@ -8,16 +8,27 @@ plan or state objects and are never written back here.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from .errors import InputError
 from .retrieval.selection import METHODS, PER_LAYER_METHODS, SparsityOptions
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+COMPILE_MODES = ("off", "on", "cuda-graph")
 
 
 def _opt(default, help: str, **extra):
     return field(default=default, metadata={"help": help, **extra})
+
+
+def _decode_opt(default, help: str, **extra):
+    """An option of how decode steps run: one :meth:`specontext.LLM.set_sparsity` may change."""
+    return _opt(default, help, decode=True, **extra)
+
+
+def decode_options() -> set[str]:
+    """The names of the options :meth:`specontext.LLM.set_sparsity` may change on a loaded model."""
+    return {f.name for f in fields(RuntimeSettings) if f.metadata.get("decode")}
 
 
 @dataclass(frozen=True)
@@ -29,34 +40,34 @@ class RuntimeSettings:
                       choices=DTYPES)
     threads: int = _opt(0, "CPU threads for compute; 0 keeps PyTorch's default (one per core)")
     prefill_chunk_tokens: int = _opt(512, "prompt tokens processed per prefill step; bounds activation memory")
-    sparsity: str = _opt("dense", "what each decode step attends to: dense (every past token); specontext (the retrieval "
+    sparsity: str = _decode_opt("dense", "what each decode step attends to: dense (every past token); specontext (the retrieval "
                          "head's choice, one set per KV head for all layers); oracle (per layer, the top of the model's own "
                          "attention: an upper bound); quest (per layer, pages ranked by key bounds); streaming (sinks plus "
                          "the most recent tokens); snapkv (per layer, the prompt positions the prompt's last tokens attended to, "
                          "plus sinks and window, fixed after prefill). Prefill is always dense", choices=METHODS)
-    budget_tokens: int = _opt(1024, "past tokens attended per KV head on a sparse decode step, sinks and window included; "
+    budget_tokens: int = _decode_opt(1024, "past tokens attended per KV head on a sparse decode step, sinks and window included; "
                               "while the context fits in the budget, steps run dense", flags=("--budget",))
-    sink_tokens: int = _opt(4, "first tokens always kept (specontext, streaming)")
-    window_tokens: int = _opt(60, "most recent tokens always kept (specontext, snapkv)")
-    retrieval_head: str = _opt("auto", "retrieval head for --sparsity specontext: a NAME.json / NAME.safetensors artefact, "
+    sink_tokens: int = _decode_opt(4, "first tokens always kept (specontext, streaming)")
+    window_tokens: int = _decode_opt(60, "most recent tokens always kept (specontext, snapkv)")
+    retrieval_head: str = _decode_opt("auto", "retrieval head for --sparsity specontext: a NAME.json / NAME.safetensors artefact, "
                                "or auto (a shipped or trained head whose target matches this model)")
-    retrieval_backend: str = _opt("torch", "what runs the retrieval head each step: torch, or onnxruntime (the head "
+    retrieval_backend: str = _decode_opt("torch", "what runs the retrieval head each step: torch, or onnxruntime (the head "
                                   "exported to ONNX, on the CPU provider, or CUDA with the K cache bound on the device; "
                                   "needs the onnx extra). --retrieval-head may then also be an exported .onnx file",
                                   choices=("torch", "onnxruntime"))
-    pin_fraction: float = _opt(0.5, "--sparsity specontext: share of the budget pinned to the prompt positions its "
+    pin_fraction: float = _decode_opt(0.5, "--sparsity specontext: share of the budget pinned to the prompt positions its "
                                "last --focus-window-tokens queries attended to most during prefill (where the question "
                                "looks); kept every step like sinks and window, the head chooses the rest. 0 = off")
-    focus_window_tokens: int = _opt(32, "prompt tokens at the end of the prompt whose attention over the prompt "
+    focus_window_tokens: int = _decode_opt(32, "prompt tokens at the end of the prompt whose attention over the prompt "
                                     "decides the pinned positions (specontext with --pin-fraction, snapkv)")
-    focus_layers: str = _opt("late", "layers whose focus the pins average: all, late (the second half), or layers and "
+    focus_layers: str = _decode_opt("late", "layers whose focus the pins average: all, late (the second half), or layers and "
                              "ranges like 14-22,25")
-    focus_pool_tokens: int = _opt(15, "odd width of the max-pool smoothing the focus over neighbouring positions "
+    focus_pool_tokens: int = _decode_opt(15, "odd width of the max-pool smoothing the focus over neighbouring positions "
                                   "before pinning (1 = none)")
-    fallback_threshold: float = _opt(0.0, "run a decode step dense when the retrieval head's attention mass on its "
+    fallback_threshold: float = _decode_opt(0.0, "run a decode step dense when the retrieval head's attention mass on its "
                                      "chosen tokens is below this (0 = never)")
-    quest_page_tokens: int = _opt(16, "page size for --sparsity quest")
-    block_tokens: int = _opt(1, "--sparsity specontext: select whole blocks of N consecutive tokens (each scored by its "
+    quest_page_tokens: int = _decode_opt(16, "page size for --sparsity quest")
+    block_tokens: int = _decode_opt(1, "--sparsity specontext: select whole blocks of N consecutive tokens (each scored by its "
                              "best token) instead of single tokens; the budget must be a multiple of N")
     offload_layers: int = _opt(0, "keep the full KV of the last N layers in host memory (pinned on CUDA); the device "
                                "keeps slots for the tokens each step selects, loaded while earlier layers compute")
@@ -70,8 +81,12 @@ class RuntimeSettings:
                                   "--offload-layers); a context that cannot fit is refused up front with the maximum")
     device_profile: str = _opt("auto", "device for the memory plan (--plan, --adaptive-offload): auto (detect this "
                                "machine), a shipped profile name (see profiles/), or a profile JSON file")
-    measure_recall: bool = _opt(False, "on sparse steps also compute dense attention and report the fraction of its "
+    measure_recall: bool = _decode_opt(False, "on sparse steps also compute dense attention and report the fraction of its "
                                 "mass on the chosen tokens (slower; for evaluation)")
+    compile_decode: str = _decode_opt("off", "run decode steps compiled with torch.compile (resident KV; dense, specontext or "
+                               "streaming): off; on (the first decode step compiles, tens of seconds on a CPU, "
+                               "cached on disk after that); cuda-graph (CUDA only: compiled and captured as CUDA "
+                               "graphs, torch's reduce-overhead mode)", choices=COMPILE_MODES)
 
     def sparsity_options(self) -> SparsityOptions:
         """The validated sparsity choice (raises InputError naming the bad value)."""
@@ -88,6 +103,8 @@ class RuntimeSettings:
         dev = self.device
         if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise InputError(f"device must be auto, cpu, cuda or cuda:N, got {dev!r}")
+        if self.compile_decode not in COMPILE_MODES:
+            raise InputError(f"compile_decode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_decode!r}")
         if self.threads < 0:
             raise InputError(f"threads must be >= 0, got {self.threads}")
         if self.prefill_chunk_tokens < 1:

@@ -76,3 +76,43 @@ def test_a_decode_step_reads_nothing_back(tiny, opts, rows):
     if opts["method"] == "specontext" and opts["budget_tokens"] < 80:
         assert selector.stats.sparse_steps == 3
     llm.set_sparsity(sparsity="dense")
+
+
+def _greedy(llm, ids, n, **opts):
+    llm.set_sparsity(**opts)
+    try:
+        return llm.generate(ids, chat=False, max_new_tokens=n, ignore_eos=True).token_ids
+    finally:
+        llm.set_sparsity(sparsity="dense", compile_decode="off")
+
+
+@pytest.mark.parametrize("sparsity", ["dense", "specontext"])
+def test_the_decode_step_compiles_as_one_graph(tiny, sparsity, monkeypatch):
+    """fullgraph=True: a graph break anywhere in the decode step fails here. Traced with the eager
+    backend (no code generation, seconds), which is where graph breaks are found."""
+    llm, ids = tiny["llm"], tiny["ids"]
+    opts = dict(sparsity=sparsity, retrieval_head=tiny["head_path"], budget_tokens=40, sink_tokens=2,
+                window_tokens=4, pin_fraction=0.25, focus_window_tokens=8)
+    eager = _greedy(llm, ids[:80], 12, **opts)
+    real_compile = torch.compile
+    calls = []
+
+    def tracing_compile(fn, **kwargs):
+        calls.append(kwargs)
+        return real_compile(fn, **{**kwargs, "backend": "eager"})
+    monkeypatch.setattr(torch, "compile", tracing_compile)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=False):
+        compiled = _greedy(llm, ids[:80], 12, compile_decode="on", **opts)
+    assert calls and calls[0]["fullgraph"] is True
+    assert compiled == eager
+
+
+def test_compiled_decode_gives_the_eager_tokens(tiny):
+    """The real compiler (inductor, C++ on a CPU): the same greedy tokens as eager."""
+    llm, ids = tiny["llm"], tiny["ids"]
+    opts = dict(sparsity="specontext", retrieval_head=tiny["head_path"], budget_tokens=40, sink_tokens=2,
+                window_tokens=4, pin_fraction=0.0)
+    eager = _greedy(llm, ids[:80], 10, **opts)
+    torch._dynamo.reset()
+    assert _greedy(llm, ids[:80], 10, compile_decode="on", **opts) == eager

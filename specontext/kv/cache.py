@@ -158,7 +158,11 @@ class DenseKVCache(KVCache):
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: StepPlan) -> None:
         """Write the step's new k, v [B, G, T, D] of ``layer`` at their positions."""
         k_buf, v_buf = self.k_device[layer], self.v_device[layer]
-        if plan.write_start is not None:
+        if plan.static:  # one token per row at its position: the same kernel every step
+            rows = torch.arange(k.shape[0], device=k.device)
+            k_buf[rows, :, plan.positions[:, 0]] = k[:, :, 0]
+            v_buf[rows, :, plan.positions[:, 0]] = v[:, :, 0]
+        elif plan.write_start is not None:
             end = plan.write_start + k.shape[2]
             k_buf[:, :, plan.write_start:end] = k
             v_buf[:, :, plan.write_start:end] = v

@@ -82,6 +82,10 @@ class StepPlan:
             layer, so made once per step.
         focus: a ``retrieval.focus.QueryFocus`` on prefill chunks holding a row's focus window
             (attention layers report their window attention to it), else None.
+        static: a decode step whose shapes do not change from step to step, for a compiled or
+            captured step: new tokens are written at ``positions`` (a tensor, not ``write_start``)
+            and a dense step attends over the whole buffer (``kv_len`` is its length) under
+            ``attn_mask``.
     """
 
     positions: torch.Tensor
@@ -97,6 +101,7 @@ class StepPlan:
     selection: Selection | None = None
     flat_rows: torch.Tensor | None = None
     focus: object | None = None
+    static: bool = False
 
     def with_selection(self, selection: Selection | None, row_pitch: int) -> StepPlan:
         """This plan with ``selection``, its flat rows made for buffers of ``row_pitch`` positions per row."""
@@ -116,10 +121,15 @@ def to_device(values, device: torch.device) -> torch.Tensor:
 
 
 def make_plan(starts: Sequence[int], input_lens: Sequence[int], device: torch.device,
-              sliding_window: int | None = None, queries_per_kv: int = 1) -> StepPlan:
+              sliding_window: int | None = None, queries_per_kv: int = 1, static_tokens: int = 0) -> StepPlan:
     """The positions, masks and write layout of a step whose rows hold ``starts`` tokens and add
-    ``input_lens``, from host values alone (nothing is read back from the device)."""
+    ``input_lens``, from host values alone (nothing is read back from the device).
+
+    ``static_tokens`` > 0 plans a one-token decode step over buffers of that many positions with
+    fixed shapes (see ``StepPlan.static``)."""
     starts, input_lens = tuple(int(s) for s in starts), tuple(int(n) for n in input_lens)
+    if static_tokens:
+        return _static_plan(starts, input_lens, device, sliding_window, static_tokens)
     num_new = max(input_lens)
     new_lens = [s + n for s, n in zip(starts, input_lens)]
     uniform = len(set(starts)) == 1 and all(n == num_new for n in input_lens)
@@ -148,3 +158,18 @@ def make_plan(starts: Sequence[int], input_lens: Sequence[int], device: torch.de
     return StepPlan(positions=positions, input_lens=input_lens, starts=starts,
                     write_start=starts[0] if uniform else None, kv_len=kv_len, attn_mask=attn_mask,
                     attn_mask_grouped=grouped, valid_index=valid_index)
+
+
+def _static_plan(starts: tuple[int, ...], input_lens: tuple[int, ...], device: torch.device,
+                 sliding_window: int | None, num_tokens: int) -> StepPlan:
+    """A one-token decode step with the same shapes every step: positions come from the host as a
+    tensor, and the mask [B, 1, 1, S] covers the whole buffer."""
+    if max(input_lens) != 1:
+        raise ValueError("a static plan is for decode steps of one token per row")
+    positions = to_device(starts, device)[:, None]  # [B, 1]
+    key_pos = torch.arange(num_tokens, device=device)
+    mask = key_pos[None, :] <= positions  # [B, S]
+    if sliding_window is not None:
+        mask &= key_pos[None, :] > positions - sliding_window
+    return StepPlan(positions=positions, input_lens=input_lens, starts=starts, write_start=None, kv_len=num_tokens,
+                    attn_mask=mask[:, None, None, :], static=True)

@@ -200,6 +200,12 @@ class LlamaForCausalLM(nn.Module):
         Returns:
             float32 logits.
         """
+        return self.run(input_ids, plan, cache, logits_for, capture_layers, captured)
+
+    def run(self, input_ids: torch.Tensor, plan: StepPlan, cache: KVCache, logits_for: str = "last",
+            capture_layers: tuple[int, ...] = (), captured: dict | None = None) -> torch.Tensor:
+        """:meth:`forward` without its inference-mode wrapper: what ``torch.compile`` traces (the
+        caller holds inference mode)."""
         if plan.cos is None:  # a plan made by cache.plan_step (a direct call): rotary made here
             cos, sin = self.rotary(plan.positions, self.dtype)
             plan = replace(plan, cos=cos, sin=sin)
