@@ -455,7 +455,8 @@ def hf_memory_bytes(cfg, requests: int, seq_tokens: int, chunk_tokens: int, elem
     whenever SDPA gets a mask); a prefill chunk's boolean mask, SDPA's bias of it and its padded
     copy, its activations and its logits (every position of the chunk, and again in float32).
     """
-    from specontext.planner.memory import SDPA_BIAS_ALIGN, pinned_block_bytes
+    from specontext.planner.host_memory import pinned_block_bytes
+    from specontext.planner.memory import SDPA_BIAS_ALIGN
 
     L, G, H, D = cfg.num_layers, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim
     E, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size

@@ -18,8 +18,10 @@ from specontext.retrieval.selection import SparsityOptions
 from specontext.config import ModelConfig
 from specontext.errors import InputError
 from specontext.kv.cache import DenseKVCache
-from specontext.planner.memory import (CUDA_HOST_MEMORY, HeadShape, MemoryInputs, buffers, model_weight_bytes,
-                                       pinned_block_bytes, plan_placement, prefill_workspace, tier_bytes)
+from specontext.planner.host_memory import CUDA_HOST_MEMORY, pinned_block_bytes
+from specontext.planner.memory import (HeadShape, MemoryInputs, buffers, model_weight_bytes, prefill_workspace,
+                                       tier_bytes)
+from specontext.planner.placement import plan_placement
 from specontext.planner.profiles import DeviceProfile, detect_profile, load_profile, read_profile, shipped_profiles
 from specontext.planner.plan import make_plan
 from specontext.retrieval.head import RetrievalHead, RetrievalHeadConfig, save_head

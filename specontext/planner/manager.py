@@ -15,7 +15,9 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import ContextLengthError, InputError
-from .memory import GLOBAL_METHODS, HeadShape, MemoryInputs, Placement, host_memory_for, plan_placement
+from .host_memory import host_memory_for
+from .memory import GLOBAL_METHODS, HeadShape, MemoryInputs
+from .placement import Placement, plan_placement
 from .profiles import DeviceProfile
 
 

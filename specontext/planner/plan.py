@@ -8,8 +8,9 @@ from dataclasses import dataclass, replace
 
 from ..config import ModelConfig
 from ..errors import InputError
-from .memory import (GLOBAL_METHODS, Buffer, HeadShape, MemoryInputs, Placement, buffers, host_memory_for,
-                     plan_placement, step_time, tier_bytes)
+from .host_memory import host_memory_for
+from .memory import GLOBAL_METHODS, Buffer, HeadShape, MemoryInputs, buffers, tier_bytes
+from .placement import Placement, plan_placement, step_time
 from .profiles import DeviceProfile, load_profile
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
