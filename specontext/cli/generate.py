@@ -161,7 +161,7 @@ def run_batch(args: argparse.Namespace, settings: RuntimeSettings, requests: lis
             except (KeyboardInterrupt, BrokenPipeError) as exc:
                 interrupted = exc
                 batch.interrupt()
-                if isinstance(exc, BrokenPipeError):  # the reader of standard output went away: --output keeps every line
+                if isinstance(exc, BrokenPipeError):  # stdout's reader went away: --output keeps every line
                     discard_stdout()
                 for i in range(len(requests)):
                     if i not in written:
