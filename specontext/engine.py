@@ -141,7 +141,9 @@ class Engine:
                 self.on_select(plan.selection, plan)
         elif focus is not None and focus.begin_chunk(input_lens):
             plan = replace(plan, focus=focus)
-        cache.begin_step(plan)
+        fetch = cache.begin_step(plan)
+        if fetch is not None:
+            plan = replace(plan, fetch=fetch)
         captured: dict = {}
         capture = selector.capture_layers if selector is not None else ()
         if compiled is not None:

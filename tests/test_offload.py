@@ -15,7 +15,7 @@ import torch
 
 import specontext
 from specontext.errors import InputError
-from specontext.kv.offload import OffloadedKVCache
+from specontext.kv.offload import HostLayer, OffloadedKVCache
 from specontext.kv.slots import SlotPool
 
 from conftest import make_hf_model, make_random_head
@@ -160,7 +160,7 @@ def test_offloaded_layers_live_in_host_memory(tiny):
     cache = llm.engine.new_cache(TOTAL)
     assert isinstance(cache, OffloadedKVCache)
     L = tiny["num_layers"]
-    assert [k is None for k in cache.k_device] == [layer >= L - 2 for layer in range(L)]
+    assert [isinstance(store, HostLayer) for store in cache.layers] == [layer >= L - 2 for layer in range(L)]
     assert cache.kv_host.device.type == "cpu" and cache.kv_host.shape[0] == 2
     llm.engine.prefill(tiny["ids"][:PREFIX], cache)
     cache.copier.drain()
@@ -168,8 +168,8 @@ def test_offloaded_layers_live_in_host_memory(tiny):
     dense = resident.engine.new_cache(TOTAL)
     resident.engine.prefill(tiny["ids"][:PREFIX], dense)
     for i, layer in enumerate(cache.offloaded_layers):  # the host copy is the layer's KV
-        assert torch.equal(cache.kv_host[i, 0, :, :, :PREFIX], dense.k_device[layer][:, :, :PREFIX])
-        assert torch.equal(cache.kv_host[i, 1, :, :, :PREFIX], dense.v_device[layer][:, :, :PREFIX])
+        assert torch.equal(cache.kv_host[i, 0, :, :, :PREFIX], dense.layers[layer].k[:, :, :PREFIX])
+        assert torch.equal(cache.kv_host[i, 1, :, :, :PREFIX], dense.layers[layer].v[:, :, :PREFIX])
     assert cache.host_bytes() == 2 * 2 * cache.kv_host[0, 0].numel() * cache.kv_host.element_size()
 
 
@@ -256,7 +256,7 @@ def test_a_failing_copy_reaches_the_caller(tiny, monkeypatch, async_prefetch):
 
 
 def test_a_failed_pinned_allocation_falls_back_to_pageable_with_a_warning(monkeypatch):
-    from specontext.kv import offload
+    from specontext.kv import host
 
     real_zeros = torch.zeros
 
@@ -264,17 +264,17 @@ def test_a_failed_pinned_allocation_falls_back_to_pageable_with_a_warning(monkey
         if pin_memory:
             raise RuntimeError("CUDA error: out of memory\nmore detail")
         return real_zeros(*args, **kwargs)
-    monkeypatch.setattr(offload.torch, "zeros", no_pinning)
-    monkeypatch.setattr(offload, "_registered_zeros", _refuse_registration)
+    monkeypatch.setattr(host.torch, "zeros", no_pinning)
+    monkeypatch.setattr(host, "_registered_zeros", _refuse_registration)
     with pytest.warns(RuntimeWarning) as caught:
-        t, kind = offload.allocate_host((2, 3, 4), torch.float16, pin=True)
+        t, kind = host.allocate_host((2, 3, 4), torch.float16, pin=True)
     messages = [str(w.message) for w in caught]
     registering = r"could not register 0\.0 MiB .*\(cudaHostRegister failed: no device\); using torch's pinned"
     assert any(re.search(registering, m) for m in messages)
     assert any(re.search(r"could not pin 0\.0 MiB .*\(CUDA error: out of memory\); using pageable", m)
                for m in messages)
     assert kind == "pageable" and t.shape == (2, 3, 4) and t.dtype == torch.float16 and not bool(t.any())
-    t, kind = offload.allocate_host((5,), torch.float32, pin=False)  # no pinning asked: no warning
+    t, kind = host.allocate_host((5,), torch.float32, pin=False)  # no pinning asked: no warning
     assert kind == "pageable" and t.shape == (5,)
 
 
@@ -326,10 +326,10 @@ def test_registered_host_kv_pins_its_exact_bytes_for_exactly_its_lifetime(monkey
     synchronisation once the last view of it is gone, never before."""
     import mmap
 
-    from specontext.kv import offload
+    from specontext.kv import host
 
     calls = _fake_cuda_host(monkeypatch)
-    t, kind = offload.allocate_host((3, 5, 7), torch.float16, pin=True, device="cuda:0")
+    t, kind = host.allocate_host((3, 5, 7), torch.float16, pin=True, device="cuda:0")
     assert kind == "registered" and t.shape == (3, 5, 7) and t.dtype == torch.float16 and not bool(t.any())
     address = t.data_ptr()
     assert calls == [("register", address, 3 * 5 * 7 * 2, 0)] and address % mmap.PAGESIZE == 0
@@ -344,19 +344,19 @@ def test_registered_host_kv_pins_its_exact_bytes_for_exactly_its_lifetime(monkey
 
 
 def test_a_refused_registration_falls_back_to_torch_pinned_memory(monkeypatch):
-    from specontext.kv import offload
+    from specontext.kv import host
 
     calls = _fake_cuda_host(monkeypatch, status=801)
     real_zeros = torch.zeros
-    monkeypatch.setattr(offload.torch, "zeros", lambda *a, pin_memory=False, **k: real_zeros(*a, **k))
+    monkeypatch.setattr(host.torch, "zeros", lambda *a, pin_memory=False, **k: real_zeros(*a, **k))
     with pytest.warns(RuntimeWarning, match=r"could not register 3\.0 MiB .*\(cudaHostRegister failed: operation not "
                                             r"supported\); using torch's pinned allocator, which pins 4\.0 MiB"):
-        t, kind = offload.allocate_host((3, 2**20), torch.uint8, pin=True)
+        t, kind = host.allocate_host((3, 2**20), torch.uint8, pin=True)
     assert kind == "pin_memory" and t.shape == (3, 2**20) and calls[0][0] == "register"
     # registered, but CUDA does not see it as pinned: unregistered again, then the same fallback
     calls = _fake_cuda_host(monkeypatch, status=0, pinned=False)
     with pytest.warns(RuntimeWarning, match="does not report the range as pinned"):
-        t, kind = offload.allocate_host((4, 4), torch.float32, pin=True)
+        t, kind = host.allocate_host((4, 4), torch.float32, pin=True)
     gc.collect()
     assert kind == "pin_memory" and calls[1:] == [("synchronize", torch.device("cuda")), ("unregister", calls[0][1]),
                                                   ("still mapped", True)]
@@ -365,7 +365,7 @@ def test_a_refused_registration_falls_back_to_torch_pinned_memory(monkeypatch):
 def test_pinned_bytes_follow_how_the_host_kv_is_held():
     import mmap
 
-    from specontext.kv.offload import pinned_host_bytes
+    from specontext.kv.host import pinned_host_bytes
 
     GiB = 2**30
     assert pinned_host_bytes(17 * GiB, "pin_memory") == 32 * GiB  # torch's host allocator: a power of two
@@ -385,11 +385,11 @@ def test_every_device_buffer_the_copy_engine_writes_is_shared_with_it(monkeypatc
     monkeypatch.setattr(offload.ThreadCopyEngine, "share", lambda self, buf: shared.append(buf) or buf)
     cache = OffloadedKVCache(3, 1, 2, 4, 32, torch.float32, "cpu", offloaded=[False, True, True], pool_tokens=8,
                              offload_from_tokens=[0, 0, 8])
-    assert [id(t) for t in shared] == [id(cache.kv_slots_device[0])] and cache.kv_slots_device[1] is None
-    cache.plan_step([10])  # layer 2 reaches the length it leaves the device at: new slots
+    assert [id(t) for t in shared] == [id(cache.layers[1].slots)] and not isinstance(cache.layers[2], HostLayer)
+    cache.plan_step([10])  # layer 2 reaches the length it leaves the device at: it becomes a HostLayer
     staging = cache._staging()
-    assert cache.kv_slots_device[1] is not None
-    assert {id(t) for t in shared} == {id(cache.kv_slots_device[0]), id(cache.kv_slots_device[1]), id(staging)}
+    assert isinstance(cache.layers[2], HostLayer)
+    assert {id(t) for t in shared} == {id(cache.layers[1].slots), id(cache.layers[2].slots), id(staging)}
 
 
 class _FakeStream:
@@ -508,9 +508,9 @@ def test_cuda_offloaded_equals_device_resident_sparse(tiny, monkeypatch, pinned,
 @pytest.mark.cuda
 def test_cuda_registered_host_kv_feeds_the_copy_kernel_and_is_unregistered_with_it():
     from specontext import native
-    from specontext.kv import offload
+    from specontext.kv.host import allocate_host
 
-    host, kind = offload.allocate_host((2, 64, 8), torch.float16, pin=True, device="cuda")
+    host, kind = allocate_host((2, 64, 8), torch.float16, pin=True, device="cuda")
     assert kind == "registered" and host.is_pinned()
     host.copy_(torch.randn(2, 64, 8, generator=torch.Generator().manual_seed(0)).half())
     out = torch.zeros(2, 3, 8, dtype=torch.float16, device="cuda")

@@ -244,7 +244,7 @@ def test_gathered_attention_equals_a_masked_float32_reference():
     q = torch.randn(B, G * R, 1, D)
     keys, values, mask = cache.update(0, k_new, v_new, plan)
     out = torch.nn.functional.scaled_dot_product_attention(q.view(B, G, R, D), keys, values)
-    full_k, full_v = cache.k_device[0][:, :, :S], cache.v_device[0][:, :, :S]
+    full_k, full_v = cache.layers[0].k[:, :, :S], cache.layers[0].v[:, :, :S]
     allowed = torch.zeros(B, G, S, dtype=torch.bool).scatter_(-1, indices, True)
     ref_logits = (q.view(B, G, R, D) @ full_k.transpose(-1, -2)) / D ** 0.5
     ref = ref_logits.masked_fill(~allowed[:, :, None], float("-inf")).softmax(-1) @ full_v

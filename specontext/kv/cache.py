@@ -24,7 +24,7 @@ import abc
 import torch
 
 from ..errors import ContextLengthError
-from .plan import StepPlan, make_plan
+from .plan import FetchPlan, StepPlan, make_plan
 
 
 class KVCache(abc.ABC):
@@ -60,28 +60,78 @@ class KVCache(abc.ABC):
     def allocated_bytes(self) -> int:
         """Bytes of all buffers this cache owns."""
 
-    def begin_step(self, plan: StepPlan) -> None:
-        """The plan is final (``plan.selection`` set); layer 0 is about to run."""
+    def begin_step(self, plan: StepPlan) -> FetchPlan | None:
+        """The plan is final (``plan.selection`` set) and layer 0 is about to run: issue the step's
+        loads; returns what offloaded layers read this step (the engine puts it in the plan)."""
+        return None
 
     def rewind(self, length: int) -> None:
         """Forget every cached position >= ``length`` in every row (to decode again from a prompt)."""
         self.seq_lens = [length] * self.batch_size
 
 
-class DenseKVCache(KVCache):
-    """Every layer's full K and V, preallocated on the compute device.
+class ResidentLayer:
+    """One layer's full K and V on the compute device, [B, G, S, D] each (S: positions per row).
 
-    Buffers ``k_device[layer]`` / ``v_device[layer]`` are [B, G, capacity, D] and are never
-    reallocated or concatenated; attention reads a narrowed view of the first ``kv_len``
-    positions.
+    Buffers are never concatenated; attention reads a narrowed view of the first ``kv_len``
+    positions (a static step: the whole buffer under its mask).
+    """
+
+    def __init__(self, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device):
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def grow(self, size: int) -> None:
+        """Reallocate to ``size`` positions per row, keeping what is stored (one layer's transient)."""
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = torch.zeros(*old.shape[:2], size, old.shape[3], dtype=old.dtype, device=old.device)
+            new[:, :, :old.shape[2]] = old
+            setattr(self, name, new)
+
+    def store(self, k: torch.Tensor, v: torch.Tensor, plan: StepPlan) -> None:
+        """Write the step's new k, v [B, G, T, D] at their positions."""
+        store_rows(self.k, self.v, k, v, plan)
+
+    def read(self, plan: StepPlan):
+        return self.k[:, :, :plan.kv_len], self.v[:, :, :plan.kv_len], plan.attn_mask
+
+    def gather(self, flat_rows: torch.Tensor, out_k: torch.Tensor, out_v: torch.Tensor) -> None:
+        """Rows ``flat_rows`` ((b * G + g) * S + position) into ``out_k`` / ``out_v`` [B, G, K + 1, D]."""
+        B, G, S, D = self.k.shape
+        torch.index_select(self.k.view(B * G * S, D), 0, flat_rows, out=out_k.view(-1, D))
+        torch.index_select(self.v.view(B * G * S, D), 0, flat_rows, out=out_v.view(-1, D))
+
+
+def store_rows(k_buf: torch.Tensor, v_buf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: StepPlan) -> None:
+    """Write k, v [B, G, T, D] into buffers [B, G, S, D] at the plan's positions."""
+    if plan.static:  # one token per row at its position: the same kernel every step
+        rows = torch.arange(k.shape[0], device=k.device)
+        k_buf[rows, :, plan.positions[:, 0]] = k[:, :, 0]
+        v_buf[rows, :, plan.positions[:, 0]] = v[:, :, 0]
+    elif plan.write_start is not None:
+        end = plan.write_start + k.shape[2]
+        k_buf[:, :, plan.write_start:end] = k
+        v_buf[:, :, plan.write_start:end] = v
+    else:
+        b_idx, pos = plan.valid_index
+        t_idx = pos - plan.positions[b_idx, 0]
+        # Advanced indices around a slice put the selected axis first: [N, G, D].
+        k_buf[b_idx, :, pos] = k[b_idx, :, t_idx]
+        v_buf[b_idx, :, pos] = v[b_idx, :, t_idx]
+
+
+class DenseKVCache(KVCache):
+    """Every layer's full K and V on the compute device: a list of :class:`ResidentLayer`.
 
     Args:
         num_layers, batch_size, num_kv_heads, head_dim: shape.
         capacity_tokens: positions per row (prompt plus tokens to generate).
         dtype, device: storage.
         sliding_window: if set, a query at position p sees keys in (p - window, p].
-        on_device: per layer, whether this class stores it (default all); a subclass stores the
-            others elsewhere (``k_device[layer]`` is None for them).
         grow_tokens: 0 preallocates ``capacity_tokens``; N > 0 starts with N positions and grows
             every device buffer to the next multiple of N as the cache fills (one layer at a
             time, so the transient is one layer's old buffer). For the memory manager, which
@@ -95,26 +145,29 @@ class DenseKVCache(KVCache):
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int,
                  capacity_tokens: int, dtype: torch.dtype, device: torch.device | str,
-                 sliding_window: int | None = None, on_device: list[bool] | None = None, grow_tokens: int = 0):
+                 sliding_window: int | None = None, grow_tokens: int = 0):
         self.num_layers = num_layers
         self.batch_size = batch_size
         self.capacity_tokens = capacity_tokens
         self.device = torch.device(device)
+        self.dtype = dtype
         self.sliding_window = sliding_window
         self.grow_tokens = grow_tokens
         self.device_tokens = min(grow_tokens, capacity_tokens) if grow_tokens else capacity_tokens
-        shape = (batch_size, num_kv_heads, self.device_tokens, head_dim)
-        on_device = [True] * num_layers if on_device is None else list(on_device)
-        self.k_device = [torch.zeros(shape, dtype=dtype, device=self.device) if on else None for on in on_device]
-        self.v_device = [torch.zeros(shape, dtype=dtype, device=self.device) if on else None for on in on_device]
+        self.resident_shape = (batch_size, num_kv_heads, self.device_tokens, head_dim)
+        self.layers: list = [self._initial_layer(layer) for layer in range(num_layers)]
         self.seq_lens = [0] * batch_size  # cached tokens per row, host side
         # gathered rows of a sparse step, [B, G, K + 1, D]; sized on the first sparse step
         self.k_selected_device: torch.Tensor | None = None
         self.v_selected_device: torch.Tensor | None = None
 
+    def _initial_layer(self, layer: int):
+        """The storage ``layer`` starts in."""
+        return ResidentLayer(self.resident_shape, self.dtype, self.device)
+
     def allocated_bytes(self) -> int:
-        bufs = self.k_device + self.v_device + [self.k_selected_device, self.v_selected_device]
-        return sum(t.numel() * t.element_size() for t in bufs if t is not None)
+        gathered = [t for t in (self.k_selected_device, self.v_selected_device) if t is not None]
+        return sum(layer.nbytes() for layer in self.layers) + sum(t.numel() * t.element_size() for t in gathered)
 
     def reset(self) -> None:
         self.seq_lens = [0] * self.batch_size
@@ -145,33 +198,17 @@ class DenseKVCache(KVCache):
         return make_plan(self.reserve(input_lens), input_lens, self.device, self.sliding_window, queries_per_kv)
 
     def _grow(self, num_tokens: int) -> None:
-        """Reallocate every device layer to hold ``num_tokens`` (rounded up to ``grow_tokens``)."""
+        """Reallocate every resident layer to hold ``num_tokens`` (rounded up to ``grow_tokens``)."""
         size = min(-(-num_tokens // self.grow_tokens) * self.grow_tokens, self.capacity_tokens)
-        for bufs in (self.k_device, self.v_device):
-            for layer, old in enumerate(bufs):
-                if old is not None:
-                    new = torch.zeros(*old.shape[:2], size, old.shape[3], dtype=old.dtype, device=old.device)
-                    new[:, :, :old.shape[2]] = old
-                    bufs[layer] = new  # the old one is freed here: one layer's transient at a time
+        for layer in self.layers:
+            if isinstance(layer, ResidentLayer):
+                layer.grow(size)
         self.device_tokens = size
+        self.resident_shape = (*self.resident_shape[:2], size, self.resident_shape[3])
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: StepPlan) -> None:
         """Write the step's new k, v [B, G, T, D] of ``layer`` at their positions."""
-        k_buf, v_buf = self.k_device[layer], self.v_device[layer]
-        if plan.static:  # one token per row at its position: the same kernel every step
-            rows = torch.arange(k.shape[0], device=k.device)
-            k_buf[rows, :, plan.positions[:, 0]] = k[:, :, 0]
-            v_buf[rows, :, plan.positions[:, 0]] = v[:, :, 0]
-        elif plan.write_start is not None:
-            end = plan.write_start + k.shape[2]
-            k_buf[:, :, plan.write_start:end] = k
-            v_buf[:, :, plan.write_start:end] = v
-        else:
-            b_idx, pos = plan.valid_index
-            t_idx = pos - plan.positions[b_idx, 0]
-            # Advanced indices around a slice put the selected axis first: [N, G, D].
-            k_buf[b_idx, :, pos] = k[b_idx, :, t_idx]
-            v_buf[b_idx, :, pos] = v[b_idx, :, t_idx]
+        self.layers[layer].store(k, v, plan)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: StepPlan, queries: torch.Tensor | None = None):
         """Store k, v [B, G, T, D]; return keys/values [B, G, kv_len, D] (or, on a step with a
@@ -181,27 +218,22 @@ class DenseKVCache(KVCache):
         sel = plan.selection
         if sel is not None:
             return self.gather(layer, plan, sel.indices, sel.valid)
-        return self.k_device[layer][:, :, :plan.kv_len], self.v_device[layer][:, :, :plan.kv_len], plan.attn_mask
+        return self.layers[layer].read(plan)
 
     def past(self, layer: int, plan: StepPlan) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """A decode step's past keys [B, G, P, D] of ``layer`` (P = kv_len - 1) and, when rows
         differ in length, which are real ([B, P] bool; else None)."""
         num_past = plan.kv_len - 1
-        past_keys = self.k_device[layer][:, :, :num_past]
+        past_keys = self.layers[layer].k[:, :, :num_past]
         past_valid = None
-        if len(set(self.seq_lens)) > 1:
+        if len(set(plan.starts)) > 1:
             past_valid = torch.arange(num_past, device=past_keys.device)[None, :] < plan.positions[:, :1]
         return past_keys, past_valid
 
     def gather(self, layer: int, plan: StepPlan, indices: torch.Tensor, valid: torch.Tensor | None):
         """The rows ``indices`` [B, G, K + 1] (current token last) of ``layer`` as keys and values
         [B, G, K + 1, D], and the mask [B, G, 1, K + 1] from ``valid`` (None: all real)."""
-        k_buf, v_buf = self.k_device[layer], self.v_device[layer]
-        B, G, S, D = k_buf.shape
-        shape = (*indices.shape, D)  # [B, G, K + 1, D]
-        if self.k_selected_device is None or self.k_selected_device.shape != shape:
-            self.k_selected_device = torch.empty(shape, dtype=k_buf.dtype, device=k_buf.device)
-            self.v_selected_device = torch.empty(shape, dtype=v_buf.dtype, device=v_buf.device)
+        out_k, out_v = self._gathered(indices.shape)
         # Whole rows by flat row number ((b * G + g) * S + position): a row copy per index, where
         # torch.gather over an expanded [B, G, K + 1, D] index reads and checks every element
         # (measured on CPU at 8k, B = 1024: 72 us against 860 us per buffer). A global selection's
@@ -210,8 +242,16 @@ class DenseKVCache(KVCache):
         if plan.flat_rows is not None and sel is not None and indices is sel.indices:
             flat = plan.flat_rows
         else:  # a per-layer choice
-            flat = (indices + torch.arange(B * G, device=indices.device).view(B, G, 1) * S).reshape(-1)
-        torch.index_select(k_buf.view(B * G * S, D), 0, flat, out=self.k_selected_device.view(-1, D))
-        torch.index_select(v_buf.view(B * G * S, D), 0, flat, out=self.v_selected_device.view(-1, D))
+            B, G, _ = indices.shape
+            flat = (indices + torch.arange(B * G, device=indices.device).view(B, G, 1) * self.row_pitch).reshape(-1)
+        self.layers[layer].gather(flat, out_k, out_v)
         mask = None if valid is None else valid[:, :, None, :]  # [B, G, 1, K + 1]
-        return self.k_selected_device, self.v_selected_device, mask
+        return out_k, out_v, mask
+
+    def _gathered(self, index_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The [B, G, K + 1, D] buffers every layer gathers its rows into (shared: one layer at a time)."""
+        shape = (*index_shape, self.resident_shape[3])
+        if self.k_selected_device is None or self.k_selected_device.shape != shape:
+            self.k_selected_device = torch.empty(shape, dtype=self.dtype, device=self.device)
+            self.v_selected_device = torch.empty(shape, dtype=self.dtype, device=self.device)
+        return self.k_selected_device, self.v_selected_device

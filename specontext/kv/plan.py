@@ -60,6 +60,25 @@ def append_current(indices: torch.Tensor, valid: torch.Tensor | None, positions:
 
 
 @dataclass(frozen=True)
+class FetchPlan:
+    """What offloaded layers read this step, decided once for all of them before layer 0.
+
+    Attributes:
+        kind: ``"slots"`` (the step's selection, from each layer's device slots, loaded
+            elastically) or ``"staged"`` (whole layers streamed through two staging buffers).
+        gather_rows: slots mode, the [B * G * (K + 1)] flat rows into a layer's [B, G, P + N, D]
+            slots to attend (the current token's slot last).
+        gather_shape: slots mode, (B, G, K + 1, D).
+        gather_valid: slots mode, the mask [B, G, 1, K + 1] or None when every entry is real.
+    """
+
+    kind: str
+    gather_rows: torch.Tensor | None = None
+    gather_shape: tuple[int, ...] = ()
+    gather_valid: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
 class StepPlan:
     """One forward step, planned on the host before layer 0 and only read after that.
 
@@ -82,6 +101,7 @@ class StepPlan:
             layer, so made once per step.
         focus: a ``retrieval.focus.QueryFocus`` on prefill chunks holding a row's focus window
             (attention layers report their window attention to it), else None.
+        fetch: what offloaded layers read this step (:class:`FetchPlan`), None without any.
         static: a decode step whose shapes do not change from step to step, for a compiled or
             captured step: new tokens are written at ``positions`` (a tensor, not ``write_start``)
             and a dense step attends over the whole buffer (``kv_len`` is its length) under
@@ -101,6 +121,7 @@ class StepPlan:
     selection: Selection | None = None
     flat_rows: torch.Tensor | None = None
     focus: object | None = None
+    fetch: FetchPlan | None = None
     static: bool = False
 
     def with_selection(self, selection: Selection | None, row_pitch: int) -> StepPlan:
