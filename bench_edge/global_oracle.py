@@ -24,7 +24,7 @@ import torch
 
 from specontext.kv.plan import Selection, append_current
 from specontext.retrieval.recall import past_attention
-from specontext.retrieval.selection import Selector
+from specontext.retrieval.selector import Selector
 
 METHOD = "oracle-global"
 

@@ -8,7 +8,6 @@ strings in ``decoding.py``; counters in ``stats.py``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -18,10 +17,14 @@ from .errors import ContextLengthError, InputError
 from .kv.cache import DenseKVCache, KVCache
 from .kv.offload import OffloadedKVCache
 from .kv.plan import Selection, StepPlan, make_plan, to_device
+from .kv.slots import pool_tokens
+from .methods import GLOBAL_METHODS
 from .model.llama import LlamaForCausalLM
 from .retrieval.focus import QueryFocus, focus_layer_weights
 from .retrieval.head import RetrievalHead
-from .retrieval.selection import HeadSelector, Selector, SparsityOptions, make_selector
+from .retrieval.head_selector import HeadSelector
+from .retrieval.selection import SparsityOptions, make_selector
+from .retrieval.selector import Selector
 from .generation import BatchGeneration, Generation
 from .settings import GenerationConfig, RuntimeSettings
 from .tokenizer import Tokenizer
@@ -74,12 +77,12 @@ class Engine:
             if cfg.sliding_window is not None:
                 raise InputError("offloading KV is not supported for sliding-window models")
             opts = self.sparsity
-            pool = math.ceil(self.settings.slot_pool * opts.budget_tokens) if opts.method in ("specontext",
-                                                                                              "streaming") else 0
+            pool = pool_tokens(self.settings.slot_pool, opts.budget_tokens, capacity_tokens, opts.block_tokens) \
+                if opts.method in GLOBAL_METHODS else 0
             return OffloadedKVCache(cfg.num_layers, batch_size, cfg.num_kv_heads, cfg.head_dim, capacity_tokens,
                                     self.model.dtype, self.model.device,
                                     offloaded=[layer >= cfg.num_layers - offload for layer in range(cfg.num_layers)],
-                                    pool_tokens=min(pool, capacity_tokens), async_prefetch=self.settings.async_prefetch,
+                                    pool_tokens=pool, async_prefetch=self.settings.async_prefetch,
                                     block_tokens=opts.block_tokens)
         return DenseKVCache(cfg.num_layers, batch_size, cfg.num_kv_heads, cfg.head_dim, capacity_tokens,
                             self.model.dtype, self.model.device, sliding_window=cfg.sliding_window)
@@ -166,7 +169,7 @@ class Engine:
         mode = self.settings.compile_decode
         if mode == "off" or type(cache) is not DenseKVCache or cache.grow_tokens:
             return None
-        if selector is not None and (selector.method not in ("dense", "specontext", "streaming")
+        if selector is not None and ((selector.method != "dense" and selector.method not in GLOBAL_METHODS)
                                      or selector.measure_recall):
             return None
         if mode == "cuda-graph" and self.model.device.type != "cuda":

@@ -10,8 +10,6 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Callable, Iterator
 
-import torch
-
 from .decoding import RequestStream, Sampler, eos_ids
 from .errors import ContextLengthError, InputError
 from .kv.plan import to_device

@@ -11,7 +11,8 @@ import math
 from dataclasses import dataclass, field, fields
 
 from .errors import InputError
-from .retrieval.selection import METHODS, PER_LAYER_METHODS, SparsityOptions
+from .methods import METHODS, check_offload
+from .retrieval.selection import SparsityOptions
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 COMPILE_MODES = ("off", "on", "cuda-graph")
@@ -116,9 +117,8 @@ class RuntimeSettings:
                              f"got {self.slot_pool}")
         if self.adaptive_offload and self.offload_layers:
             raise InputError("adaptive_offload places layers itself; drop offload_layers (or adaptive_offload)")
-        if self.offload_layers and self.sparsity in PER_LAYER_METHODS:
-            raise InputError(f"sparsity {self.sparsity} chooses inside each layer, so it needs every layer's keys on "
-                             "the device; with offload_layers use specontext, streaming or dense")
+        if self.offload_layers:
+            check_offload(self.sparsity, "with offload_layers")
         if self.retrieval_backend not in ("torch", "onnxruntime"):
             raise InputError(f"retrieval_backend must be torch or onnxruntime, got {self.retrieval_backend!r}")
         if not math.isfinite(self.fallback_threshold):

@@ -12,7 +12,8 @@ import torch
 
 from .kv.cache import KVCache
 from .kv.offload import OffloadedKVCache
-from .retrieval.selection import Selector, SparsityOptions
+from .retrieval.selection import SparsityOptions
+from .retrieval.selector import Selector
 
 
 @dataclass

@@ -20,7 +20,8 @@ import torch
 import specontext
 from specontext.errors import InputError
 from specontext.retrieval.recall import past_attention
-from specontext.retrieval.selection import METHODS, SparsityOptions
+from specontext.methods import METHODS
+from specontext.retrieval.selection import SparsityOptions
 
 from conftest import make_hf_model, recording_selections, tiny_sparse_setup
 
@@ -213,7 +214,7 @@ def test_oracle_captures_the_most_attention_and_quest_is_bounded_by_it(tiny):
 
 def test_quest_pages_follow_the_key_bound():
     """Quest keeps the current page and the pages whose key bound is largest (hand-built keys)."""
-    from specontext.retrieval.selection import QuestSelector
+    from specontext.retrieval.baselines import QuestSelector
 
     D, page = 4, 4
     keys = torch.zeros(1, 1, 22, D)  # pages 0..4 full, then 2 tokens in the current page
@@ -273,7 +274,8 @@ def test_selection_synchronises_the_device_only_when_asked_to_time_it(tiny, monk
     then the selector synchronises the device before and after each selection, and only then."""
     from dataclasses import replace
 
-    from specontext.retrieval.selection import Selector, make_selector
+    from specontext.retrieval.selection import make_selector
+    from specontext.retrieval.selector import Selector
 
     synced = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))

@@ -105,3 +105,19 @@ def test_shared_pieces_are_leaves():
     graph = import_graph()
     for leaf in ("specontext.model.norm", "specontext.model.rope"):
         assert graph[leaf] <= {"specontext.config"}, (leaf, graph[leaf])
+
+
+def test_no_module_is_over_450_lines():
+    long = {str(p.relative_to(PACKAGE.parent)): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > 450}
+    assert long == {}
+
+
+def test_the_method_rules_live_in_the_method_table():
+    """No module but methods.py spells out which methods are global or per layer."""
+    spelled = []
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        if path.name != "methods.py" and ('("oracle", "quest"' in text or '("specontext", "streaming")' in text):
+            spelled.append(str(path.relative_to(PACKAGE.parent)))
+    assert spelled == []

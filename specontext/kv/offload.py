@@ -45,7 +45,7 @@ from ..errors import InputError
 from .cache import DenseKVCache, ResidentLayer, store_rows
 from .host import _synchronize, allocate_host, pinned_host_bytes
 from .plan import FetchPlan, StepPlan, to_device
-from .slots import SlotPool
+from .slots import SlotPool, whole_blocks
 from .transfer import CopyEngine, CudaCopyEngine, ThreadCopyEngine, TransferStats
 
 
@@ -110,10 +110,10 @@ class OffloadedKVCache(DenseKVCache):
         self.moves: list[dict] = []  # layers the manager moved to host memory, and when
         self.block_tokens = Nb = block_tokens
         # whole blocks on both sides: host rows and the pool round up to a multiple of N
-        self.pool_tokens = P = -(-pool_tokens // Nb) * Nb
+        self.pool_tokens = P = whole_blocks(pool_tokens, Nb)
         self.host_threads = host_threads
         N, B, G, D = len(host_layers), batch_size, num_kv_heads, head_dim
-        S = -(-capacity_tokens // Nb) * Nb
+        S = whole_blocks(capacity_tokens, Nb)
         self.num_rows = B * G
         device = torch.device(device)
         cuda = device.type == "cuda"

@@ -20,9 +20,21 @@ need no copy (the CUDA copy kernel skips them; the host path drops them first).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+
+def pool_tokens(slot_pool: float, budget_tokens: int, seq_tokens: int, block_tokens: int = 1) -> int:
+    """P, the slots per KV head of an offloaded layer, as the runtime and the planner size it:
+    ``slot_pool`` times the budget K (rounded up), at most the context S, in whole blocks of N."""
+    return whole_blocks(min(math.ceil(slot_pool * budget_tokens), seq_tokens), block_tokens)
+
+
+def whole_blocks(num_tokens: int, block_tokens: int) -> int:
+    """``num_tokens`` rounded up to a multiple of ``block_tokens``."""
+    return -(-num_tokens // block_tokens) * block_tokens
 
 
 @dataclass

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ModelConfig
-from ..errors import ContextLengthError, InputError
+from ..errors import ContextLengthError
+from ..methods import check_offload
 from .host_memory import host_memory_for
-from .memory import GLOBAL_METHODS, HeadShape, MemoryInputs
+from .memory import HeadShape, MemoryInputs
 from .placement import Placement, plan_placement
 from .profiles import DeviceProfile
 
@@ -77,8 +78,7 @@ def schedule_layers(model: ModelConfig, profile: DeviceProfile, *, capacity_toke
             layer = L - 1 - j
             if start[layer] is None:
                 start[layer] = t.seq_tokens if t.seq_tokens > 1 else 0  # moved by the step reaching it
-    if any(s is not None for s in start) and sparsity not in (*GLOBAL_METHODS, "dense"):
-        raise InputError(f"on {profile.name} this context needs layers in host memory, but --sparsity {sparsity} "
-                         f"chooses inside each layer; use specontext, streaming or dense")
+    if any(s is not None for s in start):
+        check_offload(sparsity, f"on {profile.name} this context needs layers in host memory, so")
     pool = inputs.pool_tokens(capacity_tokens, placement.slot_pool)
     return Schedule(tuple(start), pool, grow, placement)

@@ -47,10 +47,10 @@ from dataclasses import dataclass
 
 from ..config import ModelConfig
 from ..errors import InputError
+from ..kv.slots import pool_tokens
+from ..methods import GLOBAL_METHODS, SPARSE_METHODS
 from .host_memory import check_host_memory, pinned_block_bytes
 
-GLOBAL_METHODS = ("specontext", "streaming")  # one selection for every layer: offloaded layers use slots
-SPARSE_METHODS = ("specontext", "oracle", "quest", "streaming", "snapkv")
 INDEX_BYTES = 8  # int64 slot maps
 # Elements of one slice of float32 focus-window logits (retrieval/focus.py scores each batch row's
 # window queries in slices of at most this many [H, t, S] logits, so the transient stays bounded).
@@ -172,9 +172,8 @@ class MemoryInputs:
         """P, as the runtime sizes it: ceil(slot_pool * K), at most S, in whole blocks."""
         if self.sparsity not in GLOBAL_METHODS:
             return 0
-        factor = self.slot_pool if slot_pool is None else slot_pool
-        p = min(math.ceil(factor * self.budget_tokens), seq_tokens)
-        return -(-p // self.block_tokens) * self.block_tokens
+        return pool_tokens(self.slot_pool if slot_pool is None else slot_pool, self.budget_tokens, seq_tokens,
+                           self.block_tokens)
 
 
 @dataclass(frozen=True)

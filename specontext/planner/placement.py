@@ -15,7 +15,8 @@ import math
 from dataclasses import dataclass, field
 
 from ..errors import InputError
-from .memory import GLOBAL_METHODS, SPARSE_METHODS, MemoryInputs, buffers, model_weight_bytes, tier_bytes
+from ..methods import GLOBAL_METHODS, SPARSE_METHODS
+from .memory import MemoryInputs, buffers, model_weight_bytes, tier_bytes
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ from dataclasses import dataclass, replace
 from ..config import ModelConfig
 from ..errors import InputError
 from .host_memory import host_memory_for
-from .memory import GLOBAL_METHODS, Buffer, HeadShape, MemoryInputs, buffers, tier_bytes
+from ..methods import GLOBAL_METHODS
+from .memory import Buffer, HeadShape, MemoryInputs, buffers, tier_bytes
 from .placement import Placement, plan_placement, step_time
 from .profiles import DeviceProfile, load_profile
 
