@@ -39,7 +39,7 @@ class KVCache(abc.ABC):
         """Reserve room for this step's tokens; return each row's length before the step."""
 
     @abc.abstractmethod
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: StepPlan, queries: torch.Tensor | None = None):
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: StepPlan):
         """Store k, v [B, G, T, D] of ``layer``; return (keys, values, attn_mask) to attend over:
         every position in range, or the rows of the plan's global selection."""
 
@@ -210,10 +210,9 @@ class DenseKVCache(KVCache):
         """Write the step's new k, v [B, G, T, D] of ``layer`` at their positions."""
         self.layers[layer].store(k, v, plan)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: StepPlan, queries: torch.Tensor | None = None):
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: StepPlan):
         """Store k, v [B, G, T, D]; return keys/values [B, G, kv_len, D] (or, on a step with a
-        global selection, its rows [B, G, K + 1, D]) and the mask. ``queries`` are for a subclass
-        that observes attention (the distillation's teacher probe); storage ignores them."""
+        global selection, its rows [B, G, K + 1, D]) and the mask."""
         self.store(layer, k, v, plan)
         sel = plan.selection
         if sel is not None:

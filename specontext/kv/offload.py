@@ -406,7 +406,7 @@ class OffloadedKVCache(DenseKVCache):
         torch.index_select(store.slots[1].reshape(-1, D), 0, fetch.gather_rows, out=out_v.view(-1, D))
         return out_k, out_v, fetch.gather_valid
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: StepPlan, queries: torch.Tensor | None = None):
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: StepPlan):
         store = self.layers[layer]
         if isinstance(store, ResidentLayer):
             return super().update(layer, k, v, plan)

@@ -99,8 +99,9 @@ class StepPlan:
         flat_rows: a global selection's rows as flat row numbers ((b * G + g) * S + position)
             into a resident layer's [B, G, S, D] buffers, [B * G * (K + 1)]; the same for every
             layer, so made once per step.
-        focus: a ``retrieval.focus.QueryFocus`` on prefill chunks holding a row's focus window
-            (attention layers report their window attention to it), else None.
+        focus: an attention observer, else None: every attention layer reports
+            ``observe(layer, queries, keys, mask)`` to it. A ``retrieval.focus.QueryFocus`` on
+            prefill chunks holding a row's focus window; the distillation's teacher probe.
         fetch: what offloaded layers read this step (:class:`FetchPlan`), None without any.
         static: a decode step whose shapes do not change from step to step, for a compiled or
             captured step: new tokens are written at ``positions`` (a tensor, not ``write_start``)

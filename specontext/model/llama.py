@@ -75,7 +75,7 @@ class Attention(nn.Module):
         selection chosen inside each layer is asked here, with this layer's queries and past keys."""
         layer, sel = self.layer_idx, plan.selection
         if sel is None or sel.policy is None:
-            return cache.update(layer, k, v, plan, queries=q)
+            return cache.update(layer, k, v, plan)
         cache.store(layer, k, v, plan)
         past_keys, past_valid = cache.past(layer, plan)
         indices, valid = sel.policy(layer, q, past_keys, past_valid)

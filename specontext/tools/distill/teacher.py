@@ -3,8 +3,8 @@
 Shape letters: S tokens in a sequence, Q query positions sampled from it, E target hidden size,
 H target query heads, G target KV heads, L fused layers.
 
-The target prefills each sequence once (dense, chunked) into a :class:`TeacherProbe`, which
-records at Q sampled query positions every layer's attention over the past positions; their
+The target prefills each sequence once (dense, chunked) observed by a :class:`TeacherProbe`,
+which records at Q sampled query positions every layer's attention over the past positions; their
 mean over layers, per query head ([H, Q, S], float16), is kept with the target's hidden states
 after the fused layers ([S, L*E], float16). Each sequence is saved as one safetensors file, so an
 interrupted run resumes without redoing it.
@@ -13,30 +13,36 @@ interrupted run resumes without redoing it.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ...kv.cache import DenseKVCache
+from ...kv.plan import StepPlan
 from .config import DistillConfig
 
 
-class TeacherProbe(DenseKVCache):
-    """A dense cache that also records attention at chosen query positions, averaged over layers.
+class TeacherProbe:
+    """Records attention at chosen query positions, averaged over layers: an attention observer,
+    carried by each prefill step's plan (``StepPlan.focus``), to which every attention layer
+    reports its queries and the keys it attends over.
 
     ``probs_sum[h, j, :]`` accumulates, over layers, query head h's attention at query position
     ``query_positions[j]`` over the past positions (renormalised without the current token).
     """
 
-    def __init__(self, num_layers, num_kv_heads, head_dim, capacity, dtype, device, num_heads,
-                 query_positions: torch.Tensor):
-        super().__init__(num_layers, 1, num_kv_heads, head_dim, capacity, dtype, device)
-        self.query_positions = query_positions.to(self.device)
-        self.probs_sum = torch.zeros(num_heads, len(query_positions), capacity, dtype=torch.float32, device=self.device)
+    def __init__(self, num_heads: int, capacity: int, device: torch.device, query_positions: torch.Tensor):
+        self.query_positions = query_positions.to(device)
+        self.probs_sum = torch.zeros(num_heads, len(query_positions), capacity, dtype=torch.float32, device=device)
+        self.positions: torch.Tensor | None = None  # [T] of the chunk being run
 
-    def update(self, layer, k, v, plan, queries=None):
-        keys, values, mask = super().update(layer, k, v, plan, queries)
-        pos = plan.positions[0]  # [T]
+    def for_chunk(self, plan: StepPlan) -> StepPlan:
+        """``plan`` (one row) with this probe observing its attention."""
+        self.positions = plan.positions[0]
+        return replace(plan, focus=self)
+
+    def observe(self, layer: int, queries: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None) -> None:
+        pos = self.positions
         hit = torch.isin(pos, self.query_positions)
         if hit.any():
             local = hit.nonzero(as_tuple=True)[0]
@@ -50,7 +56,6 @@ class TeacherProbe(DenseKVCache):
             past = torch.arange(keys.shape[2], device=keys.device)[None, :] < qpos[:, None]  # [n, S]
             probs = logits.masked_fill(~past[None], float("-inf")).softmax(-1)
             self.probs_sum[:, j, :keys.shape[2]] += probs
-        return keys, values, mask
 
 
 @dataclass
@@ -83,18 +88,18 @@ def teacher_sequence(model, ids: list[int], cfg: DistillConfig, chunk_tokens: in
     sampled = cfg.min_query_position + torch.randperm(max(span, 0), generator=g)[:num_q]
     qpos = torch.cat([answer_q, sampled]).unique().sort().values
     capacity = P + answer_tokens
-    probe = TeacherProbe(mcfg.num_layers, mcfg.num_kv_heads, mcfg.head_dim, capacity, model.dtype, model.device,
-                         mcfg.num_heads, qpos)
+    cache = DenseKVCache(mcfg.num_layers, 1, mcfg.num_kv_heads, mcfg.head_dim, capacity, model.dtype, model.device)
+    probe = TeacherProbe(mcfg.num_heads, capacity, model.device, qpos)
     layers = cfg.hidden_layers
     hidden = torch.empty(capacity, len(layers) * mcfg.hidden_size, dtype=torch.float16)
     seq = list(ids)
 
     def run(part: list[int], logits_for: str) -> torch.Tensor:
-        start = probe.seq_lens[0]
+        start = cache.seq_lens[0]
         x = torch.tensor([part], dtype=torch.int64, device=model.device)
         captured: dict = {}
-        logits = model(x, probe.plan_step([len(part)]), probe, logits_for=logits_for, capture_layers=layers,
-                       captured=captured)
+        logits = model(x, probe.for_chunk(cache.plan_step([len(part)])), cache, logits_for=logits_for,
+                       capture_layers=layers, captured=captured)
         hidden[start:start + len(part)] = torch.cat([captured[i][0] for i in layers], dim=-1).to(torch.float16).cpu()
         return logits
 
