@@ -67,6 +67,9 @@ class HeadSelector(Selector):
         # target outputs at the position before the next one the head will see: [B, L*E]
         self.carry_hidden = torch.zeros(batch_size, len(self.capture_layers) * e, dtype=dtype, device=device)
         self._scores: torch.Tensor | None = None  # [B, G, S] from the ONNX step, for choose()
+        # decode steps that ran dense, not keyed yet: (ids [B, 1], positions [B, 1], carried
+        # hidden [B, L*E] or None, rows with a token)
+        self._pending: list[tuple] = []
 
     def allocated_bytes(self) -> int:
         bufs = (self.k_device, self.carry_hidden, self.pin_mask)
@@ -118,10 +121,40 @@ class HeadSelector(Selector):
                 carry = torch.where(idle[:, None], self.carry_hidden, carry)
             self.carry_hidden = carry
 
+    def defer(self, ids, plan):
+        # While the context fits in the budget, nothing is chosen: the step's inputs are kept
+        # (the carried hidden state is a new tensor each step, never written in place) and
+        # keyed together at the first sparse step, so a step that fits costs what dense does.
+        rows = tuple(b for b, n in enumerate(plan.input_lens) if n > 0)
+        self._pending.append((ids, plan.positions, self.carry_hidden if self.capture_layers else None, rows))
+
+    @torch.inference_mode()
+    def key_pending(self) -> None:
+        """Key every deferred token in one call of the head and store the keys (the first sparse
+        step does it; call it to read a complete ``k_device`` before then)."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        ids = torch.cat([p[0] for p in pending], dim=1)  # [B, n]
+        positions = torch.cat([p[1] for p in pending], dim=1)
+        hidden = None if not self.capture_layers else torch.stack([p[2] for p in pending], dim=1)  # [B, n, L*E]
+        embeds = self.embed(ids).to(self.input_dtype)
+        if self.onnx:  # keys only: an empty cache to score against
+            empty = self.k_device[:, :, :1]
+            k = self.head(embeds, hidden, positions, empty,
+                          torch.zeros(ids.shape[0], 1, dtype=torch.bool, device=empty.device))[0]
+        else:
+            _, k = self.head.project(self.head.inputs(embeds, hidden), positions)  # [B, Gh, n, Dh]
+        dev = self.k_device.device
+        b_idx = to_device([b for p in pending for b in p[3]], dev)
+        t_idx = to_device([t for t, p in enumerate(pending) for _ in p[3]], dev)
+        self.k_device[b_idx, :, positions[b_idx, t_idx]] = k[b_idx, :, t_idx]
+
     @torch.inference_mode()
     def prepare(self, ids, plan):
-        # The new token's key enters the head's cache on every step, dense ones included, so
-        # it competes for the budget once the context outgrows it.
+        # The new token's key enters the head's cache on every step (dense ones deferred), so it
+        # competes for the budget once the context outgrows it.
+        self.key_pending()
         hidden = self.carry_hidden[:, None] if self.capture_layers else None
         embeds = self.embed(ids).to(self.input_dtype)
         if self.onnx:  # projection and scores in one call, over the whole cache with the past valid

@@ -89,13 +89,14 @@ class Selector:
             return None
         self._sync_for_timing(plan)
         t0 = time.perf_counter()
-        self.prepare(ids, plan)
         past_lens = list(plan.starts)  # the host knows them: nothing is read back
         # rows with no token this step (finished requests of a batch) do not decide anything
         if max(p for p, n in zip(past_lens, plan.input_lens) if n > 0) <= self.budget_tokens:
+            self.defer(ids, plan)
             self.stats.dense_steps += 1
             self._count_rows(plan, past_lens, None, False)
             return None
+        self.prepare(ids, plan)
         sel = self.choose(ids, plan, past_lens)
         self._sync_for_timing(plan)
         self.stats.selection_s += time.perf_counter() - t0
@@ -113,7 +114,12 @@ class Selector:
             torch.cuda.synchronize(plan.positions.device)
 
     def prepare(self, ids: torch.Tensor, plan) -> None:
-        """Work every decode step needs, sparse or not (the head caches the new token's key)."""
+        """Work a sparse decode step needs before choosing (the head keys the new token)."""
+
+    def defer(self, ids: torch.Tensor, plan) -> None:
+        """A decode step that runs dense (the past fits in the budget): work :meth:`prepare` would
+        do may wait until the first sparse step, so a step that fits costs no more than dense."""
+        self.prepare(ids, plan)
 
     def choose(self, ids: torch.Tensor, plan, past_lens: list[int]) -> Selection | None:
         return Selection(indices=None, policy=partial(_in_layer, self.choose_in_layer, plan.positions))
