@@ -1,7 +1,8 @@
 """Per-step Python overhead: decode steps of a tiny model, where compute is negligible.
 
-The model is a random Llama-shaped model with 2 layers of width 64 and a 512-word vocabulary, so a
-step's time is almost all host work: planning, selection, gathering, sampling, detokenising. The
+The model is a random Llama-shaped model as deep as the default one (30 layers) but 64 wide, with
+a 512-word vocabulary, so a step's time is almost all host work: planning, selection, per-layer
+dispatch, gathering, sampling, detokenising. The
 same measurement runs on this tree and, in a subprocess, on a baseline commit checked out in a
 temporary git worktree (``--baseline REF``), so the ratio comes from one run on one machine.
 
@@ -10,6 +11,9 @@ API's stats) over ``--steps`` tokens after a prompt of ``--prompt`` tokens, best
 - dense;
 - specontext with a budget the context outgrows (sparse steps);
 - specontext with a budget above the context (the head runs, every step is dense).
+
+With ``--compile`` this tree is also measured with ``compile_decode="on"`` (torch.compile of the
+step; the first, compiling run is the warm-up).
 
     python bench_edge/bench_step_overhead.py --baseline 3a227c3 --out bench_edge/results/step_overhead_cpu.json
 """
@@ -25,7 +29,7 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=30, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
 
 
@@ -76,8 +80,9 @@ def write_head(llm, path: str) -> None:
     save_head(head, path)
 
 
-def measure(folder: str, prompt: int, steps: int, repeats: int) -> dict:
-    """Mean decode step time per configuration on the specontext importable here (seconds)."""
+def measure(folder: str, prompt: int, steps: int, repeats: int, extra: dict | None = None) -> dict:
+    """Mean decode step time per configuration on the specontext importable here (seconds);
+    ``extra``: more load options for every configuration (e.g. compile_decode)."""
     import torch
     import specontext
 
@@ -91,7 +96,7 @@ def measure(folder: str, prompt: int, steps: int, repeats: int) -> dict:
     if not os.path.exists(head + ".json"):
         write_head(specontext.load(folder, device="cpu"), head)
     for name, opts in configs.items():
-        llm = specontext.load(folder, device="cpu", **opts)
+        llm = specontext.load(folder, device="cpu", **opts, **(extra or {}))
         best = None
         for _ in range(repeats + 1):  # the first run warms up
             stats = llm.generate(ids, chat=False, max_new_tokens=steps + 1, ignore_eos=True).stats
@@ -126,6 +131,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--baseline", default=None, help="a git ref to measure the same way, for the ratio")
+    parser.add_argument("--compile", action="store_true", help="also measure this tree with compile_decode=on")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     sys.path.insert(0, HERE)
@@ -137,10 +143,15 @@ def main() -> None:
         result = {"benchmark": "per-step Python overhead (tiny model, 1 thread)", "machine": describe(),
                   "settings": vars(args), "model": SHAPE, "this_tree": measure(folder, args.prompt, args.steps,
                                                                                args.repeats)}
+        if args.compile:
+            result["this_tree_compiled"] = measure(folder, args.prompt, args.steps, args.repeats,
+                                                   {"compile_decode": "on"})
         if args.baseline:
             result["baseline"] = {"ref": args.baseline, **run_baseline(args.baseline, folder, args)}
-            result["ratio_baseline_over_this"] = {
-                k: round(result["baseline"][k]["step_s"] / v["step_s"], 3) for k, v in result["this_tree"].items()}
+            for mine in ("this_tree", "this_tree_compiled"):
+                if mine in result:
+                    result[f"ratio_baseline_over_{mine}"] = {
+                        k: round(result["baseline"][k]["step_s"] / v["step_s"], 3) for k, v in result[mine].items()}
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=1))
     if args.out:
         with open(args.out, "w") as f:

@@ -136,8 +136,9 @@ class Engine:
         compiled = self._compiled_decode(cache, selector) if decode else None
         plan = make_plan(cache.reserve(input_lens), input_lens, model.device, cfg.sliding_window,
                          cfg.num_heads // cfg.num_kv_heads, static_tokens=cache.row_pitch if compiled else 0)
-        cos, sin = model.rotary(plan.positions, model.dtype)
-        plan = replace(plan, cos=cos, sin=sin)
+        if compiled is None:  # a compiled step makes its rotary tables inside the graph
+            cos, sin = model.rotary(plan.positions, model.dtype)
+            plan = replace(plan, cos=cos, sin=sin)
         if decode and selector is not None:
             plan = plan.with_selection(selector.select(ids, plan), cache.row_pitch)
             if self.on_select is not None:

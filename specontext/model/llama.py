@@ -206,7 +206,7 @@ class LlamaForCausalLM(nn.Module):
             capture_layers: tuple[int, ...] = (), captured: dict | None = None) -> torch.Tensor:
         """:meth:`forward` without its inference-mode wrapper: what ``torch.compile`` traces (the
         caller holds inference mode)."""
-        if plan.cos is None:  # a plan made by cache.plan_step (a direct call): rotary made here
+        if plan.cos is None:  # a compiled step, or a plan from cache.plan_step (a direct call): rotary made here
             cos, sin = self.rotary(plan.positions, self.dtype)
             plan = replace(plan, cos=cos, sin=sin)
         x = self.model.embed_tokens(input_ids)
