@@ -80,23 +80,28 @@ def write_head(llm, path: str) -> None:
     save_head(head, path)
 
 
-def measure(folder: str, prompt: int, steps: int, repeats: int, extra: dict | None = None) -> dict:
+def measure(folder: str, prompt: int, steps: int, repeats: int, extra: dict | None = None, device: str = "cpu",
+            configs: tuple[str, ...] | None = None) -> dict:
     """Mean decode step time per configuration on the specontext importable here (seconds);
-    ``extra``: more load options for every configuration (e.g. compile_decode)."""
+    ``extra``: more load options for every configuration (e.g. compile_decode); ``configs``: a
+    subset of the configurations."""
     import torch
     import specontext
 
     torch.set_num_threads(1)
     ids = torch.randint(3, SHAPE["vocab_size"], (prompt,), generator=torch.Generator().manual_seed(1)).tolist()
     head = os.path.join(folder, "head")
+    only = configs
     configs = {"dense": dict(sparsity="dense"),
                "specontext_sparse": dict(sparsity="specontext", retrieval_head=head, budget_tokens=prompt // 4),
                "specontext_fits": dict(sparsity="specontext", retrieval_head=head, budget_tokens=2 * (prompt + steps))}
     out = {}
     if not os.path.exists(head + ".json"):
-        write_head(specontext.load(folder, device="cpu"), head)
+        write_head(specontext.load(folder, device=device), head)
     for name, opts in configs.items():
-        llm = specontext.load(folder, device="cpu", **opts, **(extra or {}))
+        if only is not None and name not in only:
+            continue
+        llm = specontext.load(folder, device=device, **opts, **(extra or {}))
         best = None
         for _ in range(repeats + 1):  # the first run warms up
             stats = llm.generate(ids, chat=False, max_new_tokens=steps + 1, ignore_eos=True).stats
@@ -132,6 +137,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--baseline", default=None, help="a git ref to measure the same way, for the ratio")
     parser.add_argument("--compile", action="store_true", help="also measure this tree with compile_decode=on")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the GPU check measures eager, compiled and "
+                        "captured steps there: --modes off,on,cuda-graph)")
+    parser.add_argument("--modes", default=None, help="compile_decode modes to measure this tree with (default: off, "
+                        "and on with --compile)")
+    parser.add_argument("--configs", default=None, help="a subset of dense,specontext_sparse,specontext_fits")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     sys.path.insert(0, HERE)
@@ -140,15 +150,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = os.path.join(tmp, "tiny")
         write_tiny_model(folder)
-        result = {"benchmark": "per-step Python overhead (tiny model, 1 thread)", "machine": describe(),
-                  "settings": vars(args), "model": SHAPE, "this_tree": measure(folder, args.prompt, args.steps,
-                                                                               args.repeats)}
-        if args.compile:
-            result["this_tree_compiled"] = measure(folder, args.prompt, args.steps, args.repeats,
-                                                   {"compile_decode": "on"})
+        only = tuple(args.configs.split(",")) if args.configs else None
+        modes = args.modes.split(",") if args.modes else ["off"] + (["on"] if args.compile else [])
+        result = {"benchmark": f"per-step overhead (tiny model, 1 thread, {args.device})", "machine": describe(),
+                  "settings": vars(args), "model": SHAPE}
+        for mode in modes:
+            key = {"off": "this_tree", "on": "this_tree_compiled"}.get(mode, f"this_tree_{mode}")
+            try:
+                result[key] = measure(folder, args.prompt, args.steps, args.repeats, {"compile_decode": mode},
+                                      args.device, only)
+            except Exception as exc:  # noqa: BLE001 - one mode failing (e.g. capture) leaves the others
+                result[key] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+            if args.out:  # what was measured so far survives a time limit
+                with open(args.out, "w") as f:
+                    json.dump(result, f, indent=1)
         if args.baseline:
             result["baseline"] = {"ref": args.baseline, **run_baseline(args.baseline, folder, args)}
-            for mine in ("this_tree", "this_tree_compiled"):
+            for mine in [k for k in result if k.startswith("this_tree") and "error" not in result[k]]:
                 if mine in result:
                     result[f"ratio_baseline_over_{mine}"] = {
                         k: round(result["baseline"][k]["step_s"] / v["step_s"], 3) for k, v in result[mine].items()}

@@ -159,6 +159,9 @@ def summarize(args) -> int:
                                                            "shape": args.shape, "context": args.context},
            "machine": library.get("machine"), "device": library.get("device"), "cuda_build": library.get("cuda_build"),
            "parts": parts, "figures": key_figures(args.out)}
+    compiled = read(args.compiled) if args.compiled else None
+    if compiled:  # eager, compiled and captured decode steps (kept here: the run brings back 8 files)
+        out["compiled_decode"] = {k: v for k, v in compiled.items() if k != "machine"}
     write(os.path.join(args.out, "summary.json"), out)
     return 0
 
@@ -177,6 +180,7 @@ def main(argv=None) -> int:
     summ.add_argument("--device", required=True)
     summ.add_argument("--shape", required=True)
     summ.add_argument("--context", type=int, required=True)
+    summ.add_argument("--compiled", default=None, help="the compiled-decode measurement's JSON, if any")
     for s in (lib, tests, summ):
         s.add_argument("--out", required=True, help="the results folder")
     args = p.parse_args(argv)

@@ -115,7 +115,8 @@ class Engine:
         return cache
 
     def step(self, ids: torch.Tensor, input_lens: list[int], cache: KVCache, selector: Selector | None,
-             decode: bool = False, logits_for: str = "last", focus: QueryFocus | None = None) -> torch.Tensor:
+             decode: bool = False, logits_for: str = "last", focus: QueryFocus | None = None,
+             compile: bool = False) -> torch.Tensor:
         """One forward step: a prefill chunk or a decode token, for one row or many.
 
         Every use runs through here: prefill chunks, generation (one request or a batch),
@@ -129,11 +130,12 @@ class Engine:
             selector: chooses decode steps' keys and observes every step (None: dense, unobserved).
             decode: a decode step (one token per row, selection applies) rather than a prefill chunk.
             logits_for, focus: as for the model; ``focus`` sees the chunks holding a row's focus window.
+            compile: run a decode step compiled where it can be (see :meth:`compile_wanted`).
         Returns:
             float32 logits (see :meth:`LlamaForCausalLM.forward`).
         """
         cfg, model = self.model.config, self.model
-        compiled = self._compiled_decode(cache, selector) if decode else None
+        compiled = self._compiled_decode(cache, selector) if decode and compile else None
         plan = make_plan(cache.reserve(input_lens), input_lens, model.device, cfg.sliding_window,
                          cfg.num_heads // cfg.num_kv_heads, static_tokens=cache.row_pitch if compiled else 0)
         if compiled is None:  # a compiled step makes its rotary tables inside the graph
@@ -151,8 +153,12 @@ class Engine:
         captured: dict = {}
         capture = selector.capture_layers if selector is not None else ()
         if compiled is not None:
-            with torch.inference_mode():
-                out = compiled(ids, plan, cache, logits_for, capture, captured)
+            try:
+                with torch.inference_mode():
+                    out = compiled(ids, plan, cache, logits_for, capture, captured)
+            except torch._dynamo.exc.TorchDynamoException as exc:  # e.g. no C++ compiler for inductor on a CPU
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise InputError(f"the decode step did not compile ({reason[:200]}); use --compile-decode off") from exc
         else:
             out = model(ids, plan, cache, logits_for=logits_for, capture_layers=capture, captured=captured)
         if selector is not None:
@@ -162,6 +168,10 @@ class Engine:
     def clear_compiled(self) -> None:
         """Forget the compiled decode step (the next compiled step compiles again)."""
         self._compiled = None
+
+    def compile_wanted(self, new_tokens: int) -> bool:
+        """Whether a run of ``new_tokens`` decode steps should be compiled (``compile_decode``)."""
+        return self.settings.compile_decode != "off"
 
     def _compiled_decode(self, cache: KVCache, selector: Selector | None) -> Callable | None:
         """The compiled model step for a decode step of ``cache`` and ``selector``, or None to run
@@ -329,9 +339,10 @@ class Engine:
                              f"continuation need {len(prefix_ids) + len(continuation_ids)}")
         cache, selector = self.decoder(state, sparsity, selector)
         rows = [state.logits.float().cpu()]
+        compile = self.compile_wanted(len(continuation_ids))
         for token in continuation_ids[:-1]:
             x = to_device([[token]], self.model.device)
-            rows.append(self.step(x, [1], cache, selector, decode=True).float().cpu())
+            rows.append(self.step(x, [1], cache, selector, decode=True, compile=compile).float().cpu())
         return torch.cat(rows, dim=0), selector
 
     def generate(self, prompt_ids: list[int], gen: GenerationConfig,
