@@ -12,6 +12,7 @@ gathers whatever was chosen; it never chooses.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import Callable, Protocol, Sequence
 
@@ -130,8 +131,21 @@ class StepPlan:
         if selection is None or selection.indices is None:
             return replace(self, selection=selection)
         B, G, _ = selection.indices.shape
-        base = torch.arange(B * G, device=selection.indices.device).view(B, G, 1) * row_pitch
+        base = row_bases(B, G, row_pitch, selection.indices.device)
         return replace(self, selection=selection, flat_rows=(selection.indices + base).reshape(-1))
+
+
+@functools.lru_cache(maxsize=32)
+def arange(n: int, device: torch.device) -> torch.Tensor:
+    """``torch.arange(n)`` on ``device``, made once and shared: callers only read it."""
+    return torch.arange(n, device=device)
+
+
+@functools.lru_cache(maxsize=32)
+def row_bases(batch: int, heads: int, row_pitch: int, device: torch.device) -> torch.Tensor:
+    """[B, G, 1] first flat row of each (row, KV head) in buffers of ``row_pitch`` positions per
+    row, made once and shared: callers only read it."""
+    return torch.arange(batch * heads, device=device).view(batch, heads, 1) * row_pitch
 
 
 def to_device(values, device: torch.device) -> torch.Tensor:
@@ -189,7 +203,7 @@ def _static_plan(starts: tuple[int, ...], input_lens: tuple[int, ...], device: t
     if max(input_lens) != 1:
         raise ValueError("a static plan is for decode steps of one token per row")
     positions = to_device(starts, device)[:, None]  # [B, 1]
-    key_pos = torch.arange(num_tokens, device=device)
+    key_pos = arange(num_tokens, device)
     mask = key_pos[None, :] <= positions  # [B, S]
     if sliding_window is not None:
         mask &= key_pos[None, :] > positions - sliding_window
