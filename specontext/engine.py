@@ -103,7 +103,7 @@ class Engine:
             head=HeadShape.from_config(head.config) if head is not None and opts.method == "specontext" else None,
             slot_pool=self.settings.slot_pool, block_tokens=opts.block_tokens,
             prefill_chunk_tokens=self.settings.prefill_chunk_tokens,
-            weights_bytes=sum(p.numel() * p.element_size() for p in self.model.parameters()),
+            weights_bytes=self.model.weight_bytes(),
             fused_attention=self.model.device.type == "cuda", pin_tokens=opts.pin_tokens,
             focus_window_tokens=opts.focus_window_tokens)
         cache = OffloadedKVCache(cfg.num_layers, batch_size, cfg.num_kv_heads, cfg.head_dim, capacity_tokens,

@@ -122,7 +122,7 @@ class BatchGeneration:
             cache = engine.new_cache(capacity, batch_size=R)
             selector = engine.new_selector(capacity, batch_size=R, sparsity=self.sparsity, cache=cache)
         self._selector, self._cache = selector, cache
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        weights = model.weight_bytes()
         for st in self._stats:
             st.weights_bytes = weights
         samplers = [Sampler(g, model.device) for g in self.gens]

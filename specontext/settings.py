@@ -16,6 +16,7 @@ from .retrieval.selection import SparsityOptions
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 COMPILE_MODES = ("off", "on", "cuda-graph")
+WEIGHT_FORMATS = ("auto", "fp32", "fp16", "bf16", "int8", "int4")
 
 
 def _opt(default, help: str, **extra):
@@ -39,6 +40,12 @@ class RuntimeSettings:
     device: str = _opt("auto", "compute device: auto (CUDA if present, else CPU), cpu, cuda, or cuda:N")
     dtype: str = _opt("auto", "weight and KV precision: auto (float32 on CPU, bfloat16 on CUDA), float32, float16, bfloat16",
                       choices=DTYPES)
+    weights: str = _opt("auto", "weight format of the linear layers: auto (float, as --dtype), fp32, fp16 or bf16 "
+                        "(CUDA), int8 (per output row; on a CPU about 2x faster decode than fp32, activations "
+                        "quantized per token as llama.cpp does), int4 (groups of 32, half int8's memory; a GGUF's "
+                        "Q4_0/Q4_1 blocks are kept exactly, but torch's CPU int4 kernel is slower than fp32). "
+                        "int8 and int4 run on a CPU; embeddings, norms and the LM head stay float",
+                        choices=WEIGHT_FORMATS)
     threads: int = _opt(0, "CPU threads for compute; 0 keeps PyTorch's default (one per core)")
     prefill_chunk_tokens: int = _opt(512, "prompt tokens processed per prefill step; bounds activation memory")
     sparsity: str = _decode_opt("dense", "what each decode step attends to: dense (every past token); specontext (the retrieval "
@@ -106,6 +113,8 @@ class RuntimeSettings:
         dev = self.device
         if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise InputError(f"device must be auto, cpu, cuda or cuda:N, got {dev!r}")
+        if self.weights not in WEIGHT_FORMATS:
+            raise InputError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weights!r}")
         if self.compile_decode not in COMPILE_MODES:
             raise InputError(f"compile_decode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_decode!r}")
         if self.threads < 0:

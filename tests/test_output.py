@@ -155,8 +155,8 @@ def test_a_model_file_replaced_while_loading_is_refused(tiny_gguf, tmp_path, mon
     shutil.copy(tiny_gguf, path)
     real = GGUFFile.hf_tensors
 
-    def racing(self, cfg):
-        tensors = real(self, cfg)
+    def racing(self, cfg, *args):
+        tensors = real(self, cfg, *args)
         shutil.copy(tiny_gguf, tmp_path / "new.gguf")
         os.replace(tmp_path / "new.gguf", path)  # what `cp` + `mv` by another program does
         return tensors

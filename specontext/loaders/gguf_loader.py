@@ -11,13 +11,16 @@ import contextlib
 import math
 import os
 import tempfile
+import warnings
 
 import numpy as np
 import torch
 
 from ..config import ModelConfig, RopeConfig
-from ..errors import ModelFileError, UnsupportedModelError, malformed
+from ..errors import InputError, ModelFileError, UnsupportedModelError, malformed
+from ..model.quant import INT4_GROUP, QuantizedWeight, quantize
 from .gguf_check import GGUFLayout, check_gguf_layout
+from .gguf_quant import INT4_TYPES, INT8_TYPES, int4_from_gguf, int8_from_gguf
 
 GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
@@ -29,6 +32,13 @@ _LAYER_NAMES = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 }
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+# the linear layers whose weights may stay quantized (embeddings and the LM head stay float)
+_LINEAR_PARTS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def part_of(stem: str) -> str:
+    """``blk.N.attn_q`` -> ``attn_q``; a global tensor's stem unchanged."""
+    return stem.split(".", 2)[2] if stem.startswith("blk.") else stem
 
 
 class GGUFFile:
@@ -45,6 +55,7 @@ class GGUFFile:
         import gguf
 
         self.path = path
+        self._noted: set[str] = set()  # GGUF types already noted as running as float
         # every count and length against the file's real size first; this also names a missing,
         # unreadable or directory path, so the reader below sees only bytes that fit
         self.layout = check_gguf_layout(path)
@@ -141,15 +152,19 @@ class GGUFFile:
             out["attention_factor"] = float(general) * (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
         return out
 
+    def _raw(self, tensor) -> np.ndarray:
+        """A tensor's stored bytes (or values), shaped as the reader describes them; the reader's
+        view is only a shape and dtype, its bytes are read from the file here."""
+        return np.frombuffer(self._read(tensor.data_offset, int(tensor.n_bytes)),
+                             dtype=tensor.data.dtype).reshape(tensor.data.shape)
+
     def _tensor_f32(self, name: str) -> np.ndarray:
         import gguf
 
         tensor = next(t for t in self.reader.tensors if t.name == name)
         qtype = tensor.tensor_type
         try:
-            # the reader's view is only a shape and dtype: its bytes are read from the file here
-            data = np.frombuffer(self._read(tensor.data_offset, int(tensor.n_bytes)),
-                                 dtype=tensor.data.dtype).reshape(tensor.data.shape)
+            data = self._raw(tensor)
             if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
                          gguf.GGMLQuantizationType.F64):
                 arr = data.astype(np.float32)
@@ -186,9 +201,32 @@ class GGUFFile:
         return ModelFileError(f"{self.path} changed while it was being read (another program wrote or replaced it); "
                               "load it again once it is complete")
 
+    def _quantized(self, tensor, weights: str) -> QuantizedWeight | None:
+        """A linear layer's weight kept quantized as ``weights`` asks (``auto``: the nearest
+        format the CPU kernels run, or None for float with a notice), read one tensor at a time."""
+        type_name, rows, k = tensor.tensor_type.name, int(tensor.shape[1]), int(tensor.shape[0])
+        if weights == "auto":
+            if type_name not in INT4_TYPES + INT8_TYPES:
+                if type_name not in ("F32", "F16", "BF16", "F64") and type_name not in self._noted:
+                    self._noted.add(type_name)
+                    warnings.warn(f"GGUF type {type_name} has no int4 or int8 kernel here; those weights run as "
+                                  f"float (choose --weights int4 or int8 to quantize them)", stacklevel=2)
+                return None
+            weights = "int4" if type_name in INT4_TYPES else "int8"
+        if weights == "int4" and type_name in INT4_TYPES:
+            return int4_from_gguf(self._raw(tensor), type_name, rows, k)
+        if weights == "int8" and type_name in INT8_TYPES:
+            return int8_from_gguf(self._raw(tensor), rows, k)
+        if weights == "int4" and k % INT4_GROUP:
+            raise InputError(f"tensor {tensor.name} has {k} input features, not a multiple of {INT4_GROUP}, so it "
+                             f"cannot be int4; use --weights int8 or fp32")
+        return quantize(torch.from_numpy(self._tensor_f32(tensor.name)), weights)
+
     @malformed("a GGUF tensor")
-    def hf_tensors(self, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-        """All weights as float32 CPU tensors under Hugging Face names."""
+    def hf_tensors(self, cfg: ModelConfig, weights: str = "fp32") -> dict[str, torch.Tensor | QuantizedWeight]:
+        """All weights under Hugging Face names: float32 CPU tensors, and, when ``weights`` is
+        ``auto``, ``int4`` or ``int8``, the linear layers' weights as :class:`QuantizedWeight`
+        (never dequantized whole where the GGUF type maps onto the format)."""
         out = {}
         for tensor in self.reader.tensors:
             name = tensor.name
@@ -205,9 +243,20 @@ class GGUFFile:
                 continue  # folded into the RoPE config
             else:
                 raise UnsupportedModelError(f"GGUF tensor {name} is not part of a {cfg.architecture} model")
+            permuted = self.arch == "llama" and hf_name.endswith(
+                ("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias"))
+            heads = cfg.num_heads if ".q_proj." in hf_name else cfg.num_kv_heads
+            quantized = None
+            if weights in ("auto", "int4", "int8") and kind == "weight" and part_of(stem) in _LINEAR_PARTS:
+                quantized = self._quantized(tensor, weights)
+            if quantized is not None:
+                if permuted:  # the same rows as the float path, by index
+                    order = _unpermute_rope_rows(np.arange(quantized.shape[0])[:, None], heads)[:, 0]
+                    quantized = quantized.rows(torch.from_numpy(np.ascontiguousarray(order)))
+                out[hf_name] = quantized
+                continue
             arr = self._tensor_f32(name)
-            if self.arch == "llama" and hf_name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
-                heads = cfg.num_heads if ".q_proj." in hf_name else cfg.num_kv_heads
+            if permuted:
                 arr = _unpermute_rope_rows(arr, heads)
             out[hf_name] = torch.from_numpy(np.array(arr, dtype=np.float32, order="C"))  # own, writable copy
         return out

@@ -21,6 +21,7 @@ from ..config import ModelConfig
 from ..kv.cache import KVCache
 from ..kv.plan import StepPlan, to_device
 from .norm import RMSNorm
+from .quant import QuantizedWeight, concat_rows, quantize, quantized_linear
 from .rope import RotaryEmbedding, apply_rotary
 
 # our parameter name suffix -> the checkpoint suffixes concatenated (along dim 0) to make it
@@ -147,20 +148,26 @@ class LlamaForCausalLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
 
-    def load_checkpoint(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device) -> None:
+    def load_checkpoint(self, tensors: dict, dtype: torch.dtype, device, quantize_to: str | None = None) -> None:
         """Load Hugging Face-named tensors, fusing projections per FUSED_WEIGHTS.
 
         Every parameter must be provided (missing ones are named in the error); extra
         checkpoint entries such as rotary buffers are ignored. Entries are popped from
         ``tensors`` as they are used, so peak memory stays near one copy of the weights.
+
+        A linear layer's weight given as a :class:`~specontext.model.quant.QuantizedWeight`
+        stays quantized (the layer becomes an int4 or int8 module); ``quantize_to`` (``int4``
+        or ``int8``) quantizes float ones as they load. Embeddings, norms and the LM head stay float.
         """
         from ..errors import ModelFileError
 
         device = torch.device(device)
         tied = self.config.tie_word_embeddings and "lm_head.weight" not in tensors
-        state = {}
+        state = self._load_quantized(tensors, quantize_to)
         for name, param in self.named_parameters(remove_duplicate=False):
             if name == "lm_head.weight" and tied:
+                continue
+            if name in state:  # a quantized layer's bias, loaded with it
                 continue
             prefix, _, suffix = name.partition(".layers.")
             layer_no, _, rest = suffix.partition(".")
@@ -183,6 +190,47 @@ class LlamaForCausalLM(nn.Module):
         cfg = self.config
         self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, device)
         self.eval()
+
+    def _load_quantized(self, tensors: dict, quantize_to: str | None) -> dict:
+        """Replace every linear layer whose weight is (or is to be) quantized by its int4 / int8
+        module; returns those modules' state under their full names."""
+        from ..errors import ModelFileError
+
+        state = {}
+        for layer_no, layer in enumerate(self.model.layers):
+            for owner, attr in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"),
+                                (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj")):
+                linear = getattr(owner, attr)
+                rest = f"{'self_attn' if owner is layer.self_attn else 'mlp'}.{attr}"
+                prefix = f"model.layers.{layer_no}."
+                keys = [prefix + k for k in FUSED_WEIGHTS.get(f"{rest}.weight", (f"{rest}.weight",))]
+                if any(k not in tensors for k in keys):
+                    continue  # named as missing by the float path
+                given = [tensors[k] for k in keys]
+                if not any(isinstance(g, QuantizedWeight) for g in given) and quantize_to is None:
+                    continue
+                for k in keys:
+                    tensors.pop(k)
+                parts = [g if isinstance(g, QuantizedWeight) else quantize(g, quantize_to or "int8") for g in given]
+                weight = concat_rows(parts) if len(parts) > 1 else parts[0]
+                if tuple(weight.shape) != tuple(linear.weight.shape):
+                    raise ModelFileError(f"tensor {keys[0]!r} has shape {tuple(weight.shape)}, the config implies "
+                                         f"{tuple(linear.weight.shape)}")
+                bias = None
+                if linear.bias is not None:
+                    bias_keys = [prefix + k for k in FUSED_WEIGHTS.get(f"{rest}.bias", (f"{rest}.bias",))]
+                    missing = [k for k in bias_keys if k not in tensors]
+                    if missing:
+                        raise ModelFileError(f"checkpoint is missing tensor {missing[0]!r}")
+                    bias = torch.cat([tensors.pop(k).float() for k in bias_keys])
+                module = quantized_linear(weight, bias)
+                setattr(owner, attr, module)
+                state.update({f"{prefix}{rest}.{k}": v for k, v in module.state_dict().items()})
+        return state
+
+    def weight_bytes(self) -> int:
+        """Bytes of every weight as held (quantized layers at their packed size)."""
+        return sum(t.numel() * t.element_size() for t in (*self.parameters(), *self.buffers()))
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, plan: StepPlan, cache: KVCache, logits_for: str = "last",

@@ -1,0 +1,119 @@
+"""Weight formats (issue 17, first part): int4 and int8 linear layers against float32 references.
+
+The kernels are checked against a pure-torch dequantize-then-matmul of the same values; a GGUF
+Q4_1 or Q4_0 tensor becomes int4 with exactly the values gguf's own dequantization gives.
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+import specontext
+from specontext.errors import InputError
+from specontext.loaders.gguf_loader import GGUFFile
+from specontext.loaders.gguf_quant import int4_from_gguf, int8_from_gguf
+from specontext.model.quant import Int4Linear, Int8Linear, concat_rows, quantize, quantized_linear
+
+from conftest import make_hf_model, write_tiny_gguf
+
+
+@pytest.mark.parametrize("fmt,activations,tol", [("int4", None, 1e-5), ("int8", "float", 1e-5), ("int8", "int8", 0.02)])
+def test_kernels_match_a_dequantize_then_matmul_reference(fmt, activations, tol):
+    torch.manual_seed(0)
+    w, b, x = torch.randn(96, 128), torch.randn(96), torch.randn(2, 5, 128)
+    qw = quantize(w, fmt)
+    module = quantized_linear(qw, b)
+    if activations:
+        module.activations = activations
+    ref = x @ qw.dequantize().t() + b
+    assert ((module(x) - ref).abs().max() / ref.abs().max()).item() <= tol
+    assert ((qw.dequantize() - w).abs().max() / w.abs().max()).item() < (0.1 if fmt == "int4" else 0.01)
+
+
+@pytest.mark.parametrize("qtype", [gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q4_0])
+def test_gguf_q4_blocks_become_int4_losslessly(qtype):
+    """scale = d, zero = m + 8 d (Q4_0: 0): every value equals gguf's dequantization bit for bit."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((48, 256)).astype(np.float32)
+    raw = gguf.quants.quantize(w, qtype)
+    qw = int4_from_gguf(raw, qtype.name, 48, 256)
+    expected = torch.from_numpy(gguf.quants.dequantize(raw, qtype).reshape(48, 256).astype(np.float32))
+    assert torch.equal(qw.dequantize(), expected)
+
+
+def test_gguf_q8_0_becomes_int8_per_row():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((40, 128)).astype(np.float32)
+    raw = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)
+    expected = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q8_0).reshape(40, 128))
+    qw = int8_from_gguf(raw, 40, 128)
+    assert ((qw.dequantize() - expected).abs().max() / expected.abs().max()).item() < 0.01
+
+
+def test_fused_rows_and_row_order_follow_the_float_weights():
+    torch.manual_seed(0)
+    a, b = torch.randn(32, 64), torch.randn(16, 64)
+    fused = concat_rows([quantize(a, "int4"), quantize(b, "int4")])
+    assert torch.equal(fused.dequantize(), torch.cat([quantize(a, "int4").dequantize(), quantize(b, "int4").dequantize()]))
+    order = torch.randperm(48)
+    assert torch.equal(fused.rows(order).dequantize(), fused.dequantize()[order])
+
+
+@pytest.fixture(scope="module")
+def tiny_q4(tmp_path_factory):
+    root = tmp_path_factory.mktemp("weights")
+    hf = make_hf_model("llama", str(root / "hf"), vocab_size=288, hidden_size=64, intermediate_size=96,
+                       num_attention_heads=4, num_key_value_heads=2)
+    path = str(root / "q4_1.gguf")
+    write_tiny_gguf(hf, path, tensor_type=gguf.GGMLQuantizationType.Q4_1)
+    return path
+
+
+def _logits(llm, ids):
+    cache = llm.engine.new_cache(len(ids))
+    return llm.engine.prefill(ids, cache, logits_for="all")[0]
+
+
+def test_a_q4_1_gguf_runs_int4_with_its_float_values(tiny_q4):
+    """The int4 model computes what the float model loaded from the same file computes."""
+    ids = list(range(3, 40))
+    ref = specontext.load(tiny_q4, device="cpu", weights="fp32")
+    llm = specontext.load(tiny_q4, device="cpu", weights="int4")
+    layer = llm.model.model.layers[0]
+    assert isinstance(layer.self_attn.qkv_proj, Int4Linear) and isinstance(layer.mlp.down_proj, Int4Linear)
+    assert torch.allclose(_logits(llm, ids), _logits(ref, ids), atol=2e-4, rtol=1e-4)
+    assert llm.model.weight_bytes() < ref.model.weight_bytes()
+    f = GGUFFile(tiny_q4)  # read straight from the blocks: no float copy of those tensors
+    tensors = f.hf_tensors(f.model_config(), "int4")
+    assert type(tensors["model.layers.0.mlp.down_proj.weight"]).__name__ == "QuantizedWeight"
+    assert tensors["model.embed_tokens.weight"].dtype == torch.float32
+
+
+def test_int8_weights_follow_float32(tiny_q4):
+    ids = list(range(3, 40))
+    ref = _logits(specontext.load(tiny_q4, device="cpu", weights="fp32"), ids).softmax(-1)
+    llm = specontext.load(tiny_q4, device="cpu", weights="int8")
+    assert isinstance(llm.model.model.layers[0].mlp.gate_up_proj, Int8Linear)
+    got = _logits(llm, ids).softmax(-1)
+    assert (got - ref).abs().max().item() < 0.05
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.9
+
+
+def test_a_float_checkpoint_is_quantized_on_load(tmp_path):
+    make_hf_model("llama", str(tmp_path / "hf"), vocab_size=96, hidden_size=64, intermediate_size=96,
+                  num_attention_heads=4, num_key_value_heads=2)
+    llm = specontext.load(str(tmp_path / "hf"), device="cpu", weights="int4")
+    assert isinstance(llm.model.model.layers[1].self_attn.o_proj, Int4Linear)
+    assert len(llm.generate([3, 4, 5], chat=False, max_new_tokens=4, ignore_eos=True).token_ids) == 4
+
+
+def test_formats_that_cannot_be_honoured_are_refused(tiny_q4):
+    with pytest.raises(InputError, match="is for CUDA; on a CPU use fp32, int8 or int4"):
+        specontext.load(tiny_q4, device="cpu", weights="fp16")
+    with pytest.raises(InputError, match="weights must be one of"):
+        specontext.RuntimeSettings(weights="q4")
+    with pytest.raises(InputError, match="disagree"):
+        specontext.load(tiny_q4, device="cpu", dtype="float32", weights="bf16")
