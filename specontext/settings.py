@@ -41,11 +41,10 @@ class RuntimeSettings:
     dtype: str = _opt("auto", "weight and KV precision: auto (float32 on CPU, bfloat16 on CUDA), float32, float16, bfloat16",
                       choices=DTYPES)
     weights: str = _opt("auto", "weight format of the linear layers: auto (float, as --dtype), fp32, fp16 or bf16 "
-                        "(CUDA), int8 (per output row; on a CPU about 2x faster decode than fp32, activations "
-                        "quantized per token as llama.cpp does), int4 (groups of 32, half int8's memory; a GGUF's "
-                        "Q4_0/Q4_1 blocks are kept exactly, but torch's CPU int4 kernel is slower than fp32). "
-                        "int8 and int4 run on a CPU; embeddings, norms and the LM head stay float",
-                        choices=WEIGHT_FORMATS)
+                        "(CUDA), int8 (per output row), int4 (groups of 32; a GGUF's Q4_0/Q4_1 blocks are kept "
+                        "exactly). int8 and int4 hold the layers in a third of fp32's memory or less, on torch's "
+                        "CPU weight-only kernels, which decode slower than fp32 on this project's CPU; "
+                        "embeddings, norms and the LM head stay float", choices=WEIGHT_FORMATS)
     threads: int = _opt(0, "CPU threads for compute; 0 keeps PyTorch's default (one per core)")
     prefill_chunk_tokens: int = _opt(512, "prompt tokens processed per prefill step; bounds activation memory")
     sparsity: str = _decode_opt("dense", "what each decode step attends to: dense (every past token); specontext (the retrieval "

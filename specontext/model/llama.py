@@ -157,7 +157,8 @@ class LlamaForCausalLM(nn.Module):
 
         A linear layer's weight given as a :class:`~specontext.model.quant.QuantizedWeight`
         stays quantized (the layer becomes an int4 or int8 module); ``quantize_to`` (``int4``
-        or ``int8``) quantizes float ones as they load. Embeddings, norms and the LM head stay float.
+        or ``int8``) quantizes float ones as they load. Embeddings, norms and the LM head stay
+        float (an int8 LM head cost top-1 agreement 1.0 -> 0.97 on the default model).
         """
         from ..errors import ModelFileError
 
