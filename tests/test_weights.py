@@ -117,3 +117,24 @@ def test_formats_that_cannot_be_honoured_are_refused(tiny_q4):
         specontext.RuntimeSettings(weights="q4")
     with pytest.raises(InputError, match="disagree"):
         specontext.load(tiny_q4, device="cpu", dtype="float32", weights="bf16")
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int8", "int4"])
+def test_the_planner_counts_each_format_as_the_runtime_holds_it(tiny_q4, weights):
+    from specontext.planner.memory import model_weight_bytes
+
+    llm = specontext.load(tiny_q4, device="cpu", weights=weights)
+    fmt = "float" if weights == "fp32" else weights
+    assert model_weight_bytes(llm.config, 4, fmt) == llm.model.weight_bytes()
+
+
+def test_a_plan_takes_the_weight_format(tiny_q4):
+    from specontext.planner.plan import make_plan
+
+    def weights(plan):
+        return next(b["bytes"] for b in plan.to_dict()["at_context"]["buffers"] if b["name"] == "weights")
+    float32, int4 = (make_plan(tiny_q4, "cpu", context_tokens=64, weights=w) for w in ("fp32", "int4"))
+    assert int4.to_dict()["settings"]["weight_format"] == "int4" and weights(int4) < weights(float32)
+    assert "linear layers int4" in int4.table()
+    with pytest.raises(InputError, match="weights must be auto, fp32, fp16, bf16, int8 or int4"):
+        make_plan(tiny_q4, "cpu", weights="q4")

@@ -24,7 +24,8 @@ def run_plan(args: argparse.Namespace, settings: RuntimeSettings) -> int:
     plan = make_plan(args.model, settings.device_profile, context_tokens=args.context_tokens, requests=args.requests,
                      budget_tokens=settings.budget_tokens, sparsity=settings.sparsity, dtype=settings.dtype,
                      slot_pool=settings.slot_pool, block_tokens=settings.block_tokens,
-                     prefill_chunk_tokens=settings.prefill_chunk_tokens, retrieval_head=settings.retrieval_head)
+                     prefill_chunk_tokens=settings.prefill_chunk_tokens, retrieval_head=settings.retrieval_head,
+                     weights=settings.weights)
     payload = json.dumps(plan.to_dict(), indent=2)
     if args.output:
         tmp = args.output + ".partial"

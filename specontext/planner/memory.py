@@ -127,6 +127,9 @@ class MemoryInputs:
         host_memory: how the offloaded KV is held on the host (HOST_MEMORY_KINDS): ``pageable``
             without a GPU; on a discrete GPU what OffloadedKVCache uses (CUDA_HOST_MEMORY). The
             host tier counts the bytes this really takes (:func:`pinned_block_bytes`).
+        weight_format: ``float`` (``weight_bytes`` per weight), ``int8`` or ``int4``: the linear
+            layers' weights as the runtime holds them (:func:`linear_weight_bytes`); embeddings,
+            norms and the LM head stay float.
     """
 
     model: ModelConfig
@@ -146,6 +149,7 @@ class MemoryInputs:
     focus_window_tokens: int = 0
     cpu_threads: int = 1
     host_memory: str = "pageable"
+    weight_format: str = "float"
 
     def __post_init__(self) -> None:
         for name in ("weight_bytes", "kv_bytes", "requests", "budget_tokens", "block_tokens", "prefill_chunk_tokens",
@@ -157,6 +161,8 @@ class MemoryInputs:
         if not (math.isfinite(self.slot_pool) and self.slot_pool >= 1):
             raise InputError(f"slot_pool must be >= 1, got {self.slot_pool}")
         check_host_memory(self.host_memory)
+        if self.weight_format not in WEIGHT_FORMATS:
+            raise InputError(f"weight_format must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weight_format!r}")
 
     @property
     def head_shape(self) -> HeadShape | None:
@@ -186,11 +192,29 @@ class Buffer:
     formula: str
 
 
-def model_weight_bytes(model: ModelConfig, bytes_per_element: int) -> int:
-    """Parameters of the target counted from its config, times the element size."""
+WEIGHT_FORMATS = ("float", "int8", "int4")
+INT4_GROUP = 32  # values sharing a scale and a zero (specontext/model/quant.py)
+
+
+def linear_weight_bytes(rows: int, cols: int, weight_format: str, float_bytes: int) -> int:
+    """Bytes of a [rows, cols] linear weight as the runtime holds it: int4 packs two values a
+    byte plus a float32 scale and zero per group of 32 (0.75 bytes a weight); int8 one byte a
+    value plus a float32 scale per row; float ``float_bytes`` a value."""
+    if weight_format == "int4":
+        return rows * cols // 2 + 2 * 4 * rows * -(-cols // INT4_GROUP)
+    if weight_format == "int8":
+        return rows * cols + 4 * rows
+    return rows * cols * float_bytes
+
+
+def model_weight_bytes(model: ModelConfig, bytes_per_element: int, weight_format: str = "float") -> int:
+    """The target's weights counted from its config: linear layers as ``weight_format`` holds
+    them, everything else (embeddings, norms, biases, the LM head) at the element size."""
     E, I, V, L = model.hidden_size, model.intermediate_size, model.vocab_size, model.num_layers
     H, G, D = model.num_heads, model.num_kv_heads, model.head_dim
-    per_layer = E * (H + 2 * G) * D + H * D * E + 3 * E * I + 2 * E  # qkv, o, gate/up/down, 2 norms
+    linear = sum(linear_weight_bytes(rows, cols, weight_format, bytes_per_element)
+                 for rows, cols in (((H + 2 * G) * D, E), (E, H * D), (2 * I, E), (E, I)))  # qkv, o, gate/up, down
+    per_layer = 2 * E  # 2 norms
     if model.qkv_bias:
         per_layer += (H + 2 * G) * D
     if model.o_bias:
@@ -200,7 +224,7 @@ def model_weight_bytes(model: ModelConfig, bytes_per_element: int) -> int:
     if model.qk_norm:
         per_layer += 2 * D
     embeddings = V * E * (1 if model.tie_word_embeddings else 2)
-    return (L * per_layer + embeddings + E) * bytes_per_element
+    return L * linear + (L * per_layer + embeddings + E) * bytes_per_element
 
 
 def buffers(inputs: MemoryInputs, seq_tokens: int, num_offloaded: int, slot_pool: float | None = None) -> list[Buffer]:
@@ -223,8 +247,10 @@ def buffers(inputs: MemoryInputs, seq_tokens: int, num_offloaded: int, slot_pool
     def add(name, tier, num_bytes, formula):
         out.append(Buffer(name, tier, int(num_bytes), formula))
 
-    weights = x.measured_weight_bytes if x.measured_weight_bytes is not None else model_weight_bytes(m, w)
-    add("weights", "device", weights, "measured" if x.measured_weight_bytes is not None else "params(config) * w")
+    weights = x.measured_weight_bytes if x.measured_weight_bytes is not None else \
+        model_weight_bytes(m, w, x.weight_format)
+    add("weights", "device", weights, "measured" if x.measured_weight_bytes is not None else
+        "params(config) * w" if x.weight_format == "float" else f"linear layers {x.weight_format}, the rest * w")
     head = x.head_shape
     if head is not None:
         add("head_weights", "device", head.num_parameters * w, "params(head) * w")

@@ -106,6 +106,7 @@ class MemoryPlan:
             "settings": {"context_tokens": self.context_tokens, "requests": x.requests, "sparsity": x.sparsity,
                          "budget_tokens": x.budget_tokens, "block_tokens": x.block_tokens,
                          "weight_bytes_per_element": x.weight_bytes, "kv_bytes_per_element": x.kv_bytes,
+                         "weight_format": x.weight_format,
                          "prefill_chunk_tokens": x.prefill_chunk_tokens, "retrieval_head": self.head_source,
                          "host_memory": x.host_memory},
             "device_budget_bytes": self.placement.device_budget_bytes,
@@ -135,7 +136,9 @@ class MemoryPlan:
                f"({p.description})",
                f"  {s['requests']} request(s), context {s['context_tokens']} tokens, {s['sparsity']}"
                + (f" budget {s['budget_tokens']}" if s["sparsity"] != "dense" else "")
-               + f", weights {s['weight_bytes_per_element']} B/elem, KV {s['kv_bytes_per_element']} B/elem",
+               + f", weights {s['weight_bytes_per_element']} B/elem"
+               + (f" (linear layers {s['weight_format']})" if s["weight_format"] != "float" else "")
+               + f", KV {s['kv_bytes_per_element']} B/elem",
                f"  usable: device {d['device_budget_bytes'] / MIB:,.0f} MiB, host {d['host_budget_bytes'] / MIB:,.0f} MiB"
                + (" (one shared pool: unified memory)" if d["unified_memory"] else ""),
                f"  maximum context: {d['max_context_tokens']} tokens (limited by {d['max_context_limited_by']})",
@@ -160,7 +163,8 @@ class MemoryPlan:
 def make_plan(model: str | ModelConfig | None = None, device_profile: str | DeviceProfile = "auto", context_tokens: int | None = None,
               requests: int = 1, budget_tokens: int = 2048, sparsity: str = "specontext", dtype: str = "auto",
               slot_pool: float = 1.0, block_tokens: int = 1, prefill_chunk_tokens: int = 512,
-              retrieval_head: str = "auto", pin_fraction: float = 0.5, focus_window_tokens: int = 32) -> MemoryPlan:
+              retrieval_head: str = "auto", pin_fraction: float = 0.5, focus_window_tokens: int = 32,
+              weights: str = "auto") -> MemoryPlan:
     """Plan memory without loading weights or touching the device.
 
     Args:
@@ -172,6 +176,8 @@ def make_plan(model: str | ModelConfig | None = None, device_profile: str | Devi
         dtype: ``auto`` (bfloat16 on a GPU profile, float32 on a CPU one) or an explicit dtype.
         pin_fraction, focus_window_tokens: query-focused pinning (specontext) and the focus window
             (specontext with pins, snapkv), whose buffers the plan counts.
+        weights: the weight format (``--weights``): ``auto`` (float, as ``dtype``), ``fp32``,
+            ``fp16``, ``bf16`` (which set the dtype), ``int8`` or ``int4`` (the linear layers).
 
     Raises:
         InputError: the plan cannot work (the weights alone exceed the device, or the context
@@ -183,6 +189,13 @@ def make_plan(model: str | ModelConfig | None = None, device_profile: str | Devi
     """
     cfg, path = read_model_config(model)
     profile = device_profile if isinstance(device_profile, DeviceProfile) else load_profile(device_profile)
+    float_formats = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+    if weights not in ("auto", "int8", "int4", *float_formats):
+        raise InputError(f"weights must be auto, fp32, fp16, bf16, int8 or int4; got {weights!r}")
+    if weights in float_formats:
+        if dtype not in ("auto", float_formats[weights]):
+            raise InputError(f"weights {weights} and dtype {dtype} disagree; give one of them")
+        dtype = float_formats[weights]
     if dtype == "auto":
         dtype = "bfloat16" if profile.kind == "cuda" else "float32"
     if dtype not in DTYPE_BYTES:
@@ -200,14 +213,16 @@ def make_plan(model: str | ModelConfig | None = None, device_profile: str | Devi
                           fused_attention=profile.kind == "cuda",
                           pin_tokens=round(pin_fraction * budget_tokens) if sparsity == "specontext" else 0,
                           focus_window_tokens=focus_window_tokens, cpu_threads=os.cpu_count() or 1,
-                          host_memory=host_memory_for(profile.kind))
+                          host_memory=host_memory_for(profile.kind),
+                          weight_format=weights if weights in ("int8", "int4") else "float")
     placement = plan_placement(inputs, profile.device_budget_bytes, profile.host_budget_bytes, profile.unified_memory,
                                target_seq_tokens=S, max_seq_tokens=limit)
     if placement.max_context_tokens == 0:
         fixed = buffers(inputs, 1, cfg.num_layers if not profile.unified_memory else 0)
-        weights = sum(b.num_bytes for b in fixed if b.name in ("weights", "head_weights"))
-        raise InputError(f"{path} cannot run on {profile.name}: its weights alone need {weights / MIB:,.0f} MiB in "
-                         f"{dtype} but the device has {profile.device_budget_bytes / MIB:,.0f} MiB usable; use a "
+        held = sum(b.num_bytes for b in fixed if b.name in ("weights", "head_weights"))
+        raise InputError(f"{path} cannot run on {profile.name}: its weights alone need {held / MIB:,.0f} MiB in "
+                         f"{dtype}{'' if inputs.weight_format == 'float' else ' with ' + inputs.weight_format + ' layers'} "
+                         f"but the device has {profile.device_budget_bytes / MIB:,.0f} MiB usable; use a "
                          f"smaller model or a larger device")
     if S > placement.max_context_tokens:
         mode = "" if profile.unified_memory or sparsity in GLOBAL_METHODS else (
