@@ -68,6 +68,10 @@ class Engine:
         """The cache for one generation: dense, or with the last ``offload_layers`` in host memory."""
         cfg = self.model.config
         offload = self.settings.offload_layers
+        kv_format = self._kv_format()
+        if kv_format != "float" and (offload or self.settings.adaptive_offload):
+            raise InputError("--kv-dtype int8 keeps resident KV in this version; with --offload-layers or "
+                             "--adaptive-offload use --kv-dtype auto")
         if self.settings.adaptive_offload:
             return self._managed_cache(capacity_tokens, batch_size)
         if offload:
@@ -85,7 +89,23 @@ class Engine:
                                     pool_tokens=pool, async_prefetch=self.settings.async_prefetch,
                                     block_tokens=opts.block_tokens)
         return DenseKVCache(cfg.num_layers, batch_size, cfg.num_kv_heads, cfg.head_dim, capacity_tokens,
-                            self.model.dtype, self.model.device, sliding_window=cfg.sliding_window)
+                            self.model.dtype, self.model.device, sliding_window=cfg.sliding_window,
+                            kv_format=kv_format)
+
+    def _kv_format(self) -> str:
+        """``float`` (KV in the compute dtype) or ``int8``, from ``kv_dtype``; a 16/32-bit float KV
+        other than the compute dtype, or fp8, is refused with what works."""
+        kv = self.settings.kv_dtype
+        if kv in ("auto", "int8"):
+            return "float" if kv == "auto" else "int8"
+        if kv == "fp8":
+            raise InputError("--kv-dtype fp8 is not implemented yet; use int8 (8-bit, a scale per token and KV "
+                             "head) or auto")
+        wanted = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[kv]
+        if wanted != self.model.dtype:
+            raise InputError(f"--kv-dtype {kv} differs from the compute dtype ({self.model.dtype}), which this version "
+                             f"needs; use auto or int8")
+        return "float"
 
     def _managed_cache(self, capacity_tokens: int, batch_size: int) -> KVCache:
         """The memory manager's cache: placement from the plan for the device profile."""

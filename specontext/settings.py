@@ -17,6 +17,7 @@ from .retrieval.selection import SparsityOptions
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 COMPILE_MODES = ("off", "on", "cuda-graph")
 WEIGHT_FORMATS = ("auto", "fp32", "fp16", "bf16", "int8", "int4")
+KV_DTYPES = ("auto", "fp16", "bf16", "fp32", "fp8", "int8")
 
 
 def _opt(default, help: str, **extra):
@@ -45,6 +46,10 @@ class RuntimeSettings:
                         "exactly). int8 and int4 hold the layers in a third of fp32's memory or less, on torch's "
                         "CPU weight-only kernels, which decode slower than fp32 on this project's CPU; "
                         "embeddings, norms and the LM head stay float", choices=WEIGHT_FORMATS)
+    kv_dtype: str = _opt("auto", "KV cache storage: auto (the compute dtype), int8 (8-bit rows with a float32 scale "
+                         "per token and KV head, upcast when read, only the chosen rows on a sparse step; "
+                         "resident KV only in this version), fp32, fp16, bf16 (the compute dtype's), fp8 (not "
+                         "yet)", choices=KV_DTYPES)
     threads: int = _opt(0, "CPU threads for compute; 0 keeps PyTorch's default (one per core)")
     prefill_chunk_tokens: int = _opt(512, "prompt tokens processed per prefill step; bounds activation memory")
     sparsity: str = _decode_opt("dense", "what each decode step attends to: dense (every past token); specontext (the retrieval "
@@ -112,6 +117,8 @@ class RuntimeSettings:
         dev = self.device
         if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise InputError(f"device must be auto, cpu, cuda or cuda:N, got {dev!r}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise InputError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")
         if self.weights not in WEIGHT_FORMATS:
             raise InputError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weights!r}")
         if self.compile_decode not in COMPILE_MODES:

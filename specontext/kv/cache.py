@@ -24,7 +24,9 @@ import abc
 import torch
 
 from ..errors import ContextLengthError
+from .int8 import Int8ResidentLayer
 from .plan import FetchPlan, StepPlan, make_plan
+from .rows import store_rows
 
 
 class KVCache(abc.ABC):
@@ -99,29 +101,15 @@ class ResidentLayer:
     def read(self, plan: StepPlan):
         return self.k[:, :, :plan.kv_len], self.v[:, :, :plan.kv_len], plan.attn_mask
 
+    def keys(self, n: int) -> torch.Tensor:
+        """The first ``n`` positions' keys."""
+        return self.k[:, :, :n]
+
     def gather(self, flat_rows: torch.Tensor, out_k: torch.Tensor, out_v: torch.Tensor) -> None:
         """Rows ``flat_rows`` ((b * G + g) * S + position) into ``out_k`` / ``out_v`` [B, G, K + 1, D]."""
         B, G, S, D = self.k.shape
         torch.index_select(self.k.view(B * G * S, D), 0, flat_rows, out=out_k.view(-1, D))
         torch.index_select(self.v.view(B * G * S, D), 0, flat_rows, out=out_v.view(-1, D))
-
-
-def store_rows(k_buf: torch.Tensor, v_buf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: StepPlan) -> None:
-    """Write k, v [B, G, T, D] into buffers [B, G, S, D] at the plan's positions."""
-    if plan.static:  # one token per row at its position: the same kernel every step
-        rows = torch.arange(k.shape[0], device=k.device)
-        k_buf[rows, :, plan.positions[:, 0]] = k[:, :, 0]
-        v_buf[rows, :, plan.positions[:, 0]] = v[:, :, 0]
-    elif plan.write_start is not None:
-        end = plan.write_start + k.shape[2]
-        k_buf[:, :, plan.write_start:end] = k
-        v_buf[:, :, plan.write_start:end] = v
-    else:
-        b_idx, pos = plan.valid_index
-        t_idx = pos - plan.positions[b_idx, 0]
-        # Advanced indices around a slice put the selected axis first: [N, G, D].
-        k_buf[b_idx, :, pos] = k[b_idx, :, t_idx]
-        v_buf[b_idx, :, pos] = v[b_idx, :, t_idx]
 
 
 class DenseKVCache(KVCache):
@@ -132,6 +120,8 @@ class DenseKVCache(KVCache):
         capacity_tokens: positions per row (prompt plus tokens to generate).
         dtype, device: storage.
         sliding_window: if set, a query at position p sees keys in (p - window, p].
+        kv_format: ``float`` (K and V in ``dtype``) or ``int8`` (8-bit rows with a scale per token
+            and KV head, upcast to ``dtype`` when read: ``kv/int8.py``).
         grow_tokens: 0 preallocates ``capacity_tokens``; N > 0 starts with N positions and grows
             every device buffer to the next multiple of N as the cache fills (one layer at a
             time, so the transient is one layer's old buffer). For the memory manager, which
@@ -145,7 +135,10 @@ class DenseKVCache(KVCache):
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int,
                  capacity_tokens: int, dtype: torch.dtype, device: torch.device | str,
-                 sliding_window: int | None = None, grow_tokens: int = 0):
+                 sliding_window: int | None = None, grow_tokens: int = 0, kv_format: str = "float"):
+        if kv_format not in ("float", "int8"):
+            raise ValueError(f"kv_format must be float or int8, got {kv_format!r}")
+        self.kv_format = kv_format
         self.num_layers = num_layers
         self.batch_size = batch_size
         self.capacity_tokens = capacity_tokens
@@ -163,6 +156,8 @@ class DenseKVCache(KVCache):
 
     def _initial_layer(self, layer: int):
         """The storage ``layer`` starts in."""
+        if self.kv_format == "int8":
+            return Int8ResidentLayer(self.resident_shape, self.dtype, self.device)
         return ResidentLayer(self.resident_shape, self.dtype, self.device)
 
     def allocated_bytes(self) -> int:
@@ -201,7 +196,7 @@ class DenseKVCache(KVCache):
         """Reallocate every resident layer to hold ``num_tokens`` (rounded up to ``grow_tokens``)."""
         size = min(-(-num_tokens // self.grow_tokens) * self.grow_tokens, self.capacity_tokens)
         for layer in self.layers:
-            if isinstance(layer, ResidentLayer):
+            if hasattr(layer, "grow"):  # resident (float or 8-bit); host layers do not grow
                 layer.grow(size)
         self.device_tokens = size
         self.resident_shape = (*self.resident_shape[:2], size, self.resident_shape[3])
@@ -223,7 +218,7 @@ class DenseKVCache(KVCache):
         """A decode step's past keys [B, G, P, D] of ``layer`` (P = kv_len - 1) and, when rows
         differ in length, which are real ([B, P] bool; else None)."""
         num_past = plan.kv_len - 1
-        past_keys = self.layers[layer].k[:, :, :num_past]
+        past_keys = self.layers[layer].keys(num_past)
         past_valid = None
         if len(set(plan.starts)) > 1:
             past_valid = torch.arange(num_past, device=past_keys.device)[None, :] < plan.positions[:, :1]

@@ -42,9 +42,10 @@ import torch
 
 from .. import native
 from ..errors import InputError
-from .cache import DenseKVCache, ResidentLayer, store_rows
+from .cache import DenseKVCache, ResidentLayer
 from .host import _synchronize, allocate_host, pinned_host_bytes
 from .plan import FetchPlan, StepPlan, to_device
+from .rows import store_rows
 from .slots import SlotPool, whole_blocks
 from .transfer import CopyEngine, CudaCopyEngine, ThreadCopyEngine, TransferStats
 

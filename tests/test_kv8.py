@@ -1,0 +1,79 @@
+"""The 8-bit KV cache (issue 17, part): int8 rows with a scale per token and KV head, upcast when read."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import specontext
+from specontext.errors import InputError
+from specontext.kv.cache import DenseKVCache
+from specontext.kv.int8 import Int8ResidentLayer
+from specontext.kv.plan import Selection
+
+from conftest import tiny_sparse_setup
+
+PREFIX, TOTAL = 80, 120
+
+
+def test_stored_rows_read_back_within_a_scale_step():
+    torch.manual_seed(0)
+    B, G, S, D = 2, 3, 40, 16
+    cache = DenseKVCache(1, B, G, D, 64, torch.float32, "cpu", kv_format="int8")
+    assert isinstance(cache.layers[0], Int8ResidentLayer)
+    k, v = torch.randn(B, G, S, D), torch.randn(B, G, S, D)
+    keys, values, _ = cache.update(0, k, v, cache.plan_step([S] * B))
+    step = k.abs().amax(-1, keepdim=True) / 127  # one quantization step per row
+    assert ((keys - k).abs() <= step / 2 + 1e-6).all() and ((values - v).abs() <= v.abs().amax(-1, True) / 254 + 1e-6).all()
+    # a sparse step upcasts only the chosen rows, and gives the same rows a dense read gives
+    plan = cache.plan_step([1] * B)
+    indices = torch.tensor([3, 7, 20, S]).expand(B, G, 4).contiguous()
+    plan = plan.with_selection(Selection(indices=indices), cache.row_pitch)
+    k1, v1 = torch.randn(B, G, 1, D), torch.randn(B, G, 1, D)
+    got_k, got_v, _ = cache.update(0, k1, v1, plan)
+    full_k = cache.layers[0].keys(S + 1)
+    assert torch.equal(got_k, full_k[:, :, [3, 7, 20, S]])
+    rows = B * G * 64  # K and V: a byte per value, 4 bytes of scale per row (float32: 4 bytes per value)
+    assert cache.layers[0].nbytes() == 2 * rows * D + 2 * rows * 4
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_sparse_setup(tmp_path_factory.mktemp("kv8"), TOTAL)
+
+
+@pytest.mark.parametrize("sparsity", ["dense", "specontext"])
+def test_int8_kv_follows_the_float_kv(tiny, sparsity):
+    opts = dict(sparsity=sparsity, retrieval_head=tiny["head"], budget_tokens=40, sink_tokens=2, window_tokens=4)
+    ids = tiny["ids"]
+    ref = specontext.load(tiny["path"], device="cpu", prefill_chunk_tokens=32, **opts)
+    llm = specontext.load(tiny["path"], device="cpu", prefill_chunk_tokens=32, kv_dtype="int8", **opts)
+    expected, _ = ref.engine.teacher_forced(ids[:PREFIX], ids[PREFIX:])
+    got, selector = llm.engine.teacher_forced(ids[:PREFIX], ids[PREFIX:])
+    assert (got.softmax(-1) - expected.softmax(-1)).abs().max().item() < 0.05
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean().item() >= 0.9
+    if sparsity == "specontext":
+        assert selector.stats.sparse_steps > 0
+
+
+def test_kv_formats_that_cannot_be_honoured_are_refused(tiny):
+    with pytest.raises(InputError, match="fp8 is not implemented yet"):
+        specontext.load(tiny["path"], device="cpu", kv_dtype="fp8").generate([3, 4], max_new_tokens=1)
+    with pytest.raises(InputError, match="differs from the compute dtype"):
+        specontext.load(tiny["path"], device="cpu", kv_dtype="fp16").generate([3, 4], max_new_tokens=1)
+    with pytest.raises(InputError, match="keeps resident KV in this version"):
+        specontext.load(tiny["path"], device="cpu", kv_dtype="int8", sparsity="streaming", budget_tokens=24,
+                        offload_layers=1).generate([3, 4], max_new_tokens=1)
+    with pytest.raises(InputError, match="kv_dtype must be one of"):
+        specontext.RuntimeSettings(kv_dtype="q8")
+
+
+def test_an_int8_kv_decode_step_compiles_as_one_graph(tiny, monkeypatch):
+    llm = specontext.load(tiny["path"], device="cpu", prefill_chunk_tokens=32, kv_dtype="int8")
+    ids = tiny["ids"][:PREFIX]
+    eager = llm.generate(ids, chat=False, max_new_tokens=8, ignore_eos=True).token_ids
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": "eager"}))
+    torch._dynamo.reset()
+    llm.set_sparsity(compile_decode="on")
+    assert llm.generate(ids, chat=False, max_new_tokens=8, ignore_eos=True).token_ids == eager
