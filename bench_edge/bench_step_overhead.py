@@ -167,9 +167,8 @@ def main() -> None:
         if args.baseline:
             result["baseline"] = {"ref": args.baseline, **run_baseline(args.baseline, folder, args)}
             for mine in [k for k in result if k.startswith("this_tree") and "error" not in result[k]]:
-                if mine in result:
-                    result[f"ratio_baseline_over_{mine}"] = {
-                        k: round(result["baseline"][k]["step_s"] / v["step_s"], 3) for k, v in result[mine].items()}
+                result[f"ratio_baseline_over_{mine}"] = {
+                    k: round(result["baseline"][k]["step_s"] / v["step_s"], 3) for k, v in result[mine].items()}
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=1))
     if args.out:
         with open(args.out, "w") as f:

@@ -26,7 +26,7 @@ from .stats import GenerationResult
 from .errors import InputError, ModelFileError
 from .model.llama import LlamaForCausalLM
 from .retrieval.head import RetrievalHead, TargetInfo, resolve_head, target_fingerprint
-from .settings import GenerationConfig, RuntimeSettings, decode_options
+from .settings import FLOAT_FORMATS, GenerationConfig, RuntimeSettings, decode_options
 from .tokenizer import Tokenizer
 
 Prompt = Union[str, list[dict], list[int]]
@@ -50,7 +50,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 QUANTIZED = ("int4", "int8")
-_FLOAT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def weight_format(settings: RuntimeSettings, device: torch.device, dtype: torch.dtype) -> tuple[str, torch.dtype]:
@@ -64,12 +63,13 @@ def weight_format(settings: RuntimeSettings, device: torch.device, dtype: torch.
     if fmt in QUANTIZED and device.type != "cpu":
         raise InputError(f"--weights {fmt} runs on the CPU's int4/int8 kernels in this version; on {device.type} use "
                          f"--weights fp16 or bf16 (or auto)")
-    if fmt in _FLOAT:
-        if settings.dtype != "auto" and resolve_dtype(settings.dtype, device) != _FLOAT[fmt]:
+    if fmt in FLOAT_FORMATS:
+        wanted = getattr(torch, FLOAT_FORMATS[fmt])
+        if settings.dtype != "auto" and resolve_dtype(settings.dtype, device) != wanted:
             raise InputError(f"--weights {fmt} and --dtype {settings.dtype} disagree; give one of them")
         if device.type == "cpu" and fmt != "fp32":
             raise InputError(f"--weights {fmt} is for CUDA; on a CPU use fp32, int8 or int4 (or auto)")
-        return "fp32", _FLOAT[fmt]
+        return "fp32", wanted
     if fmt == "auto":
         return "fp32", dtype
     return fmt, dtype

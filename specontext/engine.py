@@ -26,7 +26,7 @@ from .retrieval.head_selector import HeadSelector
 from .retrieval.selection import SparsityOptions, make_selector
 from .retrieval.selector import Selector
 from .generation import BatchGeneration, Generation
-from .settings import GenerationConfig, RuntimeSettings
+from .settings import FLOAT_FORMATS, GenerationConfig, RuntimeSettings
 from .tokenizer import Tokenizer
 
 
@@ -101,7 +101,7 @@ class Engine:
         if kv == "fp8":
             raise InputError("--kv-dtype fp8 is not implemented yet; use int8 (8-bit, a scale per token and KV "
                              "head) or auto")
-        wanted = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[kv]
+        wanted = getattr(torch, FLOAT_FORMATS[kv])
         if wanted != self.model.dtype:
             raise InputError(f"--kv-dtype {kv} differs from the compute dtype ({self.model.dtype}), which this version "
                              f"needs; use auto or int8")
@@ -135,8 +135,7 @@ class Engine:
         return cache
 
     def step(self, ids: torch.Tensor, input_lens: list[int], cache: KVCache, selector: Selector | None,
-             decode: bool = False, logits_for: str = "last", focus: QueryFocus | None = None,
-             compile: bool = False) -> torch.Tensor:
+             decode: bool = False, logits_for: str = "last", focus: QueryFocus | None = None) -> torch.Tensor:
         """One forward step: a prefill chunk or a decode token, for one row or many.
 
         Every use runs through here: prefill chunks, generation (one request or a batch),
@@ -150,12 +149,11 @@ class Engine:
             selector: chooses decode steps' keys and observes every step (None: dense, unobserved).
             decode: a decode step (one token per row, selection applies) rather than a prefill chunk.
             logits_for, focus: as for the model; ``focus`` sees the chunks holding a row's focus window.
-            compile: run a decode step compiled where it can be (see :meth:`compile_wanted`).
         Returns:
             float32 logits (see :meth:`LlamaForCausalLM.forward`).
         """
         cfg, model = self.model.config, self.model
-        compiled = self._compiled_decode(cache, selector) if decode and compile else None
+        compiled = self._compiled_decode(cache, selector) if decode else None
         plan = make_plan(cache.reserve(input_lens), input_lens, model.device, cfg.sliding_window,
                          cfg.num_heads // cfg.num_kv_heads, static_tokens=cache.row_pitch if compiled else 0)
         if compiled is None:  # a compiled step makes its rotary tables inside the graph
@@ -188,10 +186,6 @@ class Engine:
     def clear_compiled(self) -> None:
         """Forget the compiled decode step (the next compiled step compiles again)."""
         self._compiled = None
-
-    def compile_wanted(self, new_tokens: int) -> bool:
-        """Whether a run of ``new_tokens`` decode steps should be compiled (``compile_decode``)."""
-        return self.settings.compile_decode != "off"
 
     def _compiled_decode(self, cache: KVCache, selector: Selector | None) -> Callable | None:
         """The compiled model step for a decode step of ``cache`` and ``selector``, or None to run
@@ -359,10 +353,9 @@ class Engine:
                              f"continuation need {len(prefix_ids) + len(continuation_ids)}")
         cache, selector = self.decoder(state, sparsity, selector)
         rows = [state.logits.float().cpu()]
-        compile = self.compile_wanted(len(continuation_ids))
         for token in continuation_ids[:-1]:
             x = to_device([[token]], self.model.device)
-            rows.append(self.step(x, [1], cache, selector, decode=True, compile=compile).float().cpu())
+            rows.append(self.step(x, [1], cache, selector, decode=True).float().cpu())
         return torch.cat(rows, dim=0), selector
 
     def generate(self, prompt_ids: list[int], gen: GenerationConfig,

@@ -126,7 +126,6 @@ class BatchGeneration:
         for st in self._stats:
             st.weights_bytes = weights
         samplers = [Sampler(g, model.device) for g in self.gens]
-        compile = engine.compile_wanted(max(g.max_new_tokens for g in self.gens))
 
         t0 = time.perf_counter()
         if self.state is not None:
@@ -153,7 +152,7 @@ class BatchGeneration:
                 break
             t0 = time.perf_counter()
             x = to_device([[t if a else 0] for t, a in zip(tokens, active)], model.device)
-            logits = engine.step(x, [int(a) for a in active], cache, selector, decode=True, compile=compile)
+            logits = engine.step(x, [int(a) for a in active], cache, selector, decode=True)
             tokens = [int(samplers[b](logits[b:b + 1])[0]) if a else 0 for b, a in enumerate(active)]
             dt = time.perf_counter() - t0
             self.stats.decode_s += dt

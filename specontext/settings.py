@@ -17,6 +17,8 @@ from .retrieval.selection import SparsityOptions
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 COMPILE_MODES = ("off", "on", "cuda-graph")
 WEIGHT_FORMATS = ("auto", "fp32", "fp16", "bf16", "int8", "int4")
+# the float formats of --weights and --kv-dtype, as --dtype names them
+FLOAT_FORMATS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 KV_DTYPES = ("auto", "fp16", "bf16", "fp32", "fp8", "int8")
 
 

@@ -48,12 +48,6 @@ class QuantizedWeight:
     def shape(self) -> tuple[int, int]:
         return tuple(self.q.shape)
 
-    def nbytes(self) -> int:
-        """Bytes once packed for the kernel (int4: two values a byte) with scales and zeros."""
-        n, k = self.shape
-        values = n * k // 2 if self.format == "int4" else n * k
-        return values + sum(t.numel() * 4 for t in (self.scale, self.zero) if t is not None)
-
     def dequantize(self) -> torch.Tensor:
         """The float32 [N, K] weight these values stand for (the reference the kernels are tested against)."""
         if self.format == "int8":

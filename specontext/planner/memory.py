@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from ..config import ModelConfig
 from ..errors import InputError
 from ..kv.slots import pool_tokens
+from ..model.quant import INT4_GROUP
 from ..methods import GLOBAL_METHODS, SPARSE_METHODS
 from .host_memory import check_host_memory, pinned_block_bytes
 
@@ -193,7 +194,6 @@ class Buffer:
 
 
 WEIGHT_FORMATS = ("float", "int8", "int4")
-INT4_GROUP = 32  # values sharing a scale and a zero (specontext/model/quant.py)
 
 
 def linear_weight_bytes(rows: int, cols: int, weight_format: str, float_bytes: int) -> int:
@@ -307,9 +307,9 @@ def prefill_workspace(inputs: MemoryInputs, seq_tokens: int) -> tuple[int, str]:
     R rows together. The peak is inside a layer's attention in the last chunk (S keys). Alive
     then (model/llama.py, kv/cache.py), in bytes:
 
-    - the step's boolean mask ``[R, 1, C, S]`` (``DenseKVCache.plan_step``) and, when H > G, its
+    - the step's boolean mask ``[R, 1, C, S]`` (``kv.plan.make_plan``) and, when H > G, its
       copy for the H/G query heads folded per KV head, ``[R, 1, (H/G) C, S]``
-      (``StepPlan.grouped_mask``, kept for the whole step): ``R C S (1 + H/G)``;
+      (``StepPlan.attn_mask_grouped``, made once per step): ``R C S (1 + H/G)``;
     - the float bias SDPA makes of the mask it is given (``where(mask, 0, -inf)`` in the query's
       dtype): ``R (H/G) C S w``; on CUDA (``fused_attention``) also its copy padded to whole
       groups of SDPA_BIAS_ALIGN keys, which exists whenever S is not a multiple of them;

@@ -10,6 +10,7 @@ from ..config import ModelConfig
 from ..errors import InputError
 from .host_memory import host_memory_for
 from ..methods import GLOBAL_METHODS
+from ..settings import FLOAT_FORMATS, WEIGHT_FORMATS
 from .memory import Buffer, HeadShape, MemoryInputs, buffers, tier_bytes
 from .placement import Placement, plan_placement, step_time
 from .profiles import DeviceProfile, load_profile
@@ -189,13 +190,12 @@ def make_plan(model: str | ModelConfig | None = None, device_profile: str | Devi
     """
     cfg, path = read_model_config(model)
     profile = device_profile if isinstance(device_profile, DeviceProfile) else load_profile(device_profile)
-    float_formats = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-    if weights not in ("auto", "int8", "int4", *float_formats):
+    if weights not in WEIGHT_FORMATS:
         raise InputError(f"weights must be auto, fp32, fp16, bf16, int8 or int4; got {weights!r}")
-    if weights in float_formats:
-        if dtype not in ("auto", float_formats[weights]):
+    if weights in FLOAT_FORMATS:
+        if dtype not in ("auto", FLOAT_FORMATS[weights]):
             raise InputError(f"weights {weights} and dtype {dtype} disagree; give one of them")
-        dtype = float_formats[weights]
+        dtype = FLOAT_FORMATS[weights]
     if dtype == "auto":
         dtype = "bfloat16" if profile.kind == "cuda" else "float32"
     if dtype not in DTYPE_BYTES:
