@@ -133,11 +133,14 @@ def random_hf_model(shape: str, seed: int, device, dtype):
 
 def our_model(shape: str, tensors: dict, dtype, device):
     """Our decoder of ``shape`` from Hugging Face-named ``tensors`` (consumed), on ``device``."""
+    import torch
+
     from specontext.config import ModelConfig
     from specontext.model.llama import LlamaForCausalLM
 
     cfg = ModelConfig.from_hf_dict(hf_config(shape), name=f"random {shape}")
-    ours = LlamaForCausalLM(cfg)
+    with torch.device("meta"):  # no float32 CPU copy to initialise: the checkpoint's tensors are assigned
+        ours = LlamaForCausalLM(cfg)
     ours.load_checkpoint(tensors, dtype, device)
     return ours.eval(), cfg
 

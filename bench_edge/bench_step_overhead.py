@@ -86,6 +86,8 @@ def measure(folder: str, prompt: int, steps: int, repeats: int, extra: dict | No
     ``extra``: more load options for every configuration (e.g. compile_decode); ``configs``: a
     subset of the configurations."""
     import torch
+    from torch._dynamo.utils import counters
+
     import specontext
 
     torch.set_num_threads(1)
@@ -103,12 +105,16 @@ def measure(folder: str, prompt: int, steps: int, repeats: int, extra: dict | No
             continue
         llm = specontext.load(folder, device=device, **opts, **(extra or {}))
         best = None
+        skips = counters["inductor"]["cudagraph_skips"]
         for _ in range(repeats + 1):  # the first run warms up
-            stats = llm.generate(ids, chat=False, max_new_tokens=steps + 1, ignore_eos=True).stats
+            result = llm.generate(ids, chat=False, max_new_tokens=steps + 1, ignore_eos=True)
+            stats = result.stats
             per_step = stats.decode_s / max(stats.decode_steps, 1)
             best = per_step if best is None else min(best, per_step)
         out[name] = {"step_s": round(best, 6), "sparse_steps": stats.sparsity.get("sparse_steps"),
-                     "dense_steps": stats.sparsity.get("dense_steps")}
+                     "dense_steps": stats.sparsity.get("dense_steps"), "token_ids": list(result.token_ids),
+                     # graphs torch declined to capture (each falls back to the compiled step, uncaptured)
+                     "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips}
     return out
 
 
@@ -164,6 +170,11 @@ def main() -> None:
             if args.out:  # what was measured so far survives a time limit
                 with open(args.out, "w") as f:
                     json.dump(result, f, indent=1)
+        eager = result.get("this_tree", {})
+        for key in [k for k in result if k.startswith("this_tree_")]:
+            for name, row in result[key].items():  # a compiled or captured step must give eager's tokens
+                if isinstance(row, dict) and name in eager:
+                    row["tokens_equal_eager"] = row["token_ids"] == eager[name]["token_ids"]
         if args.baseline:
             result["baseline"] = {"ref": args.baseline, **run_baseline(args.baseline, folder, args)}
             for mine in [k for k in result if k.startswith("this_tree") and "error" not in result[k]]:

@@ -171,12 +171,24 @@ class Engine:
         captured: dict = {}
         capture = selector.capture_layers if selector is not None else ()
         if compiled is not None:
+            graphs = self.settings.compile_decode == "cuda-graph"
+            if graphs:
+                # The cache is written in place by every replay: its buffers are inputs at fixed
+                # addresses (without this, torch skips the capture as "mutated inputs"). A new
+                # cache's buffers re-record the graphs once; nothing recompiles.
+                for t in cache.step_buffers(plan):
+                    if getattr(t, "_dynamo_static_input_type", None) is None:
+                        torch._dynamo.mark_static_address(t, guard=False)
+                torch.compiler.cudagraph_mark_step_begin()
             try:
                 with torch.inference_mode():
                     out = compiled(ids, plan, cache, logits_for, capture, captured)
             except torch._dynamo.exc.TorchDynamoException as exc:  # e.g. no C++ compiler for inductor on a CPU
                 reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise InputError(f"the decode step did not compile ({reason[:200]}); use --compile-decode off") from exc
+            if graphs:  # the next replay overwrites a graph's outputs; callers may keep this step's
+                out = out.clone()
+                captured = {i: h.clone() for i, h in captured.items()}
         else:
             out = model(ids, plan, cache, logits_for=logits_for, capture_layers=capture, captured=captured)
         if selector is not None:

@@ -86,6 +86,10 @@ class ResidentLayer:
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
+    def buffers(self) -> tuple[torch.Tensor, ...]:
+        """The tensors a step writes in place."""
+        return self.k, self.v
+
     def grow(self, size: int) -> None:
         """Reallocate to ``size`` positions per row, keeping what is stored (one layer's transient)."""
         for name in ("k", "v"):
@@ -241,6 +245,15 @@ class DenseKVCache(KVCache):
         self.layers[layer].gather(flat, out_k, out_v)
         mask = None if valid is None else valid[:, :, None, :]  # [B, G, 1, K + 1]
         return out_k, out_v, mask
+
+    def step_buffers(self, plan: StepPlan) -> list[torch.Tensor]:
+        """Every tensor that outlives a step of ``plan`` and that the step writes: each layer's
+        buffers and, on a step with a global selection, the gathered rows' (allocated here if
+        need be). A CUDA-graph capture keeps them at fixed addresses."""
+        out = [t for layer in self.layers for t in layer.buffers()]
+        if plan.selection is not None and plan.selection.indices is not None:
+            out += self._gathered(plan.selection.indices.shape)
+        return out
 
     def _gathered(self, index_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """The [B, G, K + 1, D] buffers every layer gathers its rows into (shared: one layer at a time)."""

@@ -33,7 +33,11 @@ class Int8ResidentLayer:
         self.v_scale = torch.zeros(B, G, S, 1, dtype=torch.float32, device=device)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.k_scale, self.v_scale))
+        return sum(t.numel() * t.element_size() for t in self.buffers())
+
+    def buffers(self) -> tuple[torch.Tensor, ...]:
+        """The tensors a step writes in place."""
+        return self.k, self.v, self.k_scale, self.v_scale
 
     def grow(self, size: int) -> None:
         for name in ("k", "v", "k_scale", "v_scale"):
