@@ -101,7 +101,9 @@ class RuntimeSettings:
                                "or streaming): off; on (the first decode step compiles, 5 to 25 s for the default "
                                "model on a CPU, less once cached on disk; each step is then 1.0 to 1.15x faster, "
                                "but a dense step attends over the whole cache); cuda-graph (CUDA only: compiled and "
-                               "captured as CUDA graphs, torch's reduce-overhead mode; not measured yet)",
+                               "captured as CUDA graphs, torch's reduce-overhead mode: 5.8 to 8.9x faster steps on an "
+                               "H200 where the step is launch-bound; opt-in until its sparse tokens are checked "
+                               "in float32 there)",
                                choices=COMPILE_MODES)
 
     def sparsity_options(self) -> SparsityOptions:

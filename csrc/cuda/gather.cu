@@ -77,7 +77,7 @@ int cuda_fail(const char *fn, const char *call, cudaError_t err) {
 // ptr under UVA for cudaHostAlloc, possibly not for cudaHostRegister memory);
 // pageable host memory cannot be read by a kernel at all.
 int device_view(const char *fn, const char *name, const void *ptr, int device,
-                const void **out, bool *on_host = nullptr) {
+                const void **out) {
     cudaPointerAttributes attr;
     cudaError_t err = cudaPointerGetAttributes(&attr, ptr);
     if (err != cudaSuccess) return cuda_fail(fn, "cudaPointerGetAttributes", err);
@@ -88,7 +88,6 @@ int device_view(const char *fn, const char *name, const void *ptr, int device,
         return spc_fail(SPC_ERR_INVALID_ARGUMENT, "%s: %s lives on device %d, launching on %d", fn,
                         name, attr.device, device);
     *out = attr.devicePointer;
-    if (on_host) *on_host = attr.type == cudaMemoryTypeHost;
     return SPC_OK;
 }
 
@@ -101,14 +100,8 @@ struct LaunchPlan {
 
 // `layout` ORs together every pointer, stride and row size the kernel adds up,
 // so a Word dividing it keeps every access aligned.
-// A copy that reads or writes host memory is bound by the PCIe link, not by the
-// SMs: one block per SM keeps enough 16-byte loads in flight to fill the link
-// (132 x 256 x 16 B = 540 KB on an H100/H200), and leaves the SMs' other thread
-// slots to the compute stream's kernels. A full wave there (8 blocks per SM)
-// made async prefetch slower than copying inline on an H200: compute kernels
-// queued behind copy blocks waiting on the link (bench_edge/results/gpu).
 int plan_launch(const char *fn, int device, uintptr_t layout, int64_t num_copies,
-                int64_t row_bytes, bool over_pcie, LaunchPlan *plan) {
+                int64_t row_bytes, LaunchPlan *plan) {
     int num_sms = 0, max_threads_per_sm = 0;
     cudaError_t err;
     if ((err = cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device)) !=
@@ -124,8 +117,7 @@ int plan_launch(const char *fn, int device, uintptr_t layout, int64_t num_copies
     // blocks only add scheduling work.
     const int64_t blocks_needed = (num_copies * plan->words_per_row + kThreadsPerBlock - 1) /
                                   kThreadsPerBlock;
-    const int64_t blocks_resident =
-        over_pcie ? (int64_t)num_sms : (int64_t)num_sms * (max_threads_per_sm / kThreadsPerBlock);
+    const int64_t blocks_resident = (int64_t)num_sms * (max_threads_per_sm / kThreadsPerBlock);
     plan->grid = (unsigned)(blocks_needed < blocks_resident ? blocks_needed : blocks_resident);
     return SPC_OK;
 }
@@ -158,17 +150,15 @@ int launch_copy_rows(const char *fn, const void *src, int64_t src_row_stride_byt
     cudaError_t err = cudaGetDevice(&device);
     if (err != cudaSuccess) return cuda_fail(fn, "cudaGetDevice", err);
     const void *src_dev = nullptr, *dst_dev = nullptr, *indices_dev = nullptr;
-    bool src_host = false, dst_host = false;
-    if ((status = device_view(fn, "src", src, device, &src_dev, &src_host)) != SPC_OK ||
-        (status = device_view(fn, "dst", dst, device, &dst_dev, &dst_host)) != SPC_OK ||
+    if ((status = device_view(fn, "src", src, device, &src_dev)) != SPC_OK ||
+        (status = device_view(fn, "dst", dst, device, &dst_dev)) != SPC_OK ||
         (status = device_view(fn, "indices", indices, device, &indices_dev)) != SPC_OK)
         return status;
     const uintptr_t layout = (uintptr_t)src_dev | (uintptr_t)dst_dev |
                              (uintptr_t)src_row_stride_bytes | (uintptr_t)dst_row_stride_bytes |
                              (uintptr_t)row_bytes;
     LaunchPlan plan;
-    if ((status = plan_launch(fn, device, layout, num_indices, row_bytes, src_host || dst_host,
-                              &plan)) != SPC_OK)
+    if ((status = plan_launch(fn, device, layout, num_indices, row_bytes, &plan)) != SPC_OK)
         return status;
 
     const char *s = (const char *)src_dev;
@@ -205,9 +195,8 @@ int launch_copy_rows_planes(const void *src, int64_t src_plane_stride_bytes,
     if (err != cudaSuccess) return cuda_fail(fn, "cudaGetDevice", err);
     const void *src_dev = nullptr, *dst_dev = nullptr;
     const void *src_indices_dev = nullptr, *dst_indices_dev = nullptr;
-    bool src_host = false, dst_host = false;
-    if ((status = device_view(fn, "src", src, device, &src_dev, &src_host)) != SPC_OK ||
-        (status = device_view(fn, "dst", dst, device, &dst_dev, &dst_host)) != SPC_OK ||
+    if ((status = device_view(fn, "src", src, device, &src_dev)) != SPC_OK ||
+        (status = device_view(fn, "dst", dst, device, &dst_dev)) != SPC_OK ||
         (status = device_view(fn, "src_indices", src_indices, device, &src_indices_dev)) !=
             SPC_OK ||
         (status = device_view(fn, "dst_indices", dst_indices, device, &dst_indices_dev)) !=
@@ -222,8 +211,7 @@ int launch_copy_rows_planes(const void *src, int64_t src_plane_stride_bytes,
                              (uintptr_t)row_bytes;
     const int64_t num_copies = num_planes * num_indices;
     LaunchPlan plan;
-    if ((status = plan_launch(fn, device, layout, num_copies, row_bytes, src_host || dst_host,
-                              &plan)) != SPC_OK)
+    if ((status = plan_launch(fn, device, layout, num_copies, row_bytes, &plan)) != SPC_OK)
         return status;
 
     const char *s = (const char *)src_dev;
