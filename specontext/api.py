@@ -337,10 +337,33 @@ def load(model: str | None = None, *, device: str = "auto", dtype: str = "auto",
             raise InputError(f"unknown load option {unknown[0]!r}; valid: {', '.join(sorted(allowed))}")
         settings = replace(settings, **sparsity)
     weights, dt = weight_format(settings, dev, dt)
+    if settings.activations == "int8" and (weights != "int8" or dev.type != "cpu"):
+        raise InputError(f"--activations int8 runs on a CPU's int8 x int8 kernel and needs --weights int8 (got "
+                         f"--weights {settings.weights} on {dev.type}); add --weights int8 on a CPU, or drop it")
     cfg, tensors, tokenizer = load_model_files(path, weights)
     target = TargetInfo.of(cfg, target_fingerprint(tensors), name=os.path.basename(os.path.normpath(path)))
     with torch.device("meta"):
         net = LlamaForCausalLM(cfg)
     net.load_checkpoint(tensors, dtype=dt, device=dev, quantize_to=weights if weights in QUANTIZED else None)
     del tensors
-    return LLM(net, tokenizer, settings, path, target)
+    llm = LLM(net, tokenizer, settings, path, target)
+    if settings.activations == "int8":
+        _calibrate_int8_activations(llm)
+    return llm
+
+
+def _calibrate_int8_activations(llm: LLM) -> None:
+    """Smooth the int8 layers and switch them to int8 activations (``model/smooth.py``), from the
+    activation maxima of CALIBRATION_TOKENS tokens the model samples from BOS (seeded: the same
+    model gives the same layers every load)."""
+    from .model.smooth import CALIBRATION_TOKENS, record_input_maxima, use_int8_activations
+    from .retrieval.selection import SparsityOptions
+
+    bos = llm.tokenizer.bos_token_id
+    start = [bos] if bos is not None else llm.tokenizer.encode("\n", add_bos=False)
+    gen = GenerationConfig(max_new_tokens=CALIBRATION_TOKENS, temperature=0.8, seed=0, ignore_eos=True)
+
+    def run() -> None:
+        for _ in llm.engine.generate(start, gen, sparsity=SparsityOptions(method="dense")):
+            pass
+    use_int8_activations(llm.model, record_input_maxima(llm.model.model.layers, run))

@@ -138,3 +138,74 @@ def test_a_plan_takes_the_weight_format(tiny_q4):
     assert "linear layers int4" in int4.table()
     with pytest.raises(InputError, match="weights must be auto, fp32, fp16, bf16, int8 or int4"):
         make_plan(tiny_q4, "cpu", weights="q4")
+
+
+def _plant_outlier_channels(llm, channels=(5, 17), factor=40.0):
+    """Make a few RMSNorm output channels `factor` times larger and the layers reading them that
+    much smaller: the float function is unchanged, but per-token int8 activations now lose the
+    other channels (what real LLMs' outlier channels do)."""
+    from specontext.model.quant import QuantizedWeight, quantize
+
+    idx = torch.tensor(channels)
+    for layer in llm.model.model.layers:
+        for norm, owner, name in (("input_layernorm", "self_attn", "qkv_proj"),
+                                  ("post_attention_layernorm", "mlp", "gate_up_proj")):
+            with torch.no_grad():
+                getattr(layer, norm).weight[idx] *= factor
+            lin = getattr(getattr(layer, owner), name)
+            w = QuantizedWeight("int8", lin.q, lin.scale).dequantize()
+            w[:, idx] /= factor
+            setattr(getattr(layer, owner), name, Int8Linear(quantize(w, "int8"), lin.bias))
+
+
+def test_smoothing_recovers_int8_activations_from_outlier_channels(tiny_q4):
+    """With planted outlier channels, per-token int8 activations drift from weight-only int8;
+    smoothing (calibrated on the model's own text) brings them back, and the layers are the ones
+    the design names: q/k/v, o and gate/up int8 x int8, down_proj weight-only."""
+    from specontext.api import _calibrate_int8_activations
+
+    ids = list(range(3, 60))
+    ref_llm = specontext.load(tiny_q4, device="cpu", weights="int8")
+    _plant_outlier_channels(ref_llm)
+    ref = _logits(ref_llm, ids).softmax(-1)
+
+    def error(smooth: bool) -> float:
+        llm = specontext.load(tiny_q4, device="cpu", weights="int8")
+        _plant_outlier_channels(llm)
+        if smooth:
+            _calibrate_int8_activations(llm)
+        else:  # the same layout with s = 1 (maxima of one, alpha 1): no smoothing
+            from specontext.model.smooth import use_int8_activations
+
+            K = llm.config.hidden_size
+            use_int8_activations(llm.model, [{"qkv_proj": torch.ones(K), "gate_up_proj": torch.ones(K)}
+                                             for _ in llm.model.model.layers], alpha=1.0)
+        layer = llm.model.model.layers[0]
+        assert layer.self_attn.qkv_proj.activations == "int8" and layer.self_attn.o_proj.activations == "int8"
+        assert not isinstance(layer.mlp.down_proj, Int8Linear)  # float32, or bfloat16 where the CPU has it
+        return (_logits(llm, ids).softmax(-1) - ref).abs().sum(-1).mean().item()
+
+    plain, smoothed = error(False), error(True)
+    print(f"mean |p - p_ref|: unsmoothed {plain:.4f}, smoothed {smoothed:.4f}")
+    assert smoothed < 0.5 * plain, (smoothed, plain)
+
+
+def test_int8_activations_load_deterministically_and_need_int8_weights_on_a_cpu(tiny_q4):
+    ids = list(range(3, 30))
+    a = specontext.load(tiny_q4, device="cpu", weights="int8", activations="int8")
+    b = specontext.load(tiny_q4, device="cpu", weights="int8", activations="int8")
+    assert torch.equal(_logits(a, ids), _logits(b, ids))
+    with pytest.raises(InputError, match="needs --weights int8"):
+        specontext.load(tiny_q4, device="cpu", weights="int4", activations="int8")
+    with pytest.raises(InputError, match="activations must be one of"):
+        specontext.RuntimeSettings(activations="int4")
+
+
+def test_bf16_linear_follows_a_float32_reference():
+    from specontext.model.smooth import BF16Linear
+
+    w, b, x = torch.randn(48, 64) * 0.05, torch.randn(48), torch.randn(3, 5, 64)
+    got = BF16Linear(w, b)(x)
+    assert got.dtype == torch.float32 and got.shape == (3, 5, 48)
+    ref = x @ w.t() + b
+    assert (got - ref).abs().max().item() < 0.02 * ref.abs().max().item()
