@@ -1,11 +1,15 @@
-"""Dense prefill and decode throughput of the default model at 1k-8k context, next to llama.cpp.
+"""Prefill and decode throughput of the default model at 1k-8k context, next to llama.cpp.
 
-Each (engine, context) pair runs in a fresh subprocess so peak RSS belongs to that run alone.
+Our engine runs each ``--ours`` configuration (weight format / dense or specontext selection);
+llama.cpp runs dense on the same GGUF with the same thread count. Each (engine, context) pair
+runs in a fresh subprocess so peak RSS belongs to that run alone.
 The prompt is essay text cut to ``context - decode_tokens`` tokens; decoding is greedy with EOS
 ignored, so both engines do the same work. Warm-up runs outside the timed region.
 
     python bench_edge/bench_dense.py                       # all contexts, both engines
     python bench_edge/bench_dense.py --contexts 1024 2048 --decode-tokens 32
+    python bench_edge/bench_dense.py --contexts 1024 8192 --ours fp32/dense int8-a8/dense int8-a8/specontext \
+        --out bench_edge/results/edge_cpu.json            # issue 17's comparison
 
 Writes bench_edge/results/dense_cpu.json (or --out) with the machine's description and prints a
 Markdown table.
@@ -33,12 +37,23 @@ def _prompt_ids(tok, num_tokens: int) -> list[int]:
     return ids[:num_tokens]
 
 
-def worker_ours(context: int, decode_tokens: int, threads: int) -> dict:
+def worker_ours(context: int, decode_tokens: int, threads: int, config: str = "fp32/dense",
+                budget: int = 1024) -> dict:
+    """Our engine: ``config`` is WEIGHTS/SPARSITY, WEIGHTS one of fp32, int8, int8-a8 (--activations
+    int8), int4, and SPARSITY dense or specontext (the shipped head, ``budget`` tokens; specontext+ort
+    runs the head on ONNX Runtime)."""
     import torch
 
     import specontext
 
-    llm = specontext.load(device="cpu", threads=threads)
+    weights, sparsity = config.split("/")
+    opts = {"weights": weights.split("-")[0], "activations": "int8" if weights == "int8-a8" else "float"}
+    if sparsity.endswith("+ort"):  # the retrieval head on ONNX Runtime (the onnx extra)
+        sparsity = sparsity[:-4]
+        opts["retrieval_backend"] = "onnxruntime"
+    if sparsity != "dense":
+        opts.update(sparsity=sparsity, budget_tokens=budget)
+    llm = specontext.load(device="cpu", threads=threads, **opts)
     ids = _prompt_ids(llm.tokenizer, context - decode_tokens)
     engine = llm.engine
     warm = engine.generate(ids[:64], specontext.GenerationConfig(max_new_tokens=8, ignore_eos=True))
@@ -49,7 +64,8 @@ def worker_ours(context: int, decode_tokens: int, threads: int) -> dict:
         pass
     r = g.result()
     s = r.stats
-    return {"engine": "specontext-dense", "context": context, "prompt_tokens": s.prompt_tokens,
+    return {"engine": f"specontext {config}", "context": context, "sparse_steps": s.sparsity.get("sparse_steps"),
+            "prompt_tokens": s.prompt_tokens,
             "decode_tokens": s.generated_tokens, "prefill_s": s.prefill_s,
             "prefill_tokens_per_s": s.prefill_tokens_per_s, "decode_s": s.decode_s,
             "decode_tokens_per_s": s.decode_tokens_per_s, "kv_cache_bytes": s.kv_cache_bytes,
@@ -98,13 +114,21 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--engines", nargs="+", default=["ours", "llamacpp"], choices=["ours", "llamacpp"])
+    parser.add_argument("--ours", nargs="+", default=["fp32/dense"],
+                        help="our configurations, WEIGHTS/SPARSITY: fp32, int8, int8-a8 or int4 / dense, specontext or "
+                        "specontext+ort (the head on ONNX Runtime)")
+    parser.add_argument("--budget", type=int, default=1024, help="token budget of the specontext configurations")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of every run, interleaved; the table gives "
+                        "each figure's median over them (this machine is shared)")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "dense_cpu.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
-        fn = {"ours": worker_ours, "llamacpp": worker_llamacpp}[args.worker]
-        print(json.dumps(fn(args.contexts[0], args.decode_tokens, args.threads)))
+        if args.worker == "llamacpp":
+            print(json.dumps(worker_llamacpp(args.contexts[0], args.decode_tokens, args.threads)))
+        else:
+            print(json.dumps(worker_ours(args.contexts[0], args.decode_tokens, args.threads, args.ours[0], args.budget)))
         return
 
     sys.path.insert(0, HERE)
@@ -117,23 +141,29 @@ def main() -> None:
         except ImportError:
             print("llama-cpp-python is not installed; skipping llama.cpp (pip install '.[llamacpp]')", file=sys.stderr)
             engines.remove("llamacpp")
+    runs = [("llamacpp", None) if e == "llamacpp" else ("ours", c) for e in engines
+            for c in (args.ours if e == "ours" else [None])]
     rows = []
-    for context in args.contexts:
-        for engine in engines:
+    for repeat, context in ((r, c) for r in range(args.repeats) for c in args.contexts):  # rounds interleave
+        for engine, config in runs:
             cmd = [sys.executable, __file__, "--worker", engine, "--contexts", str(context),
-                   "--decode-tokens", str(args.decode_tokens), "--threads", str(args.threads)]
+                   "--decode-tokens", str(args.decode_tokens), "--threads", str(args.threads),
+                   "--budget", str(args.budget)] + (["--ours", config] if config else [])
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
-                print(f"{engine} at {context}: failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+                print(f"{engine} {config or ''} at {context}: failed: {proc.stderr.strip().splitlines()[-1:]}",
+                      file=sys.stderr)
                 continue
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            row = {**json.loads(proc.stdout.strip().splitlines()[-1]), "repeat": repeat}
             rows.append(row)
-            print(f"{engine:18s} ctx {context:5d}: prefill {row['prefill_tokens_per_s']:7.1f} tok/s, "
+            print(f"{row['engine']:30s} ctx {context:5d}: prefill {row['prefill_tokens_per_s']:7.1f} tok/s, "
                   f"decode {row['decode_tokens_per_s']:6.1f} tok/s, peak RSS {row['peak_rss_bytes'] / 2**20:6.0f} MiB",
                   file=sys.stderr, flush=True)
     result = {"benchmark": "dense prefill/decode, default model (SmolLM2-135M-Instruct Q4_1 GGUF)",
               "machine": describe(), "decode_tokens": args.decode_tokens, "threads": args.threads,
-              "note": "specontext dequantizes the GGUF to float32; llama.cpp computes on the quantized weights",
+              "budget": args.budget,
+              "note": "ours: WEIGHTS/SPARSITY (fp32 dequantizes the GGUF; int4 keeps its Q4_1 blocks; int8-a8 is "
+                      "--weights int8 --activations int8); llama.cpp computes on the Q4_1 weights, dense",
               "rows": rows}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     tmp = args.out + ".tmp"
@@ -143,10 +173,27 @@ def main() -> None:
     print(table(rows))
 
 
+def medians(rows: list[dict]) -> list[dict]:
+    """One row per (context, engine): each figure's median over the repeats, and their count."""
+    import statistics
+
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["context"], r["engine"]), []).append(r)
+    out = []
+    for group in groups.values():
+        row = dict(group[0])
+        for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_bytes"):
+            row[key] = statistics.median(r[key] for r in group)
+        row["repeats"] = len(group)
+        out.append(row)
+    return out
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| context | engine | prefill tok/s | decode tok/s | peak RSS MiB | KV cache MiB |",
              "|---|---|---|---|---|---|"]
-    for r in rows:
+    for r in medians(rows):
         kv = f"{r['kv_cache_bytes'] / 2**20:.0f}" if "kv_cache_bytes" in r else "n/a"
         lines.append(f"| {r['context']} | {r['engine']} | {r['prefill_tokens_per_s']:.0f} | "
                      f"{r['decode_tokens_per_s']:.1f} | {r['peak_rss_bytes'] / 2**20:.0f} | {kv} |")

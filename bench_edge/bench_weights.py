@@ -43,7 +43,8 @@ def one_llamacpp(context: int, new_tokens: int, threads: int, logits_path: str) 
     m = llama_cpp.Llama(model_path=assets.default_model_path(), n_ctx=max(context + new_tokens, 1024),
                         n_threads=threads, n_threads_batch=threads, n_batch=512, logits_all=True, verbose=False)
     m.eval(ids[:812])
-    torch.save(torch.tensor(np.asarray(m.scores[511:811]), dtype=torch.float32), logits_path)
+    torch.save({"logits": torch.tensor(np.asarray(m.scores[511:811]), dtype=torch.float32),
+                "targets": torch.tensor(ids[512:812])}, logits_path)
     m.reset()
     m.eval(ids)
     out = [int(np.argmax(m.scores[len(ids) - 1]))]
@@ -70,7 +71,7 @@ def one(fmt: str, context: int, new_tokens: int, threads: int, logits_path: str)
     llm.generate(ids[:64], chat=False, max_new_tokens=4, ignore_eos=True)  # warm-up
     r = llm.generate(ids, chat=False, max_new_tokens=new_tokens, ignore_eos=True)
     scored, _ = llm.engine.teacher_forced(ids[:512], ids[512:812])
-    torch.save(scored.float(), logits_path)
+    torch.save({"logits": scored.float(), "targets": torch.tensor(ids[512:812])}, logits_path)
     return {"weights": fmt, "load_s": round(load_s, 2), "decode_tokens_per_s": round(r.stats.decode_tokens_per_s, 2),
             "weight_bytes": llm.model.weight_bytes(),
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "token_ids": r.token_ids}
@@ -104,7 +105,10 @@ def main() -> None:
                                    "--new-tokens", str(args.new_tokens), "--threads", str(args.threads),
                                    "--logits", path], capture_output=True, text=True, check=True)
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            scored[fmt] = torch.load(path)
+            saved = torch.load(path)
+            scored[fmt] = saved["logits"]
+            nll = torch.nn.functional.cross_entropy(saved["logits"], saved["targets"])
+            rows[-1]["perplexity_300"] = round(torch.exp(nll).item(), 3)  # of the essay text itself
     greedy = {r["weights"]: r["token_ids"] for r in rows}
     for r in rows:
         ids = r.pop("token_ids")
