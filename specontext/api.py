@@ -24,6 +24,7 @@ from .engine import Engine
 from .generation import BatchGeneration, Generation
 from .stats import GenerationResult
 from .errors import InputError, ModelFileError
+from .loaders.release import returning_freed_memory
 from .model.llama import LlamaForCausalLM
 from .retrieval.head import RetrievalHead, TargetInfo, resolve_head, target_fingerprint
 from .settings import FLOAT_FORMATS, GenerationConfig, RuntimeSettings, decode_options
@@ -321,8 +322,13 @@ def load(model: str | None = None, *, device: str = "auto", dtype: str = "auto",
     Raises:
         ModelFileError, UnsupportedModelError, InputError (all SpecontextError).
     """
-    settings = settings or RuntimeSettings(device=device, dtype=dtype, threads=threads,
-                                           prefill_chunk_tokens=prefill_chunk_tokens)
+    with returning_freed_memory():  # the load's transient buffers go back to the system (loaders/release.py)
+        return _load(model, settings or RuntimeSettings(device=device, dtype=dtype, threads=threads,
+                                                        prefill_chunk_tokens=prefill_chunk_tokens), sparsity)
+
+
+def _load(model: str | None, settings: RuntimeSettings, sparsity: dict) -> LLM:
+    """:func:`load`'s work, with its settings made."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
     dev = resolve_device(settings.device)
