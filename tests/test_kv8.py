@@ -77,3 +77,33 @@ def test_an_int8_kv_decode_step_compiles_as_one_graph(tiny, monkeypatch):
     torch._dynamo.reset()
     llm.set_sparsity(compile_decode="on")
     assert llm.generate(ids, chat=False, max_new_tokens=8, ignore_eos=True).token_ids == eager
+
+
+@pytest.mark.parametrize("sparsity", ["dense", "specontext"])
+def test_the_planner_counts_8bit_kv_as_the_runtime_holds_it(tmp_path, sparsity):
+    """--plan --kv-dtype int8: the resident KV is the runtime's bytes exactly (int8 rows and their
+    float32 scales), sparse steps' gathered rows stay in the compute dtype, and nothing offloads."""
+    from conftest import make_hf_model
+
+    from specontext.kv.cache import DenseKVCache
+    from specontext.planner.plan import make_plan
+
+    make_hf_model("llama", str(tmp_path / "m"), vocab_size=96, hidden_size=64, intermediate_size=96,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    S = 200
+    plan = make_plan(str(tmp_path / "m"), "cpu", context_tokens=S, sparsity=sparsity, budget_tokens=64,
+                     kv_dtype="int8", retrieval_head="none" if sparsity == "dense" else "auto")
+    cfg = plan.model
+    bufs = {b["name"]: b["bytes"] for b in plan.to_dict()["at_context"]["buffers"]}
+    cache = DenseKVCache(cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim, S, torch.float32, "cpu", kv_format="int8")
+    assert bufs["kv_device"] == sum(layer.nbytes() for layer in cache.layers)
+    if sparsity == "specontext":
+        assert bufs["kv_selected"] == 2 * cfg.num_kv_heads * (64 + 1) * cfg.head_dim * 4  # float32 rows
+    assert all(th["num_offloaded"] == 0 for th in plan.to_dict()["thresholds"])
+    assert "KV int8" in plan.table()
+    float_kv = make_plan(str(tmp_path / "m"), "cpu", context_tokens=S, sparsity=sparsity, budget_tokens=64,
+                         retrieval_head="none" if sparsity == "dense" else "auto")
+    assert bufs["kv_device"] < next(b["bytes"] for b in float_kv.to_dict()["at_context"]["buffers"]
+                                    if b["name"] == "kv_device")
+    with pytest.raises(InputError, match="cannot be planned"):
+        make_plan(str(tmp_path / "m"), "cpu", context_tokens=S, kv_dtype="fp8")

@@ -131,6 +131,10 @@ class MemoryInputs:
         weight_format: ``float`` (``weight_bytes`` per weight), ``int8`` or ``int4``: the linear
             layers' weights as the runtime holds them (:func:`linear_weight_bytes`); embeddings,
             norms and the LM head stay float.
+        kv_format: ``float`` (``kv_bytes`` per element) or ``int8`` (``--kv-dtype int8``: one
+            byte per element plus a float32 scale per token and KV head, so ``1 + 4 / D`` bytes an
+            element; the rows a sparse step gathers are upcast to ``kv_bytes``). The runtime keeps
+            8-bit KV resident only, so such a plan never offloads.
     """
 
     model: ModelConfig
@@ -151,6 +155,7 @@ class MemoryInputs:
     cpu_threads: int = 1
     host_memory: str = "pageable"
     weight_format: str = "float"
+    kv_format: str = "float"
 
     def __post_init__(self) -> None:
         for name in ("weight_bytes", "kv_bytes", "requests", "budget_tokens", "block_tokens", "prefill_chunk_tokens",
@@ -162,6 +167,8 @@ class MemoryInputs:
         if not (math.isfinite(self.slot_pool) and self.slot_pool >= 1):
             raise InputError(f"slot_pool must be >= 1, got {self.slot_pool}")
         check_host_memory(self.host_memory)
+        if self.kv_format not in KV_FORMATS:
+            raise InputError(f"kv_format must be one of {', '.join(KV_FORMATS)}, got {self.kv_format!r}")
         if self.weight_format not in WEIGHT_FORMATS:
             raise InputError(f"weight_format must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weight_format!r}")
 
@@ -194,6 +201,7 @@ class Buffer:
 
 
 WEIGHT_FORMATS = ("float", "int8", "int4")
+KV_FORMATS = ("float", "int8")
 
 
 def linear_weight_bytes(rows: int, cols: int, weight_format: str, float_bytes: int) -> int:
@@ -238,8 +246,11 @@ def buffers(inputs: MemoryInputs, seq_tokens: int, num_offloaded: int, slot_pool
     L, G, D, H, E, I, V = (m.num_layers, m.num_kv_heads, m.head_dim, m.num_heads, m.hidden_size,
                            m.intermediate_size, m.vocab_size)
     R, e, w, Nb, N = x.requests, x.kv_bytes, x.weight_bytes, x.block_tokens, num_offloaded
+    row = D + 4 if x.kv_format == "int8" else D * e  # stored bytes of one token's K (or V) row per KV head
     if not 0 <= N <= L:
         raise InputError(f"num_offloaded must be in 0..{L}, got {N}")
+    if N and x.kv_format != "float":
+        raise InputError(f"{x.kv_format} KV is held resident only; a plan with it offloads no layer")
     S = -(-seq_tokens // Nb) * Nb if N else seq_tokens
     K = x.budget(seq_tokens)
     out = []
@@ -258,10 +269,11 @@ def buffers(inputs: MemoryInputs, seq_tokens: int, num_offloaded: int, slot_pool
             "R Gh S Dh w + R Lf E w")
     if x.grow_tokens and N < L:
         held = -(-seq_tokens // x.grow_tokens) * x.grow_tokens
-        add("kv_device", "device", 2 * R * (L - N) * G * held * D * e, "2 R (L - N) G ceil(S / g) g D e")
-        add("kv_growth", "device", R * G * held * D * e, "R G ceil(S / g) g D e (one old buffer while growing)")
+        add("kv_device", "device", 2 * R * (L - N) * G * held * row, "2 R (L - N) G ceil(S / g) g D e")
+        add("kv_growth", "device", R * G * held * row, "R G ceil(S / g) g D e (one old buffer while growing)")
     else:
-        add("kv_device", "device", 2 * R * (L - N) * G * seq_tokens * D * e, "2 R (L - N) G S D e")
+        add("kv_device", "device", 2 * R * (L - N) * G * seq_tokens * row,
+            "2 R (L - N) G S D e" if x.kv_format == "float" else "2 R L G S (D + 4) (int8 rows, float32 scales)")
     # gathered rows: sparse steps, and offloaded decode steps whose whole past fits in the slots
     if x.sparsity in SPARSE_METHODS and (K < seq_tokens or (N and x.sparsity in GLOBAL_METHODS)):
         add("kv_selected", "device", 2 * R * G * (K + 1) * D * e, "2 R G (K + 1) D e")

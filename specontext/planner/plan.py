@@ -107,7 +107,7 @@ class MemoryPlan:
             "settings": {"context_tokens": self.context_tokens, "requests": x.requests, "sparsity": x.sparsity,
                          "budget_tokens": x.budget_tokens, "block_tokens": x.block_tokens,
                          "weight_bytes_per_element": x.weight_bytes, "kv_bytes_per_element": x.kv_bytes,
-                         "weight_format": x.weight_format,
+                         "weight_format": x.weight_format, "kv_format": x.kv_format,
                          "prefill_chunk_tokens": x.prefill_chunk_tokens, "retrieval_head": self.head_source,
                          "host_memory": x.host_memory},
             "device_budget_bytes": self.placement.device_budget_bytes,
@@ -139,7 +139,8 @@ class MemoryPlan:
                + (f" budget {s['budget_tokens']}" if s["sparsity"] != "dense" else "")
                + f", weights {s['weight_bytes_per_element']} B/elem"
                + (f" (linear layers {s['weight_format']})" if s["weight_format"] != "float" else "")
-               + f", KV {s['kv_bytes_per_element']} B/elem",
+               + (f", KV {s['kv_bytes_per_element']} B/elem" if s["kv_format"] == "float"
+                  else f", KV {s['kv_format']} (1 B/elem and a float32 scale per token and head; resident)"),
                f"  usable: device {d['device_budget_bytes'] / MIB:,.0f} MiB, host {d['host_budget_bytes'] / MIB:,.0f} MiB"
                + (" (one shared pool: unified memory)" if d["unified_memory"] else ""),
                f"  maximum context: {d['max_context_tokens']} tokens (limited by {d['max_context_limited_by']})",
@@ -165,7 +166,7 @@ def make_plan(model: str | ModelConfig | None = None, device_profile: str | Devi
               requests: int = 1, budget_tokens: int = 2048, sparsity: str = "specontext", dtype: str = "auto",
               slot_pool: float = 1.0, block_tokens: int = 1, prefill_chunk_tokens: int = 512,
               retrieval_head: str = "auto", pin_fraction: float = 0.5, focus_window_tokens: int = 32,
-              weights: str = "auto") -> MemoryPlan:
+              weights: str = "auto", kv_dtype: str = "auto") -> MemoryPlan:
     """Plan memory without loading weights or touching the device.
 
     Args:
@@ -179,6 +180,8 @@ def make_plan(model: str | ModelConfig | None = None, device_profile: str | Devi
             (specontext with pins, snapkv), whose buffers the plan counts.
         weights: the weight format (``--weights``): ``auto`` (float, as ``dtype``), ``fp32``,
             ``fp16``, ``bf16`` (which set the dtype), ``int8`` or ``int4`` (the linear layers).
+        kv_dtype: the KV format (``--kv-dtype``): ``auto`` (the compute dtype) or ``int8`` (8-bit
+            rows with their scales, resident only: such a plan never offloads).
 
     Raises:
         InputError: the plan cannot work (the weights alone exceed the device, or the context
@@ -202,6 +205,9 @@ def make_plan(model: str | ModelConfig | None = None, device_profile: str | Devi
         raise InputError(f"dtype must be auto, {', '.join(DTYPE_BYTES)}; got {dtype!r}")
     if requests < 1:
         raise InputError(f"requests must be >= 1, got {requests}")
+    if kv_dtype not in ("auto", "int8") and FLOAT_FORMATS.get(kv_dtype) != dtype:
+        raise InputError(f"--kv-dtype {kv_dtype} cannot be planned: the runtime keeps KV in the compute dtype "
+                         f"({dtype}) or int8; use --kv-dtype auto or int8")
     limit = cfg.max_position_embeddings
     S = context_tokens if context_tokens is not None else limit
     if not 1 <= S <= limit:
@@ -214,7 +220,8 @@ def make_plan(model: str | ModelConfig | None = None, device_profile: str | Devi
                           pin_tokens=round(pin_fraction * budget_tokens) if sparsity == "specontext" else 0,
                           focus_window_tokens=focus_window_tokens, cpu_threads=os.cpu_count() or 1,
                           host_memory=host_memory_for(profile.kind),
-                          weight_format=weights if weights in ("int8", "int4") else "float")
+                          weight_format=weights if weights in ("int8", "int4") else "float",
+                          kv_format="int8" if kv_dtype == "int8" else "float")
     placement = plan_placement(inputs, profile.device_budget_bytes, profile.host_budget_bytes, profile.unified_memory,
                                target_seq_tokens=S, max_seq_tokens=limit)
     if placement.max_context_tokens == 0:
