@@ -37,6 +37,15 @@ def _prompt_ids(tok, num_tokens: int) -> list[int]:
     return ids[:num_tokens]
 
 
+def gguf_tokenizer():
+    """The default GGUF's own tokenizer, without loading its weights (its ids equal llama.cpp's, tested)."""
+    from specontext import assets
+    from specontext.loaders.gguf_loader import GGUFFile
+    from specontext.tokenizer import Tokenizer
+
+    return Tokenizer.from_gguf_fields(GGUFFile(assets.default_model_path()).meta)
+
+
 def worker_ours(context: int, decode_tokens: int, threads: int, config: str = "fp32/dense",
                 budget: int = 1024) -> dict:
     """Our engine: ``config`` is WEIGHTS/SPARSITY, WEIGHTS one of fp32, int8, int8-a8 (--activations
@@ -78,11 +87,8 @@ def worker_llamacpp(context: int, decode_tokens: int, threads: int) -> dict:
     import numpy as np
 
     from specontext import assets
-    from specontext.loaders.gguf_loader import GGUFFile
-    from specontext.tokenizer import Tokenizer
 
-    tok = Tokenizer.from_gguf_fields(GGUFFile(assets.default_model_path()).meta)
-    ids = _prompt_ids(tok, context - decode_tokens)
+    ids = _prompt_ids(gguf_tokenizer(), context - decode_tokens)
     m = llama_cpp.Llama(model_path=assets.default_model_path(), n_ctx=context, n_threads=threads,
                         n_threads_batch=threads, n_batch=512, verbose=False)
     m.eval(ids[:64])  # warm-up

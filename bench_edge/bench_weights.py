@@ -33,13 +33,11 @@ def one_llamacpp(context: int, new_tokens: int, threads: int, logits_path: str) 
     import numpy as np
     import torch
 
+    from bench_dense import gguf_tokenizer
     from haystack import TokenSource, read_text
     from specontext import assets
-    from specontext.loaders.gguf_loader import GGUFFile
-    from specontext.tokenizer import Tokenizer
 
-    tok = Tokenizer.from_gguf_fields(GGUFFile(assets.default_model_path()).meta)  # llama.cpp's ids (tested)
-    ids = TokenSource(tok, read_text(None)[0]).ids(context)
+    ids = TokenSource(gguf_tokenizer(), read_text(None)[0]).ids(context)
     m = llama_cpp.Llama(model_path=assets.default_model_path(), n_ctx=max(context + new_tokens, 1024),
                         n_threads=threads, n_threads_batch=threads, n_batch=512, logits_all=True, verbose=False)
     m.eval(ids[:812])

@@ -82,12 +82,11 @@ class BF16Linear(nn.Module):
 def _float_layer(weight: torch.Tensor, bias: torch.Tensor | None, bf16: bool) -> nn.Module:
     if bf16:
         return BF16Linear(weight, bias)
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        if bias is not None:
-            linear.bias.copy_(bias)
-    return linear.requires_grad_(False)
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")  # no init
+    linear.weight = nn.Parameter(weight.detach().float(), requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach().float(), requires_grad=False)
+    return linear
 
 
 def use_int8_activations(model: nn.Module, maxima: list[dict[str, torch.Tensor]],
