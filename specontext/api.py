@@ -25,7 +25,9 @@ from .generation import BatchGeneration, Generation
 from .stats import GenerationResult
 from .errors import InputError, ModelFileError
 from .loaders.release import returning_freed_memory
+from .model.bf16 import hold_head_in_bf16
 from .model.llama import LlamaForCausalLM
+from .model.quant import kernel_dtype
 from .retrieval.head import RetrievalHead, TargetInfo, resolve_head, target_fingerprint
 from .settings import FLOAT_FORMATS, GenerationConfig, RuntimeSettings, decode_options
 from .tokenizer import Tokenizer
@@ -348,10 +350,11 @@ def _load(model: str | None, settings: RuntimeSettings, sparsity: dict) -> LLM:
                          f"--weights {settings.weights} on {dev.type}); add --weights int8 on a CPU, or drop it")
     cfg, tensors, tokenizer = load_model_files(path, weights)
     target = TargetInfo.of(cfg, target_fingerprint(tensors), name=os.path.basename(os.path.normpath(path)))
-    with torch.device("meta"):
-        net = LlamaForCausalLM(cfg)
+    net = LlamaForCausalLM(cfg, device="meta")  # not under torch.device("meta"): see LlamaForCausalLM
     net.load_checkpoint(tensors, dtype=dt, device=dev, quantize_to=weights if weights in QUANTIZED else None)
     del tensors
+    if weights in QUANTIZED and dev.type == "cpu" and kernel_dtype() == torch.bfloat16:
+        hold_head_in_bf16(net)
     llm = LLM(net, tokenizer, settings, path, target)
     if settings.activations == "int8":
         _calibrate_int8_activations(llm)

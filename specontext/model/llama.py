@@ -34,18 +34,18 @@ FUSED_WEIGHTS = {
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, device=None):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.split = (q_out, kv_out, kv_out)
-        self.qkv_proj = nn.Linear(cfg.hidden_size, q_out + 2 * kv_out, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(q_out, cfg.hidden_size, bias=cfg.o_bias)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, q_out + 2 * kv_out, bias=cfg.qkv_bias, device=device)
+        self.o_proj = nn.Linear(q_out, cfg.hidden_size, bias=cfg.o_bias, device=device)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, device)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, device)
 
     def forward(self, x: torch.Tensor, plan: StepPlan, cache: KVCache) -> torch.Tensor:
         B, T, _ = x.shape
@@ -84,11 +84,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, device=None):
         super().__init__()
         self.intermediate_size = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias, device=device)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
@@ -96,12 +96,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, device=None):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer_idx)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
+        self.self_attn = Attention(cfg, layer_idx, device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
+        self.mlp = MLP(cfg, device)
 
     def forward(self, x: torch.Tensor, plan: StepPlan, cache: KVCache) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), plan, cache)
@@ -111,33 +111,38 @@ class DecoderLayer(nn.Module):
 class DecoderStack(nn.Module):
     """Embeddings, layers and final norm (HF's ``model.`` prefix)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, device=None):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # given its (uninitialised) weight: nn.Embedding's normal_ initialiser on a meta tensor
+        # imports torch._dynamo (see LlamaForCausalLM)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device=device,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size, device=device))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, device) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
 
 
 class LlamaForCausalLM(nn.Module):
     """The decoder with its LM head.
 
     Build it on the ``meta`` device and fill it with :meth:`load_checkpoint`, so weights are
-    materialised once, in their final dtype and device.
+    materialised once, in their final dtype and device. Pass ``device="meta"`` rather than
+    building under ``with torch.device("meta")``: under that mode the parameters' initialisers
+    run torch's Python reference ops, and a normal_ on a meta tensor imports torch._dynamo
+    (73 MiB of resident memory on this project's CPU) for a model that may never compile.
 
     Example::
 
-        with torch.device("meta"):
-            model = LlamaForCausalLM(cfg)
+        model = LlamaForCausalLM(cfg, device="meta")
         model.load_checkpoint(tensors, dtype=torch.float32, device="cpu")
         cache = DenseKVCache(cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim, 64, torch.float32, "cpu")
         logits = model(ids, cache.plan_step([ids.shape[1]]), cache)   # [1, V]
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, device=None):
         super().__init__()
         self.config = cfg
-        self.model = DecoderStack(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.model = DecoderStack(cfg, device)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device=device)
         self.rotary: RotaryEmbedding | None = None
 
     @property
@@ -146,7 +151,9 @@ class LlamaForCausalLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        """The compute dtype (activations, KV): the final norm's (the LM head and embeddings may
+        be held in bfloat16 beside quantized layers, ``model/bf16.py``)."""
+        return self.model.norm.weight.dtype
 
     def load_checkpoint(self, tensors: dict, dtype: torch.dtype, device, quantize_to: str | None = None) -> None:
         """Load Hugging Face-named tensors, fusing projections per FUSED_WEIGHTS.

@@ -9,9 +9,9 @@ from torch import nn
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in float32, as the reference implementations do."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, device=None):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim, device=device))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .quant import Int8Linear, QuantizedWeight, quantize
+from .bf16 import BF16Linear
+from .quant import Int8Linear, QuantizedWeight, cpu_has_bf16, quantize
 
 SMOOTH_ALPHA = 0.7
 CALIBRATION_TOKENS = 64
@@ -53,32 +54,6 @@ def record_input_maxima(layers: nn.ModuleList, run: Callable[[], None]) -> list[
     return maxima
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX): there a bf16 matrix-vector
-    product reads half the bytes of float32 and ran 2.7x (down_proj) to 4x (LM head) faster; elsewhere
-    bf16 is emulated and slower than float32."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-class BF16Linear(nn.Module):
-    """y = x W^T (+ b) with W held in bfloat16; float32 in and out (the product accumulates in float32)."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.register_buffer("weight", weight.detach().to(torch.bfloat16).contiguous())
-        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = nn.functional.linear(x.to(torch.bfloat16), self.weight).float()
-        return y if self.bias is None else y + self.bias
-
-
 def _float_layer(weight: torch.Tensor, bias: torch.Tensor | None, bf16: bool) -> nn.Module:
     if bf16:
         return BF16Linear(weight, bias)
@@ -93,8 +68,9 @@ def use_int8_activations(model: nn.Module, maxima: list[dict[str, torch.Tensor]]
                          alpha: float = SMOOTH_ALPHA, bf16: bool | None = None) -> None:
     """Switch an int8 ``model`` (a LlamaForCausalLM) to the ``--activations int8`` layout, in place:
     the SMOOTHED layers smoothed and int8 x int8, UNSMOOTHED_INT8 int8 x int8, down_proj float
-    from its int8 values, and, where the CPU has native bf16 (``bf16`` None: detect), down_proj
-    and the LM head in bfloat16. Each weight is rebuilt one at a time."""
+    from its int8 values (bfloat16 where the CPU has native bf16; ``bf16`` None: detect). Each
+    weight is rebuilt one at a time. (The LM head is bfloat16 for every quantized format on such
+    a CPU: ``model/bf16.py``.)"""
     bf16 = cpu_has_bf16() if bf16 is None else bf16
     for i, layer in enumerate(model.model.layers):
         for norm_name, owner_name, linear_name in SMOOTHED:
@@ -114,6 +90,3 @@ def use_int8_activations(model: nn.Module, maxima: list[dict[str, torch.Tensor]]
         down = layer.mlp.down_proj
         if isinstance(down, Int8Linear):  # int8 x int8 here cost the most agreement (module docstring)
             layer.mlp.down_proj = _float_layer(QuantizedWeight("int8", down.q, down.scale).dequantize(), down.bias, bf16)
-    if bf16:  # the LM head is the largest single read of a decode step
-        head = model.lm_head
-        model.lm_head = BF16Linear(head.weight, getattr(head, "bias", None))

@@ -135,6 +135,10 @@ class MemoryInputs:
             byte per element plus a float32 scale per token and KV head, so ``1 + 4 / D`` bytes an
             element; the rows a sparse step gathers are upcast to ``kv_bytes``). The runtime keeps
             8-bit KV resident only, so such a plan never offloads.
+        quant_scale_bytes: bytes of an int4 scale or zero (and of int8's kernel copy of its row
+            scales): 2 where the kernels run in bfloat16 (CUDA, CPUs with native bf16), else 4.
+        head_bytes: bytes per element of the embeddings and LM head (None: ``weight_bytes``); 2
+            where quantized layers run beside a bfloat16 head (``model/bf16.py``).
     """
 
     model: ModelConfig
@@ -156,6 +160,8 @@ class MemoryInputs:
     host_memory: str = "pageable"
     weight_format: str = "float"
     kv_format: str = "float"
+    quant_scale_bytes: int = 2
+    head_bytes: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("weight_bytes", "kv_bytes", "requests", "budget_tokens", "block_tokens", "prefill_chunk_tokens",
@@ -204,23 +210,27 @@ WEIGHT_FORMATS = ("float", "int8", "int4")
 KV_FORMATS = ("float", "int8")
 
 
-def linear_weight_bytes(rows: int, cols: int, weight_format: str, float_bytes: int) -> int:
+def linear_weight_bytes(rows: int, cols: int, weight_format: str, float_bytes: int, scale_bytes: int = 2) -> int:
     """Bytes of a [rows, cols] linear weight as the runtime holds it: int4 packs two values a
-    byte plus a float32 scale and zero per group of 32 (0.75 bytes a weight); int8 one byte a
-    value plus a float32 scale per row; float ``float_bytes`` a value."""
+    byte plus a scale and a zero per group of 32, in the kernel's dtype (``scale_bytes``: 2 for
+    bfloat16, so 0.625 bytes a weight; 4 for float32); int8 one byte a value plus a float32 scale
+    per row, and a copy of it in the kernel's dtype where that is not float32; float
+    ``float_bytes`` a value."""
     if weight_format == "int4":
-        return rows * cols // 2 + 2 * 4 * rows * -(-cols // INT4_GROUP)
+        return rows * cols // 2 + 2 * scale_bytes * rows * -(-cols // INT4_GROUP)
     if weight_format == "int8":
-        return rows * cols + 4 * rows
+        return rows * cols + 4 * rows + (scale_bytes * rows if scale_bytes != 4 else 0)
     return rows * cols * float_bytes
 
 
-def model_weight_bytes(model: ModelConfig, bytes_per_element: int, weight_format: str = "float") -> int:
+def model_weight_bytes(model: ModelConfig, bytes_per_element: int, weight_format: str = "float",
+                       scale_bytes: int = 2, head_bytes: int | None = None) -> int:
     """The target's weights counted from its config: linear layers as ``weight_format`` holds
-    them, everything else (embeddings, norms, biases, the LM head) at the element size."""
+    them (quantization scales at ``scale_bytes``), the embeddings and LM head at ``head_bytes``
+    an element (None: the element size), everything else (norms, biases) at the element size."""
     E, I, V, L = model.hidden_size, model.intermediate_size, model.vocab_size, model.num_layers
     H, G, D = model.num_heads, model.num_kv_heads, model.head_dim
-    linear = sum(linear_weight_bytes(rows, cols, weight_format, bytes_per_element)
+    linear = sum(linear_weight_bytes(rows, cols, weight_format, bytes_per_element, scale_bytes)
                  for rows, cols in (((H + 2 * G) * D, E), (E, H * D), (2 * I, E), (E, I)))  # qkv, o, gate/up, down
     per_layer = 2 * E  # 2 norms
     if model.qkv_bias:
@@ -232,7 +242,8 @@ def model_weight_bytes(model: ModelConfig, bytes_per_element: int, weight_format
     if model.qk_norm:
         per_layer += 2 * D
     embeddings = V * E * (1 if model.tie_word_embeddings else 2)
-    return L * linear + (L * per_layer + embeddings + E) * bytes_per_element
+    return (L * linear + (L * per_layer + E) * bytes_per_element
+            + embeddings * (bytes_per_element if head_bytes is None else head_bytes))
 
 
 def buffers(inputs: MemoryInputs, seq_tokens: int, num_offloaded: int, slot_pool: float | None = None) -> list[Buffer]:
@@ -259,9 +270,10 @@ def buffers(inputs: MemoryInputs, seq_tokens: int, num_offloaded: int, slot_pool
         out.append(Buffer(name, tier, int(num_bytes), formula))
 
     weights = x.measured_weight_bytes if x.measured_weight_bytes is not None else \
-        model_weight_bytes(m, w, x.weight_format)
+        model_weight_bytes(m, w, x.weight_format, x.quant_scale_bytes, x.head_bytes)
     add("weights", "device", weights, "measured" if x.measured_weight_bytes is not None else
-        "params(config) * w" if x.weight_format == "float" else f"linear layers {x.weight_format}, the rest * w")
+        "params(config) * w" if x.weight_format == "float" else f"linear layers {x.weight_format}, "
+        + ("embeddings and LM head bf16, " if x.head_bytes == 2 else "") + "the rest * w")
     head = x.head_shape
     if head is not None:
         add("head_weights", "device", head.num_parameters * w, "params(head) * w")

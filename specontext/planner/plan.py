@@ -11,6 +11,7 @@ from ..errors import InputError
 from .host_memory import host_memory_for
 from ..methods import GLOBAL_METHODS
 from ..settings import FLOAT_FORMATS, WEIGHT_FORMATS
+from ..model.quant import kernel_dtype
 from .memory import Buffer, HeadShape, MemoryInputs, buffers, tier_bytes
 from .placement import Placement, plan_placement, step_time
 from .profiles import DeviceProfile, load_profile
@@ -213,6 +214,7 @@ def make_plan(model: str | ModelConfig | None = None, device_profile: str | Devi
     if not 1 <= S <= limit:
         raise InputError(f"context_tokens must be in 1..{limit} (the model's context limit), got {S}")
     head, head_source = (head_shape_for(cfg, retrieval_head) if sparsity == "specontext" else (None, "none"))
+    kernel_bytes = kernel_dtype().itemsize if profile.kind == "cpu" else 2  # quantized kernels' dtype
     inputs = MemoryInputs(model=cfg, weight_bytes=DTYPE_BYTES[dtype], kv_bytes=DTYPE_BYTES[dtype], requests=requests,
                           sparsity=sparsity, budget_tokens=budget_tokens, head=head, slot_pool=slot_pool,
                           block_tokens=block_tokens, prefill_chunk_tokens=prefill_chunk_tokens,
@@ -221,7 +223,9 @@ def make_plan(model: str | ModelConfig | None = None, device_profile: str | Devi
                           focus_window_tokens=focus_window_tokens, cpu_threads=os.cpu_count() or 1,
                           host_memory=host_memory_for(profile.kind),
                           weight_format=weights if weights in ("int8", "int4") else "float",
-                          kv_format="int8" if kv_dtype == "int8" else "float")
+                          kv_format="int8" if kv_dtype == "int8" else "float",
+                          quant_scale_bytes=kernel_bytes,
+                          head_bytes=2 if weights in ("int8", "int4") and kernel_bytes == 2 else None)
     placement = plan_placement(inputs, profile.device_budget_bytes, profile.host_budget_bytes, profile.unified_memory,
                                target_seq_tokens=S, max_seq_tokens=limit)
     if placement.max_context_tokens == 0:
