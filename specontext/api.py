@@ -56,11 +56,11 @@ QUANTIZED = ("int4", "int8")
 
 
 def weight_format(settings: RuntimeSettings, device: torch.device, dtype: torch.dtype) -> tuple[str, torch.dtype]:
-    """(what the loaders keep: ``int4``, ``int8`` or ``fp32`` for float; the compute dtype).
+    """(what the loaders keep: ``int4``, ``int8``, ``fp32`` for float, or ``auto``; the compute dtype).
 
-    ``auto`` loads float for now: on this project's CPU torch's int4 kernel decodes the default
-    model at 10.5 tok/s against float32's 26.9, and int8 (2x faster than float32, the same
-    greedy tokens at 1k) has not been through the accuracy harness yet. A float format sets the dtype.
+    ``auto`` on a CPU keeps a GGUF's quantization (``GGUFFile.auto_weight_format``: Q4_0 / Q4_1 /
+    Q4_K as int4, Q8_0 as int8) and loads a float checkpoint as float32. The int4 and int8 kernels
+    are the CPU's, so on CUDA ``auto`` is float (the dtype). A float format sets the dtype.
     """
     fmt = settings.weights
     if fmt in QUANTIZED and device.type != "cpu":
@@ -74,7 +74,8 @@ def weight_format(settings: RuntimeSettings, device: torch.device, dtype: torch.
             raise InputError(f"--weights {fmt} is for CUDA; on a CPU use fp32, int8 or int4 (or auto)")
         return "fp32", wanted
     if fmt == "auto":
-        return "fp32", dtype
+        keeps = device.type == "cpu" and dtype == torch.float32
+        return ("auto" if keeps else "fp32"), dtype
     return fmt, dtype
 
 
@@ -353,7 +354,7 @@ def _load(model: str | None, settings: RuntimeSettings, sparsity: dict) -> LLM:
     net = LlamaForCausalLM(cfg, device="meta")  # not under torch.device("meta"): see LlamaForCausalLM
     net.load_checkpoint(tensors, dtype=dt, device=dev, quantize_to=weights if weights in QUANTIZED else None)
     del tensors
-    if weights in QUANTIZED and dev.type == "cpu" and kernel_dtype() == torch.bfloat16:
+    if net.has_quantized_layers() and kernel_dtype() == torch.bfloat16:
         hold_head_in_bf16(net)
     llm = LLM(net, tokenizer, settings, path, target)
     if settings.activations == "int8":

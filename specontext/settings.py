@@ -44,11 +44,12 @@ class RuntimeSettings:
     device: str = _opt("auto", "compute device: auto (CUDA if present, else CPU), cpu, cuda, or cuda:N")
     dtype: str = _opt("auto", "weight and KV precision: auto (float32 on CPU, bfloat16 on CUDA), float32, float16, bfloat16",
                       choices=DTYPES)
-    weights: str = _opt("auto", "weight format of the linear layers: auto (float, as --dtype), fp32, fp16 or bf16 "
-                        "(CUDA), int8 (per output row), int4 (groups of 32; a GGUF's Q4_0/Q4_1 blocks are kept "
-                        "exactly). int8 and int4 hold the layers in a third of fp32's memory or less, on torch's "
-                        "CPU weight-only kernels, which decode slower than fp32 on this project's CPU; "
-                        "embeddings, norms and the LM head stay float", choices=WEIGHT_FORMATS)
+    weights: str = _opt("auto", "weight format of the linear layers: auto (on a CPU a GGUF keeps its quantization: "
+                        "Q4_0/Q4_1/Q4_K as int4, Q8_0 as int8, else float with a notice; a float checkpoint, "
+                        "or any model on CUDA, loads float as --dtype), fp32, fp16 or bf16 (CUDA), int8 (per "
+                        "output row), int4 (groups of 32; Q4_0/Q4_1 blocks are kept exactly). int8 and int4 run "
+                        "on torch's CPU weight-only kernels in bfloat16 where the CPU has it, beside a bfloat16 "
+                        "LM head and embeddings; norms stay float", choices=WEIGHT_FORMATS)
     activations: str = _opt("float", "inputs of the int8 linear layers: float (weight-only int8), or int8 (with "
                             "--weights int8 on a CPU: q/k/v, o and gate/up multiply int8 by int8, smoothed per "
                             "input channel from a calibration pass over 64 tokens the model writes itself at load; "

@@ -52,14 +52,18 @@ def test_next_token_distributions_agree_with_llama_cpp(default_llm, llama_cpp_mo
     assert kl <= 0.01
 
 
-def test_capital_of_france_through_the_cli(tmp_path):
+def test_the_quick_start_question_through_the_cli(tmp_path):
+    """The quick start's question, on the default model as it loads by default (int4 from the
+    GGUF's Q4_1). Not "the capital of France": there the model's first token is a near-tie ("The"
+    25.33 against "L" 25.24 in float32), which llama.cpp on the same file, and our int4, resolve
+    the other way ("L'Étoile, ...")."""
     from specontext.cli import main
 
     out = tmp_path / "answer.txt"
-    code = main(["--question", "What is the capital of France?", "--max-new-tokens", "24",
+    code = main(["--question", "What is the largest ocean on Earth?", "--max-new-tokens", "24",
                  "--output", str(out), "--quiet", "--device", "cpu"])
     assert code == 0
-    assert "Paris" in out.read_text(encoding="utf-8")
+    assert "Pacific" in out.read_text(encoding="utf-8")
 
 
 def _haystack_with_needle(tokenizer, num_tokens: int, depth: float) -> str:
@@ -90,4 +94,4 @@ def test_readme_api_example_runs_as_written():
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
-    assert "Paris" in namespace["result"].text
+    assert "Pacific" in namespace["result"].text

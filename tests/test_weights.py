@@ -62,6 +62,36 @@ def test_gguf_q4_blocks_become_int4_losslessly(qtype):
     assert torch.equal(qw.dequantize(), expected)
 
 
+def test_gguf_q4_k_blocks_become_int4():
+    """Q4_K super-blocks (6-bit sub-block scales and minima) become int4 groups of 32: value for
+    value gguf's own dequantization, up to one rounding of the zero (exact on this data)."""
+    rng = np.random.default_rng(2)
+    rows, k = 12, 768
+    blocks = rng.integers(0, 256, (rows, k // 256, 144), dtype=np.uint8)
+    d_dmin = (rng.standard_normal((rows, k // 256, 2)) * 0.01).astype(np.float16)
+    blocks[..., 0:4] = d_dmin.view(np.uint8).reshape(rows, k // 256, 4)  # finite scales, random rest
+    raw = blocks.reshape(rows, -1)
+    expected = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_K).reshape(rows, k).astype(np.float32)
+    got = int4_from_gguf(raw, "Q4_K", rows, k).dequantize().numpy()
+    assert np.abs(got - expected).max() <= np.abs(expected).max() * 2.0 ** -22
+    assert (got == expected).mean() > 0.99
+
+
+def test_auto_keeps_one_quantized_format_or_falls_back_to_float_with_a_notice():
+    from specontext.loaders.gguf_loader import auto_format
+
+    assert auto_format(["Q4_1"]) == "int4" and auto_format(["Q4_0", "Q4_K"]) == "int4"
+    assert auto_format(["Q8_0"]) == "int8"
+    import warnings as w
+
+    with w.catch_warnings():
+        w.simplefilter("error")
+        assert auto_format(["F16", "F32"], warn=True) == "fp32"  # a float file: nothing to note
+    with pytest.warns(UserWarning, match="Q4_K, Q6_K; --weights auto keeps one quantized format") as seen:
+        assert auto_format(["Q4_K", "Q6_K"], warn=True) == "fp32"
+    assert len(seen) == 1 and "\n" not in str(seen[0].message)
+
+
 def test_gguf_q8_0_becomes_int8_per_row():
     rng = np.random.default_rng(1)
     w = rng.standard_normal((40, 128)).astype(np.float32)
@@ -116,6 +146,24 @@ def test_a_q4_1_gguf_runs_int4_with_its_float_values(tiny_q4, monkeypatch):
     tensors = f.hf_tensors(f.model_config(), "int4")
     assert type(tensors["model.layers.0.mlp.down_proj.weight"]).__name__ == "QuantizedWeight"
     assert tensors["model.embed_tokens.weight"].dtype == torch.float32
+
+
+def test_auto_keeps_a_q4_1_gguf_int4_on_a_cpu(tiny_q4):
+    """--weights auto: the GGUF's Q4_1 stays int4 (the same module and values as --weights int4);
+    where the CPU has bf16 the LM head and the tied embeddings share one bf16 table."""
+    from specontext.model.bf16 import BF16Embedding, BF16Linear
+    from specontext.model.quant import kernel_dtype
+
+    ids = list(range(3, 40))
+    auto = specontext.load(tiny_q4, device="cpu")
+    int4 = specontext.load(tiny_q4, device="cpu", weights="int4")
+    assert isinstance(auto.model.model.layers[0].self_attn.qkv_proj, Int4Linear)
+    assert torch.equal(_logits(auto, ids), _logits(int4, ids))
+    assert auto.model.dtype == torch.float32
+    if kernel_dtype() == torch.bfloat16:
+        head, embed = auto.model.lm_head, auto.model.model.embed_tokens
+        assert isinstance(head, BF16Linear) and isinstance(embed, BF16Embedding)
+        assert (head.weight is embed.weight) == auto.config.tie_word_embeddings
 
 
 def test_int8_weights_follow_float32(tiny_q4):
@@ -238,3 +286,27 @@ def test_bf16_linear_follows_a_float32_reference():
     assert got.dtype == torch.float32 and got.shape == (3, 5, 48)
     ref = x @ w.t() + b
     assert (got - ref).abs().max().item() < 0.02 * ref.abs().max().item()
+
+
+def test_the_bf16_head_ranks_its_highest_logits_in_float32():
+    """A bf16 product rounds logits near 25 to steps of 0.125; the head recomputes its highest
+    logits from the bf16 rows and float32 activations, so a near-tie keeps its float32 order."""
+    from specontext.model.bf16 import BF16Head
+
+    torch.manual_seed(0)
+    w = torch.randn(300, 64).bfloat16().float()  # exactly representable rows
+    x = torch.randn(3, 64)
+    head = BF16Head(w, None)
+    ref = x @ w.t()
+    y = head(x)
+    top = ref.topk(5, dim=-1).indices
+    assert torch.allclose(y.gather(-1, top), ref.gather(-1, top), rtol=1e-6, atol=1e-5)
+    assert torch.equal(y.argmax(-1), ref.argmax(-1))
+    # a tie that bf16 output makes: two rows whose float32 logits differ by less than a bf16 step
+    w2 = torch.zeros(2, 64)
+    w2[0, 0], w2[1, 0], w2[1, 1] = 25.0, 25.0, 0.0625
+    x2 = torch.zeros(1, 64)
+    x2[0, 0], x2[0, 1] = 1.0, 1.0
+    assert BF16Head(w2, None)(x2).argmax(-1).item() == 1
+    assert torch.nn.functional.linear(x2.bfloat16(), w2.bfloat16()).float()[0, 0] == \
+        torch.nn.functional.linear(x2.bfloat16(), w2.bfloat16()).float()[0, 1]

@@ -41,6 +41,25 @@ def part_of(stem: str) -> str:
     return stem.split(".", 2)[2] if stem.startswith("blk.") else stem
 
 
+FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
+
+
+def auto_format(linear_types: list[str], warn: bool = False) -> str:
+    """``int4``, ``int8`` or ``fp32`` for a GGUF whose linear layers have ``linear_types`` (see
+    :meth:`GGUFFile.auto_weight_format`); ``warn``: note a fall-back from quantized types."""
+    if linear_types and all(t in INT4_TYPES for t in linear_types):
+        return "int4"
+    if linear_types and all(t in INT8_TYPES for t in linear_types):
+        return "int8"
+    quantized = [t for t in linear_types if t not in FLOAT_TYPES]
+    if warn and quantized:
+        warnings.warn(f"the GGUF's linear layers are {', '.join(linear_types)}; --weights auto keeps one "
+                      f"quantized format for all of them ({', '.join(INT4_TYPES)} as int4, or "
+                      f"{', '.join(INT8_TYPES)} as int8), so they load as float; --weights int4 or int8 "
+                      f"quantizes them", stacklevel=3)
+    return "fp32"
+
+
 class GGUFFile:
     """An opened GGUF file: decoded metadata and lazily dequantized tensors.
 
@@ -55,7 +74,6 @@ class GGUFFile:
         import gguf
 
         self.path = path
-        self._noted: set[str] = set()  # GGUF types already noted as running as float
         # every count and length against the file's real size first; this also names a missing,
         # unreadable or directory path, so the reader below sees only bytes that fit
         self.layout = check_gguf_layout(path)
@@ -201,18 +219,22 @@ class GGUFFile:
         return ModelFileError(f"{self.path} changed while it was being read (another program wrote or replaced it); "
                               "load it again once it is complete")
 
+    def linear_types(self) -> list[str]:
+        """The GGUF types of the linear layers' weights, sorted, each once (``Q4_1``, ``F16``, ...)."""
+        return sorted({t.tensor_type.name for t in self.reader.tensors
+                       if t.name.endswith(".weight") and part_of(t.name.rpartition(".")[0]) in _LINEAR_PARTS})
+
+    def auto_weight_format(self) -> str:
+        """What ``--weights auto`` keeps on a CPU: ``int4`` when every linear layer is Q4_0, Q4_1 or
+        Q4_K, ``int8`` when every one is Q8_0, else ``fp32`` (float types, or a mix or a type the
+        kernels do not take, which is noted once: one format serves all layers, so that the
+        planner's count and the fused q/k/v and gate/up layers stay one format)."""
+        return auto_format(self.linear_types(), warn=True)
+
     def _quantized(self, tensor, weights: str) -> QuantizedWeight | None:
-        """A linear layer's weight kept quantized as ``weights`` asks (``auto``: the nearest
-        format the CPU kernels run, or None for float with a notice), read one tensor at a time."""
+        """A linear layer's weight kept quantized as ``weights`` (``int4`` / ``int8``) asks, read
+        one tensor at a time: straight from its blocks where its type maps onto the format."""
         type_name, rows, k = tensor.tensor_type.name, int(tensor.shape[1]), int(tensor.shape[0])
-        if weights == "auto":
-            if type_name not in INT4_TYPES + INT8_TYPES:
-                if type_name not in ("F32", "F16", "BF16", "F64") and type_name not in self._noted:
-                    self._noted.add(type_name)
-                    warnings.warn(f"GGUF type {type_name} has no int4 or int8 kernel here; those weights run as "
-                                  f"float (choose --weights int4 or int8 to quantize them)", stacklevel=2)
-                return None
-            weights = "int4" if type_name in INT4_TYPES else "int8"
         if weights == "int4" and type_name in INT4_TYPES:
             return int4_from_gguf(self._raw(tensor), type_name, rows, k)
         if weights == "int8" and type_name in INT8_TYPES:
@@ -225,8 +247,11 @@ class GGUFFile:
     @malformed("a GGUF tensor")
     def hf_tensors(self, cfg: ModelConfig, weights: str = "fp32") -> dict[str, torch.Tensor | QuantizedWeight]:
         """All weights under Hugging Face names: float32 CPU tensors, and, when ``weights`` is
-        ``auto``, ``int4`` or ``int8``, the linear layers' weights as :class:`QuantizedWeight`
-        (never dequantized whole where the GGUF type maps onto the format)."""
+        ``int4`` or ``int8`` (or ``auto`` choosing one, :meth:`auto_weight_format`), the linear
+        layers' weights as :class:`QuantizedWeight` (never dequantized whole where the GGUF type
+        maps onto the format)."""
+        if weights == "auto":
+            weights = self.auto_weight_format()
         out = {}
         for tensor in self.reader.tensors:
             name = tensor.name
@@ -247,7 +272,7 @@ class GGUFFile:
                 ("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias"))
             heads = cfg.num_heads if ".q_proj." in hf_name else cfg.num_kv_heads
             quantized = None
-            if weights in ("auto", "int4", "int8") and kind == "weight" and part_of(stem) in _LINEAR_PARTS:
+            if weights in ("int4", "int8") and kind == "weight" and part_of(stem) in _LINEAR_PARTS:
                 quantized = self._quantized(tensor, weights)
             if quantized is not None:
                 if permuted:  # the same rows as the float path, by index

@@ -21,7 +21,7 @@ from ..config import ModelConfig
 from ..kv.cache import KVCache
 from ..kv.plan import StepPlan, to_device
 from .norm import RMSNorm
-from .quant import QuantizedWeight, concat_rows, quantize, quantized_linear
+from .quant import Int4Linear, Int8Linear, QuantizedWeight, concat_rows, quantize, quantized_linear
 from .rope import RotaryEmbedding, apply_rotary
 
 # our parameter name suffix -> the checkpoint suffixes concatenated (along dim 0) to make it
@@ -235,6 +235,9 @@ class LlamaForCausalLM(nn.Module):
                 setattr(owner, attr, module)
                 state.update({f"{prefix}{rest}.{k}": v for k, v in module.state_dict().items()})
         return state
+
+    def has_quantized_layers(self) -> bool:
+        return any(isinstance(m, (Int4Linear, Int8Linear)) for m in self.modules())
 
     def weight_bytes(self) -> int:
         """Bytes of every weight as held (quantized layers at their packed size)."""
