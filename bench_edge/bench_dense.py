@@ -48,15 +48,19 @@ def gguf_tokenizer():
 
 def worker_ours(context: int, decode_tokens: int, threads: int, config: str = "fp32/dense",
                 budget: int = 1024) -> dict:
-    """Our engine: ``config`` is WEIGHTS/SPARSITY, WEIGHTS one of fp32, int8, int8-a8 (--activations
-    int8), int4, and SPARSITY dense or specontext (the shipped head, ``budget`` tokens; specontext+ort
-    runs the head on ONNX Runtime)."""
+    """Our engine: ``config`` is WEIGHTS/SPARSITY[/kv8], WEIGHTS one of auto, fp32, int8, int8-a8
+    (--activations int8), int4, SPARSITY dense or specontext (the shipped head, ``budget`` tokens;
+    specontext+ort runs the head on ONNX Runtime), and ``kv8`` an 8-bit KV cache (--kv-dtype int8)."""
     import torch
 
     import specontext
 
-    weights, sparsity = config.split("/")
+    weights, sparsity, *kv = config.split("/")
     opts = {"weights": weights.split("-")[0], "activations": "int8" if weights == "int8-a8" else "float"}
+    if kv:
+        if kv != ["kv8"]:
+            raise SystemExit(f"unknown KV part {'/'.join(kv)!r} in {config!r}; use WEIGHTS/SPARSITY or WEIGHTS/SPARSITY/kv8")
+        opts["kv_dtype"] = "int8"
     if sparsity.endswith("+ort"):  # the retrieval head on ONNX Runtime (the onnx extra)
         sparsity = sparsity[:-4]
         opts["retrieval_backend"] = "onnxruntime"
@@ -121,8 +125,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--engines", nargs="+", default=["ours", "llamacpp"], choices=["ours", "llamacpp"])
     parser.add_argument("--ours", nargs="+", default=["fp32/dense"],
-                        help="our configurations, WEIGHTS/SPARSITY: fp32, int8, int8-a8 or int4 / dense, specontext or "
-                        "specontext+ort (the head on ONNX Runtime)")
+                        help="our configurations, WEIGHTS/SPARSITY[/kv8]: auto, fp32, int8, int8-a8 or int4 / dense, "
+                        "specontext or specontext+ort (the head on ONNX Runtime) / kv8 for --kv-dtype int8")
     parser.add_argument("--budget", type=int, default=1024, help="token budget of the specontext configurations")
     parser.add_argument("--repeats", type=int, default=1, help="rounds of every run, interleaved; the table gives "
                         "each figure's median over them (this machine is shared)")

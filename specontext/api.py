@@ -28,7 +28,7 @@ from .loaders.release import returning_freed_memory
 from .model.bf16 import hold_head_in_bf16
 from .model.llama import LlamaForCausalLM
 from .model.quant import kernel_dtype
-from .retrieval.head import RetrievalHead, TargetInfo, resolve_head, target_fingerprint
+from .retrieval.head import FINGERPRINT_TENSORS, RetrievalHead, TargetInfo, resolve_head, target_fingerprint
 from .settings import FLOAT_FORMATS, GenerationConfig, RuntimeSettings, decode_options
 from .tokenizer import Tokenizer
 
@@ -108,16 +108,12 @@ def load_model_files(path: str | None, weights: str = "fp32") -> tuple[ModelConf
             f"{path} is not a GGUF file (starts with {magic!r}, expected b'GGUF'); "
             "pass a .gguf file or a Hugging Face folder with config.json and *.safetensors"
         )
-    before = os.stat(path)
     gguf_file = GGUFFile(path)
     cfg = gguf_file.model_config()
     tokenizer = Tokenizer.from_gguf_fields(gguf_file.meta)
-    tensors = gguf_file.hf_tensors(cfg, weights)  # copies: the file is never read after this
-    after = os.stat(path)
-    if (after.st_size, after.st_mtime_ns, after.st_ino) != (before.st_size, before.st_mtime_ns, before.st_ino):
-        raise ModelFileError(f"{path} changed while it was being read (another program wrote or replaced it); "
-                             "load it again once it is complete")
-    return cfg, tensors, tokenizer
+    # read as they are taken (each read checks the file is still the one parsed); the caller
+    # calls tensors.check() once it has taken them all
+    return cfg, gguf_file.hf_tensors(cfg, weights), tokenizer
 
 
 class LLM:
@@ -350,9 +346,15 @@ def _load(model: str | None, settings: RuntimeSettings, sparsity: dict) -> LLM:
         raise InputError(f"--activations int8 runs on a CPU's int8 x int8 kernel and needs --weights int8 (got "
                          f"--weights {settings.weights} on {dev.type}); add --weights int8 on a CPU, or drop it")
     cfg, tensors, tokenizer = load_model_files(path, weights)
-    target = TargetInfo.of(cfg, target_fingerprint(tensors), name=os.path.basename(os.path.normpath(path)))
+    seen = {name: tensors.pop(name) for name in FINGERPRINT_TENSORS if name in tensors}
+    target = TargetInfo.of(cfg, target_fingerprint(seen), name=os.path.basename(os.path.normpath(path)))
+    tensors.update(seen)  # read once (a GGUF's tensors are read when taken), then loaded
+    del seen
     net = LlamaForCausalLM(cfg, device="meta")  # not under torch.device("meta"): see LlamaForCausalLM
+    weights = getattr(tensors, "weight_format", weights)  # what a GGUF's auto chose
     net.load_checkpoint(tensors, dtype=dt, device=dev, quantize_to=weights if weights in QUANTIZED else None)
+    if hasattr(tensors, "check"):  # a GGUF read while loading: the file must not have changed meanwhile
+        tensors.check()
     del tensors
     if net.has_quantized_layers() and kernel_dtype() == torch.bfloat16:
         hold_head_in_bf16(net)

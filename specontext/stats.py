@@ -120,8 +120,21 @@ def offload_info(cache: KVCache | None) -> dict:
     return info
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: Linux's VmHWM where there is one (ru_maxrss also
+    counts what the process held before an exec, e.g. as a fork of a larger parent)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def record_peaks(stats: GenerationStats, device: torch.device) -> None:
     """The process's peak RSS and, on CUDA, the device's peak allocation so far."""
-    stats.peak_host_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    stats.peak_host_rss_bytes = peak_rss_bytes()
     if device.type == "cuda":
         stats.peak_device_bytes = torch.cuda.max_memory_allocated(device)

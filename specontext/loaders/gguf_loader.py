@@ -8,10 +8,13 @@ interleaved RoPE; they are permuted back here so one model implementation serves
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import tempfile
 import warnings
+from dataclasses import dataclass
+from collections.abc import Callable, MutableMapping
 
 import numpy as np
 import torch
@@ -42,6 +45,21 @@ def part_of(stem: str) -> str:
 
 
 FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
+DEQUANT_ROWS = 4096  # rows dequantized at a time (the default model's embeddings: 12 x 9 MiB)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor as the header describes it: ``shape`` fastest dimension first (GGUF's order),
+    ``raw_shape`` / ``dtype`` how its stored bytes are viewed (rows of blocks for quantized types)."""
+
+    name: str
+    tensor_type: object  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]
+    data_offset: int
+    n_bytes: int
+    dtype: np.dtype
+    raw_shape: tuple[int, ...]
 
 
 def auto_format(linear_types: list[str], warn: bool = False) -> str:
@@ -89,6 +107,11 @@ class GGUFFile:
                 self.meta[key] = fld.contents()
             except Exception:  # a field we cannot decode is reported only if we need it
                 self.meta[key] = None
+        # what the tensors' reads need; the reader itself (a numpy view per vocabulary entry,
+        # 131 MiB for the default model's) is let go before any weight is read
+        self.tensors = [TensorInfo(t.name, t.tensor_type, tuple(int(d) for d in t.shape), int(t.data_offset),
+                                   int(t.n_bytes), t.data.dtype, tuple(t.data.shape)) for t in self.reader.tensors]
+        del self.reader
         arch = self.meta.get("general.architecture")
         if arch not in GGUF_ARCHITECTURES:
             raise UnsupportedModelError(
@@ -106,7 +129,7 @@ class GGUFFile:
 
     @malformed("the GGUF file's model metadata")
     def model_config(self) -> ModelConfig:
-        names = {t.name for t in self.reader.tensors}
+        names = {t.name for t in self.tensors}
         num_heads = int(self._get("attention.head_count"))
         hidden = int(self._get("embedding_length"))
         head_dim = int(self._get("attention.key_length", required=False, default=hidden // num_heads))
@@ -173,19 +196,26 @@ class GGUFFile:
     def _raw(self, tensor) -> np.ndarray:
         """A tensor's stored bytes (or values), shaped as the reader describes them; the reader's
         view is only a shape and dtype, its bytes are read from the file here."""
-        return np.frombuffer(self._read(tensor.data_offset, int(tensor.n_bytes)),
-                             dtype=tensor.data.dtype).reshape(tensor.data.shape)
+        return np.frombuffer(self._read(tensor.data_offset, tensor.n_bytes), dtype=tensor.dtype).reshape(tensor.raw_shape)
 
     def _tensor_f32(self, name: str) -> np.ndarray:
         import gguf
 
-        tensor = next(t for t in self.reader.tensors if t.name == name)
+        tensor = next(t for t in self.tensors if t.name == name)
         qtype = tensor.tensor_type
         try:
             data = self._raw(tensor)
             if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
                          gguf.GGMLQuantizationType.F64):
                 arr = data.astype(np.float32)
+            elif data.ndim == 2 and data.shape[0] > DEQUANT_ROWS:
+                # by rows: gguf's dequantization holds a few float32 copies of what it is given
+                arr = None
+                for i in range(0, data.shape[0], DEQUANT_ROWS):
+                    part = gguf.quants.dequantize(data[i:i + DEQUANT_ROWS], qtype)
+                    if arr is None:
+                        arr = np.empty((data.shape[0], *part.shape[1:]), dtype=np.float32)
+                    arr[i:i + len(part)] = part
             else:
                 arr = gguf.quants.dequantize(data, qtype)
         except NotImplementedError:
@@ -221,7 +251,7 @@ class GGUFFile:
 
     def linear_types(self) -> list[str]:
         """The GGUF types of the linear layers' weights, sorted, each once (``Q4_1``, ``F16``, ...)."""
-        return sorted({t.tensor_type.name for t in self.reader.tensors
+        return sorted({t.tensor_type.name for t in self.tensors
                        if t.name.endswith(".weight") and part_of(t.name.rpartition(".")[0]) in _LINEAR_PARTS})
 
     def auto_weight_format(self) -> str:
@@ -245,15 +275,15 @@ class GGUFFile:
         return quantize(torch.from_numpy(self._tensor_f32(tensor.name)), weights)
 
     @malformed("a GGUF tensor")
-    def hf_tensors(self, cfg: ModelConfig, weights: str = "fp32") -> dict[str, torch.Tensor | QuantizedWeight]:
-        """All weights under Hugging Face names: float32 CPU tensors, and, when ``weights`` is
-        ``int4`` or ``int8`` (or ``auto`` choosing one, :meth:`auto_weight_format`), the linear
-        layers' weights as :class:`QuantizedWeight` (never dequantized whole where the GGUF type
-        maps onto the format)."""
+    def hf_tensors(self, cfg: ModelConfig, weights: str = "fp32") -> LazyTensors:
+        """All weights under Hugging Face names, each read when taken (:class:`LazyTensors`):
+        float32 CPU tensors, and, when ``weights`` is ``int4`` or ``int8`` (or ``auto`` choosing
+        one, :meth:`auto_weight_format`), the linear layers' weights as :class:`QuantizedWeight`
+        (never dequantized whole where the GGUF type maps onto the format)."""
         if weights == "auto":
             weights = self.auto_weight_format()
-        out = {}
-        for tensor in self.reader.tensors:
+        out: dict = {}
+        for tensor in self.tensors:
             name = tensor.name
             stem, _, kind = name.rpartition(".")  # kind: weight / bias
             if stem.startswith("blk."):
@@ -268,23 +298,65 @@ class GGUFFile:
                 continue  # folded into the RoPE config
             else:
                 raise UnsupportedModelError(f"GGUF tensor {name} is not part of a {cfg.architecture} model")
-            permuted = self.arch == "llama" and hf_name.endswith(
-                ("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias"))
-            heads = cfg.num_heads if ".q_proj." in hf_name else cfg.num_kv_heads
-            quantized = None
-            if weights in ("int4", "int8") and kind == "weight" and part_of(stem) in _LINEAR_PARTS:
-                quantized = self._quantized(tensor, weights)
-            if quantized is not None:
-                if permuted:  # the same rows as the float path, by index
-                    order = _unpermute_rope_rows(np.arange(quantized.shape[0])[:, None], heads)[:, 0]
-                    quantized = quantized.rows(torch.from_numpy(np.ascontiguousarray(order)))
-                out[hf_name] = quantized
-                continue
-            arr = self._tensor_f32(name)
-            if permuted:
-                arr = _unpermute_rope_rows(arr, heads)
-            out[hf_name] = torch.from_numpy(np.array(arr, dtype=np.float32, order="C"))  # own, writable copy
-        return out
+            out[hf_name] = functools.partial(self._hf_tensor, tensor, hf_name, stem, kind, weights, cfg)
+        return LazyTensors(out, self.check_unchanged, weights)
+
+    @malformed("a GGUF tensor")
+    def _hf_tensor(self, tensor, hf_name: str, stem: str, kind: str, weights: str,
+                   cfg: ModelConfig) -> torch.Tensor | QuantizedWeight:
+        """One tensor read from the file and converted as :meth:`hf_tensors` describes."""
+        permuted = self.arch == "llama" and hf_name.endswith(
+            ("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias"))
+        heads = cfg.num_heads if ".q_proj." in hf_name else cfg.num_kv_heads
+        if weights in ("int4", "int8") and kind == "weight" and part_of(stem) in _LINEAR_PARTS:
+            quantized = self._quantized(tensor, weights)
+            if permuted:  # the same rows as the float path, by index
+                order = _unpermute_rope_rows(np.arange(quantized.shape[0])[:, None], heads)[:, 0]
+                quantized = quantized.rows(torch.from_numpy(np.ascontiguousarray(order)))
+            return quantized
+        arr = self._tensor_f32(tensor.name)
+        if permuted:
+            arr = _unpermute_rope_rows(arr, heads)
+        return torch.from_numpy(np.array(arr, dtype=np.float32, order="C"))  # own, writable copy
+
+    def check_unchanged(self) -> None:
+        """Raise ModelFileError if the file is no longer the one whose header was read."""
+        now, then = os.stat(self.path), self.layout.stat
+        if (now.st_ino, now.st_dev, now.st_size, now.st_mtime_ns) != (then.st_ino, then.st_dev, then.st_size,
+                                                                       then.st_mtime_ns):
+            raise self._changed()
+
+
+class LazyTensors(MutableMapping):
+    """Hugging Face-named tensors read from the file when taken: ``pop`` reads one and forgets it,
+    so a loader that pops each weight as it builds the model holds the model plus one tensor,
+    never a second copy of every weight. ``tensors[name]`` reads again each time; assigned values
+    are kept. :meth:`check` says whether the file stayed the same while it was read;
+    ``weight_format`` is the linear layers' format (``int4``, ``int8`` or ``fp32``)."""
+
+    def __init__(self, readers: dict, check: Callable[[], None], weight_format: str):
+        self._items = dict(readers)  # name -> a reader (functools.partial) or a value
+        self.check = check
+        self.weight_format = weight_format
+
+    def __getitem__(self, name: str):
+        item = self._items[name]
+        return item() if isinstance(item, functools.partial) else item
+
+    def __contains__(self, name) -> bool:  # without reading (Mapping's would)
+        return name in self._items
+
+    def __setitem__(self, name: str, value) -> None:
+        self._items[name] = value
+
+    def __delitem__(self, name: str) -> None:
+        del self._items[name]
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 @contextlib.contextmanager

@@ -162,9 +162,9 @@ class LlamaForCausalLM(nn.Module):
         checkpoint entries such as rotary buffers are ignored. Entries are popped from
         ``tensors`` as they are used, so peak memory stays near one copy of the weights.
 
-        A linear layer's weight given as a :class:`~specontext.model.quant.QuantizedWeight`
-        stays quantized (the layer becomes an int4 or int8 module); ``quantize_to`` (``int4``
-        or ``int8``) quantizes float ones as they load. Embeddings, norms and the LM head stay
+        ``quantize_to`` (``int4`` or ``int8``): the linear layers become int4 or int8 modules; a
+        weight given as a :class:`~specontext.model.quant.QuantizedWeight` stays as it is, float
+        ones are quantized as they load. None: every weight must be float. Embeddings, norms and the LM head stay
         float (an int8 LM head cost top-1 agreement 1.0 -> 0.97 on the default model).
         """
         from ..errors import ModelFileError
@@ -205,6 +205,8 @@ class LlamaForCausalLM(nn.Module):
         from ..errors import ModelFileError
 
         state = {}
+        if quantize_to is None:
+            return state
         for layer_no, layer in enumerate(self.model.layers):
             for owner, attr in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"),
                                 (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj")):
@@ -214,11 +216,7 @@ class LlamaForCausalLM(nn.Module):
                 keys = [prefix + k for k in FUSED_WEIGHTS.get(f"{rest}.weight", (f"{rest}.weight",))]
                 if any(k not in tensors for k in keys):
                     continue  # named as missing by the float path
-                given = [tensors[k] for k in keys]
-                if not any(isinstance(g, QuantizedWeight) for g in given) and quantize_to is None:
-                    continue
-                for k in keys:
-                    tensors.pop(k)
+                given = [tensors.pop(k) for k in keys]  # a lazy mapping reads each once, here
                 parts = [g if isinstance(g, QuantizedWeight) else quantize(g, quantize_to or "int8") for g in given]
                 weight = concat_rows(parts) if len(parts) > 1 else parts[0]
                 if tuple(weight.shape) != tuple(linear.weight.shape):

@@ -45,9 +45,10 @@ def target_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
     for name in FINGERPRINT_TENSORS:
         if name not in tensors:
             raise ModelFileError(f"cannot fingerprint the model: tensor {name!r} is missing")
-        t = tensors[name].detach().to(device="cpu", dtype=torch.bfloat16).contiguous()
+        t = tensors[name].detach()
         digest.update(name.encode() + str(tuple(t.shape)).encode())
-        digest.update(t.view(torch.int16).numpy().tobytes())
+        for rows in t.split(4096):  # by rows: no bf16 copy of a whole embedding table at once
+            digest.update(rows.to(device="cpu", dtype=torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
     return digest.hexdigest()[:32]
 
 

@@ -47,7 +47,7 @@ def target_gguf(data: bytes, workdir: str) -> None:
 
     f = GGUFFile(_write(workdir, "m.gguf", data))
     cfg = f.model_config()
-    if sum(int(t.n_bytes) for t in f.reader.tensors) <= 1 << 20:  # small files: every tensor too
+    if sum(int(t.n_bytes) for t in f.tensors) <= 1 << 20:  # small files: every tensor too
         f.hf_tensors(cfg)
 
 
