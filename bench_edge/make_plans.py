@@ -2,6 +2,8 @@
 
     python bench_edge/make_plans.py                      # each model's full context, 1 request, specontext B = 2048
     python bench_edge/make_plans.py --context-tokens 32768 --requests 16 --out bench_edge/results/plans_32k_r16
+    python bench_edge/make_plans.py --weights int4 --kv-dtype int8 --shapes llama-3.1-8b qwen3-8b \
+        --profiles jetson-orin-nano-8gb rtx-4060-laptop-8gb --out bench_edge/results/plans_edge_int4
 
 Writes one JSON plan per (shape, profile) to OUT/SHAPE__PROFILE.json (a plan that cannot work is
 written as {"error": ...}, the message specontext-run --plan gives), and OUT/README.md, a table of
@@ -21,10 +23,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--context-tokens", default="max", help="tokens per request, or max (each model's context limit)")
+    p.add_argument("--context-tokens", default="max", help="tokens per request, max (each model's context limit) or "
+                   "fit (the longest context that fits the device)")
     p.add_argument("--requests", type=int, default=1)
     p.add_argument("--budget", type=int, default=2048)
     p.add_argument("--sparsity", default="specontext")
+    p.add_argument("--weights", default="auto", help="weight format (--weights): auto, fp32, fp16, bf16, int8, int4")
+    p.add_argument("--kv-dtype", default="auto", help="KV format (--kv-dtype): auto or int8")
+    p.add_argument("--shapes", nargs="+", default=None, help="shapes in bench_edge/shapes/ (default: all)")
+    p.add_argument("--profiles", nargs="+", default=None, help="device profiles (default: every shipped one)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "plans"))
     args = p.parse_args(argv)
 
@@ -33,15 +40,19 @@ def main(argv=None) -> int:
     from specontext.planner.profiles import shipped_profiles
 
     os.makedirs(args.out, exist_ok=True)
-    shapes = sorted(f[:-5] for f in os.listdir(os.path.join(HERE, "shapes")) if f.endswith(".json"))
+    shapes = args.shapes or sorted(f[:-5] for f in os.listdir(os.path.join(HERE, "shapes")) if f.endswith(".json"))
     rows = []
     for shape in shapes:
-        for profile in shipped_profiles():
+        for profile in args.profiles or shipped_profiles():
             config = os.path.join(HERE, "shapes", f"{shape}.json")
             try:
-                context = None if args.context_tokens == "max" else int(args.context_tokens)
-                plan = make_plan(config, profile, context_tokens=context, requests=args.requests,
-                                 budget_tokens=args.budget, sparsity=args.sparsity)
+                opts = dict(requests=args.requests, budget_tokens=args.budget, sparsity=args.sparsity,
+                            weights=args.weights, kv_dtype=args.kv_dtype)
+                if args.context_tokens == "fit":  # plan a short context for the maximum, then plan that
+                    context = make_plan(config, profile, context_tokens=1, **opts).to_dict()["max_context_tokens"]
+                else:
+                    context = None if args.context_tokens == "max" else int(args.context_tokens)
+                plan = make_plan(config, profile, context_tokens=context, **opts)
                 d = plan.to_dict()
                 d["model"]["path"] = f"bench_edge/shapes/{shape}.json"
                 a = d["at_context"]
@@ -51,7 +62,8 @@ def main(argv=None) -> int:
             except InputError as exc:
                 d = {"error": str(exc).replace(os.path.dirname(HERE) + os.sep, ""), "model": shape, "device_profile": profile,
                      "settings": {"context_tokens": args.context_tokens, "requests": args.requests,
-                                  "budget_tokens": args.budget, "sparsity": args.sparsity}}
+                                  "budget_tokens": args.budget, "sparsity": args.sparsity, "weights": args.weights,
+                                  "kv_dtype": args.kv_dtype}}
                 reason = "weights do not fit" if "weights alone" in str(exc) else "context does not fit"
                 rows.append((shape, profile, "-", "-", "-", "-", "-", reason))
             with open(os.path.join(args.out, f"{shape}__{profile}.json"), "w", encoding="utf-8") as f:
@@ -61,11 +73,11 @@ def main(argv=None) -> int:
             "|---|---|---|---|---|---|---|---|\n")
     table = head + "".join("| " + " | ".join(r) + " |\n" for r in rows)
     with open(os.path.join(args.out, "README.md"), "w", encoding="utf-8") as f:
-        f.write(f"# Example memory plans\n\n`python bench_edge/make_plans.py --context-tokens {args.context_tokens} "
-                f"--requests {args.requests} --budget {args.budget} --sparsity {args.sparsity}`: S = "
-                f"{'each model' + chr(39) + 's context limit' if args.context_tokens == 'max' else args.context_tokens} "
-                f"tokens per request, {args.requests} request(s), bfloat16 on GPU profiles and float32 on "
-                f"the CPU one, the EAGLE-3-shaped retrieval head assumed. Step ms is bytes over bandwidth "
+        command = " ".join(["python bench_edge/make_plans.py", *(argv if argv is not None else sys.argv[1:])])
+        f.write(f"# Example memory plans\n\n`{command}`: weights {args.weights}, KV {args.kv_dtype}, S = "
+                f"{dict(max='each model' + chr(39) + 's context limit', fit='the longest context that fits').get(args.context_tokens, args.context_tokens)} "
+                f"tokens per request, {args.requests} request(s), {args.sparsity} with B = {args.budget}, "
+                f"bfloat16 on GPU profiles and float32 on the CPU one, the EAGLE-3-shaped retrieval head assumed. Step ms is bytes over bandwidth "
                 f"(weights + KV read, or the host-link transfer if slower), not a measurement.\n\n" + table)
     print(table)
     return 0

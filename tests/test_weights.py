@@ -193,6 +193,18 @@ def test_formats_that_cannot_be_honoured_are_refused(tiny_q4):
         specontext.load(tiny_q4, device="cpu", dtype="float32", weights="bf16")
 
 
+def test_a_plan_reads_a_gguf_s_format_from_its_header_for_auto(tiny_q4):
+    """--plan --weights auto on a CPU counts what --weights auto loads: the Q4_1 file as int4."""
+    from specontext.planner.plan import make_plan
+
+    def weights(plan):
+        return next(b["bytes"] for b in plan.to_dict()["at_context"]["buffers"] if b["name"] == "weights")
+    auto = make_plan(tiny_q4, "cpu", context_tokens=64)
+    assert auto.to_dict()["settings"]["weight_format"] == "int4"
+    assert weights(auto) == specontext.load(tiny_q4, device="cpu").model.weight_bytes()
+    assert make_plan(tiny_q4, "rtx-4060-laptop-8gb", context_tokens=64).to_dict()["settings"]["weight_format"] == "float"
+
+
 @pytest.mark.parametrize("weights", ["fp32", "int8", "int4"])
 def test_the_planner_counts_each_format_as_the_runtime_holds_it(tiny_q4, weights):
     from specontext.model.quant import kernel_dtype

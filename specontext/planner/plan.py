@@ -23,23 +23,31 @@ MIB = 2**20
 def read_model_config(path: str | ModelConfig | None) -> tuple[ModelConfig, str]:
     """The target's shape from a .gguf file, a Hugging Face folder, or a config.json alone (or a
     :class:`ModelConfig` already read, e.g. a loaded model's, which reads no file)."""
+    cfg, path, _ = _read_model(path)
+    return cfg, path
+
+
+def _read_model(path: str | ModelConfig | None) -> tuple[ModelConfig, str, str]:
+    """:func:`read_model_config`, and what ``--weights auto`` loads on a CPU: a GGUF's format from
+    its header (``GGUFFile.auto_weight_format``: int4, int8 or fp32), else fp32."""
     from .. import assets
 
     if isinstance(path, ModelConfig):
-        return path, path.name
+        return path, path.name, "fp32"
     path = path or assets.default_model_path()
     if not os.path.exists(path):
         raise InputError(f"model not found: {path} (give a .gguf file, a Hugging Face folder or a config.json)")
     if path.endswith(".gguf"):
         from ..loaders.gguf_loader import GGUFFile
 
-        return GGUFFile(path).model_config(), path
+        f = GGUFFile(path)
+        return f.model_config(), path, f.auto_weight_format()
     if os.path.isdir(path):
-        return ModelConfig.from_hf_file(path), path
+        return ModelConfig.from_hf_file(path), path, "fp32"
     if path.endswith(".json"):  # a config.json alone: named after the file unless it is config.json
         cfg = ModelConfig.from_hf_file(path)
         stem = os.path.splitext(os.path.basename(path))[0]
-        return (cfg if stem == "config" else replace(cfg, name=stem)), path
+        return (cfg if stem == "config" else replace(cfg, name=stem)), path, "fp32"
     raise InputError(f"cannot plan for {path}: give a .gguf file, a Hugging Face folder or a config.json")
 
 
@@ -179,7 +187,8 @@ def make_plan(model: str | ModelConfig | None = None, device_profile: str | Devi
         dtype: ``auto`` (bfloat16 on a GPU profile, float32 on a CPU one) or an explicit dtype.
         pin_fraction, focus_window_tokens: query-focused pinning (specontext) and the focus window
             (specontext with pins, snapkv), whose buffers the plan counts.
-        weights: the weight format (``--weights``): ``auto`` (float, as ``dtype``), ``fp32``,
+        weights: the weight format (``--weights``): ``auto`` (on a CPU profile, a GGUF's format
+            read from its header as the runtime keeps it; else float, as ``dtype``), ``fp32``,
             ``fp16``, ``bf16`` (which set the dtype), ``int8`` or ``int4`` (the linear layers).
         kv_dtype: the KV format (``--kv-dtype``): ``auto`` (the compute dtype) or ``int8`` (8-bit
             rows with their scales, resident only: such a plan never offloads).
@@ -192,8 +201,10 @@ def make_plan(model: str | ModelConfig | None = None, device_profile: str | Devi
         >>> plan = make_plan("config.json", "rtx-4060-laptop-8gb", context_tokens=32768)  # doctest: +SKIP
         >>> print(plan.table())  # doctest: +SKIP
     """
-    cfg, path = read_model_config(model)
+    cfg, path, auto_weights = _read_model(model)
     profile = device_profile if isinstance(device_profile, DeviceProfile) else load_profile(device_profile)
+    if weights == "auto" and profile.kind == "cpu" and dtype in ("auto", "float32"):
+        weights = auto_weights  # as the runtime loads it: a GGUF keeps its quantization on a CPU
     if weights not in WEIGHT_FORMATS:
         raise InputError(f"weights must be auto, fp32, fp16, bf16, int8 or int4; got {weights!r}")
     if weights in FLOAT_FORMATS:
@@ -229,7 +240,8 @@ def make_plan(model: str | ModelConfig | None = None, device_profile: str | Devi
     placement = plan_placement(inputs, profile.device_budget_bytes, profile.host_budget_bytes, profile.unified_memory,
                                target_seq_tokens=S, max_seq_tokens=limit)
     if placement.max_context_tokens == 0:
-        fixed = buffers(inputs, 1, cfg.num_layers if not profile.unified_memory else 0)
+        resident_only = profile.unified_memory or inputs.kv_format != "float"  # 8-bit KV never offloads
+        fixed = buffers(inputs, 1, 0 if resident_only else cfg.num_layers)
         held = sum(b.num_bytes for b in fixed if b.name in ("weights", "head_weights"))
         raise InputError(f"{path} cannot run on {profile.name}: its weights alone need {held / MIB:,.0f} MiB in "
                          f"{dtype}{'' if inputs.weight_format == 'float' else ' with ' + inputs.weight_format + ' layers'} "
