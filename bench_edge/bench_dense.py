@@ -8,8 +8,8 @@ ignored, so both engines do the same work. Warm-up runs outside the timed region
 
     python bench_edge/bench_dense.py                       # all contexts, both engines
     python bench_edge/bench_dense.py --contexts 1024 2048 --decode-tokens 32
-    python bench_edge/bench_dense.py --contexts 1024 8192 --ours fp32/dense int8-a8/dense int8-a8/specontext \
-        --out bench_edge/results/edge_cpu.json            # issue 17's comparison
+    python bench_edge/bench_dense.py --contexts 1024 8192 --repeats 3 --ours auto/dense auto/dense/kv8 \
+        auto/specontext auto/specontext/kv8 --out bench_edge/results/edge_cpu.json   # issue 17's comparison
 
 Writes bench_edge/results/dense_cpu.json (or --out) with the machine's description and prints a
 Markdown table.
@@ -172,8 +172,10 @@ def main() -> None:
     result = {"benchmark": "dense prefill/decode, default model (SmolLM2-135M-Instruct Q4_1 GGUF)",
               "machine": describe(), "decode_tokens": args.decode_tokens, "threads": args.threads,
               "budget": args.budget,
-              "note": "ours: WEIGHTS/SPARSITY (fp32 dequantizes the GGUF; int4 keeps its Q4_1 blocks; int8-a8 is "
-                      "--weights int8 --activations int8); llama.cpp computes on the Q4_1 weights, dense",
+              "note": "ours: WEIGHTS/SPARSITY[/kv8] (fp32 dequantizes the GGUF; auto and int4 keep its Q4_1 blocks "
+                      "as int4; int8-a8 is --weights int8 --activations int8; kv8 is --kv-dtype int8); llama.cpp "
+                      "computes on the Q4_1 weights, dense",
+              "command": " ".join(["python", *sys.argv]),
               "rows": rows}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     tmp = args.out + ".tmp"

@@ -162,6 +162,9 @@ def summarize(args) -> int:
     compiled = read(args.compiled) if args.compiled else None
     if compiled:  # eager, compiled and captured decode steps (kept here: the run brings back 8 files)
         out["compiled_decode"] = {k: v for k, v in compiled.items() if k != "machine"}
+    int4 = read(args.int4) if args.int4 else None
+    if int4:  # int4 against bfloat16 weights, dense decode (bench_int4_gpu.py)
+        out["int4_decode"] = {k: v for k, v in int4.items() if k != "machine"}
     write(os.path.join(args.out, "summary.json"), out)
     return 0
 
@@ -181,6 +184,7 @@ def main(argv=None) -> int:
     summ.add_argument("--shape", required=True)
     summ.add_argument("--context", type=int, required=True)
     summ.add_argument("--compiled", default=None, help="the compiled-decode measurement's JSON, if any")
+    summ.add_argument("--int4", default=None, help="the int4-decode measurement's JSON, if any")
     for s in (lib, tests, summ):
         s.add_argument("--out", required=True, help="the results folder")
     args = p.parse_args(argv)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The first GPU run, in one offline command: build the CUDA kernels, run the CUDA tests, then measure
-# the copy kernel, offloaded decode and transformers' offloaded cache, in order of value, each part
+# the copy kernel, offloaded decode, int4 decode and transformers' offloaded cache, in order of value, each part
 # writing its JSON under $OUT as soon as it ends, within BUDGET seconds (a part that would not fit
 # in what is left is skipped and says so).
 #
@@ -50,7 +50,7 @@ export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PYTHONFAULTHANDLER=1
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 say() { echo "[gpu_check $(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
 summary() { "$PY" bench_edge/gpu_check.py summary --out "$OUT" --parts "$PARTS" --budget "$BUDGET" --device "$DEVICE" \
-                --shape "$SHAPE" --context "$CONTEXT" --compiled "$WORK/compiled.json" >> "$LOG" 2>&1 \
+                --shape "$SHAPE" --context "$CONTEXT" --compiled "$WORK/compiled.json" --int4 "$WORK/int4.json" >> "$LOG" 2>&1 \
                 || say "summary failed (see log.txt)"; }
 record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "${4:-}" >> "$PARTS"; summary; }
 
@@ -147,6 +147,9 @@ BENCH=(bench_edge/bench_offload_gpu.py --device "$DEVICE" --shape "$SHAPE" --con
 if [ "$SHAPE" = tiny ]; then BENCH+=(--rows 64,512 --steps 8 --rounds 2); fi
 run_part kernel 30 "$PY" "${BENCH[@]}" --part kernel --out "$OUT/kernel.json"
 run_part decode 120 "$PY" "${BENCH[@]}" --part decode --out "$OUT/decode.json"
+# int4 weights (the tensor-core kernel) against bfloat16, dense decode at 2k; in summary.json
+if [ "$SHAPE" = tiny ]; then INT4=(--shape tiny --context 256 --chunk 128 --steps 8); else INT4=(--shape "$SHAPE" --context 2048 --steps 32); fi
+run_part int4_decode 90 "$PY" bench_edge/bench_int4_gpu.py --device "$DEVICE" "${INT4[@]}" --out "$WORK/int4.json"
 run_part transformers 120 "$PY" "${BENCH[@]}" --part transformers --out "$OUT/transformers.json"
 # one request, 2 steps timed at each of the 5 output points: a first look that fits what is left
 # (the planner's full request count at [2k, 32k] is gpu_suite.sh's, about 8 minutes on its own)

@@ -59,13 +59,19 @@ def weight_format(settings: RuntimeSettings, device: torch.device, dtype: torch.
     """(what the loaders keep: ``int4``, ``int8``, ``fp32`` for float, or ``auto``; the compute dtype).
 
     ``auto`` on a CPU keeps a GGUF's quantization (``GGUFFile.auto_weight_format``: Q4_0 / Q4_1 /
-    Q4_K as int4, Q8_0 as int8) and loads a float checkpoint as float32. The int4 and int8 kernels
-    are the CPU's, so on CUDA ``auto`` is float (the dtype). A float format sets the dtype.
+    Q4_K as int4, Q8_0 as int8) and loads a float checkpoint as float32. On CUDA ``auto`` is float
+    (the dtype): the CUDA int4 path (``--weights int4``, bfloat16) has not run on a GPU yet. int8
+    has a CPU kernel only. A float format sets the dtype.
     """
     fmt = settings.weights
-    if fmt in QUANTIZED and device.type != "cpu":
-        raise InputError(f"--weights {fmt} runs on the CPU's int4/int8 kernels in this version; on {device.type} use "
-                         f"--weights fp16 or bf16 (or auto)")
+    if fmt == "int8" and device.type != "cpu":
+        raise InputError(f"--weights int8 runs on the CPU's kernel in this version; on {device.type} use "
+                         f"--weights int4, bf16 or fp16 (or auto)")
+    if fmt == "int4" and device.type == "cuda":
+        if settings.dtype not in ("auto", "bfloat16"):
+            raise InputError(f"--weights int4 on CUDA runs in bfloat16 (its kernel's dtype); drop --dtype "
+                             f"{settings.dtype} or give --dtype bfloat16")
+        return "int4", torch.bfloat16
     if fmt in FLOAT_FORMATS:
         wanted = getattr(torch, FLOAT_FORMATS[fmt])
         if settings.dtype != "auto" and resolve_dtype(settings.dtype, device) != wanted:

@@ -70,8 +70,8 @@ class Engine:
         offload = self.settings.offload_layers
         kv_format = self._kv_format()
         if kv_format != "float" and (offload or self.settings.adaptive_offload):
-            raise InputError("--kv-dtype int8 keeps resident KV in this version; with --offload-layers or "
-                             "--adaptive-offload use --kv-dtype auto")
+            raise InputError(f"--kv-dtype {self.settings.kv_dtype} keeps resident KV in this version; with "
+                             "--offload-layers or --adaptive-offload use --kv-dtype auto")
         if self.settings.adaptive_offload:
             return self._managed_cache(capacity_tokens, batch_size)
         if offload:
@@ -93,18 +93,15 @@ class Engine:
                             kv_format=kv_format)
 
     def _kv_format(self) -> str:
-        """``float`` (KV in the compute dtype) or ``int8``, from ``kv_dtype``; a 16/32-bit float KV
-        other than the compute dtype, or fp8, is refused with what works."""
+        """``float`` (KV in the compute dtype), ``int8`` or ``fp8``, from ``kv_dtype``; a 16/32-bit
+        float KV other than the compute dtype is refused with what works."""
         kv = self.settings.kv_dtype
-        if kv in ("auto", "int8"):
-            return "float" if kv == "auto" else "int8"
-        if kv == "fp8":
-            raise InputError("--kv-dtype fp8 is not implemented yet; use int8 (8-bit, a scale per token and KV "
-                             "head) or auto")
+        if kv in ("auto", "int8", "fp8"):
+            return "float" if kv == "auto" else kv
         wanted = getattr(torch, FLOAT_FORMATS[kv])
         if wanted != self.model.dtype:
             raise InputError(f"--kv-dtype {kv} differs from the compute dtype ({self.model.dtype}), which this version "
-                             f"needs; use auto or int8")
+                             f"needs; use auto, int8 or fp8")
         return "float"
 
     def _managed_cache(self, capacity_tokens: int, batch_size: int) -> KVCache:

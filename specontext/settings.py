@@ -55,10 +55,10 @@ class RuntimeSettings:
                             "input channel from a calibration pass over 64 tokens the model writes itself at load; "
                             "down_proj stays weight-only). Decodes faster than fp32 on VNNI CPUs, with slightly "
                             "less agreement with fp32 than weight-only int8", choices=ACTIVATIONS)
-    kv_dtype: str = _opt("auto", "KV cache storage: auto (the compute dtype), int8 (8-bit rows with a float32 scale "
-                         "per token and KV head, upcast when read, only the chosen rows on a sparse step; "
-                         "resident KV only in this version), fp32, fp16, bf16 (the compute dtype's), fp8 (not "
-                         "yet)", choices=KV_DTYPES)
+    kv_dtype: str = _opt("auto", "KV cache storage: auto (the compute dtype), int8 or fp8 (8-bit rows, int8 or "
+                         "float8 e4m3, with a float32 scale per token and KV head, upcast when read, only the "
+                         "chosen rows on a sparse step; resident KV only in this version), fp32, fp16, bf16 "
+                         "(the compute dtype's)", choices=KV_DTYPES)
     threads: int = _opt(0, "CPU threads for compute; 0 keeps PyTorch's default (one per core)")
     prefill_chunk_tokens: int = _opt(512, "prompt tokens processed per prefill step; bounds activation memory")
     sparsity: str = _decode_opt("dense", "what each decode step attends to: dense (every past token); specontext (the retrieval "

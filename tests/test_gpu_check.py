@@ -30,7 +30,7 @@ def test_cpu_mode_runs_every_part(tmp_path):
     proc = run_check(out, 600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert parts(out) == {name: "ok" for name in ("packages", "build", "kernels_in_library", "cuda_tests", "kernel",
-                                                  "decode", "transformers", "e2e", "compiled_decode")}
+                                                  "decode", "int4_decode", "transformers", "e2e", "compiled_decode")}
     files = sorted(os.listdir(out))
     # a device call brings back at most 8 files, named in letters, digits, '.', '_' and '-'
     assert files == ["decode.json", "e2e.json", "kernel.json", "library.json", "log.txt", "summary.json",
@@ -38,7 +38,9 @@ def test_cpu_mode_runs_every_part(tmp_path):
     with open(out / "kernel.json", encoding="utf-8") as f:
         assert json.load(f)["kernel"]["all_correct"] is True
     with open(out / "summary.json", encoding="utf-8") as f:  # eager only on a CPU; on a GPU also compiled and captured
-        assert set(json.load(f)["compiled_decode"]["this_tree"]) == {"dense", "specontext_sparse"}
+        summary = json.load(f)
+    assert set(summary["compiled_decode"]["this_tree"]) == {"dense", "specontext_sparse"}
+    assert [r["weights"] for r in summary["int4_decode"]["rows"]] == ["float", "int4"]
     with open(out / "decode.json", encoding="utf-8") as f:
         decode = json.load(f)["decode"]
     assert set(decode["configs"]) == {"resident", "offloaded_async", "offloaded_inline"}

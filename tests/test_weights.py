@@ -373,3 +373,41 @@ def test_loading_the_default_model_peaks_near_its_weights_plus_one_tensor():
     print(f"load grew RSS by {grew / 2**20:.0f} MiB; weights {m['weights'] / 2**20:.0f} MiB, "
           f"largest tensor {m['largest'] / 2**20:.0f} MiB")
     assert grew <= m["weights"] + m["largest"] + 96 * 2**20
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("n,k", [(96, 576), (64, 256), (40, 96)])  # inner K tiles 4, 8 and 2
+def test_cuda_int4_kernel_matches_a_dequantize_then_matmul_reference(n, k):
+    """The CUDA int4 packing (two values a byte, the even one high) and scales: the tensor-core
+    kernel against bf16 activations times the dequantized weight, within bf16 rounding."""
+    torch.manual_seed(0)
+    qw = quantize(torch.randn(n, k), "int4")
+    b = torch.randn(n)
+    module = Int4Linear(qw, b, device="cuda")
+    x = torch.randn(3, 7, k, device="cuda", dtype=torch.bfloat16)
+    ref = x.float() @ qw.dequantize().cuda().t() + b.cuda()
+    y = module(x)
+    assert y.dtype == torch.bfloat16 and y.shape == (3, 7, n)
+    assert ((y.float() - ref).abs().max() / ref.abs().max()).item() <= 0.02
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_a_q4_1_gguf_runs_int4_on_cuda(tiny_q4):
+    """--weights int4 on CUDA: the GGUF's Q4_1 blocks on the tensor-core kernel, against the same
+    file loaded in bfloat16 on the GPU."""
+    ids = list(range(3, 40))
+    ref = _logits(specontext.load(tiny_q4, device="cuda", weights="bf16"), ids).float()
+    llm = specontext.load(tiny_q4, device="cuda", weights="int4")
+    assert isinstance(llm.model.model.layers[0].mlp.down_proj, Int4Linear)
+    got = _logits(llm, ids).float()
+    assert (got - ref).abs().max().item() <= 0.05 * ref.abs().max().item()
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.9
+    with pytest.raises(InputError, match="runs in bfloat16"):
+        specontext.load(tiny_q4, device="cuda", weights="int4", dtype="float16")
+    with pytest.raises(InputError, match="int8 runs on the CPU"):
+        specontext.load(tiny_q4, device="cuda", weights="int8")

@@ -124,8 +124,8 @@ class DenseKVCache(KVCache):
         capacity_tokens: positions per row (prompt plus tokens to generate).
         dtype, device: storage.
         sliding_window: if set, a query at position p sees keys in (p - window, p].
-        kv_format: ``float`` (K and V in ``dtype``) or ``int8`` (8-bit rows with a scale per token
-            and KV head, upcast to ``dtype`` when read: ``kv/int8.py``).
+        kv_format: ``float`` (K and V in ``dtype``), ``int8`` or ``fp8`` (8-bit rows with a scale
+            per token and KV head, upcast to ``dtype`` when read: ``kv/int8.py``).
         grow_tokens: 0 preallocates ``capacity_tokens``; N > 0 starts with N positions and grows
             every device buffer to the next multiple of N as the cache fills (one layer at a
             time, so the transient is one layer's old buffer). For the memory manager, which
@@ -140,8 +140,8 @@ class DenseKVCache(KVCache):
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int,
                  capacity_tokens: int, dtype: torch.dtype, device: torch.device | str,
                  sliding_window: int | None = None, grow_tokens: int = 0, kv_format: str = "float"):
-        if kv_format not in ("float", "int8"):
-            raise ValueError(f"kv_format must be float or int8, got {kv_format!r}")
+        if kv_format not in ("float", "int8", "fp8"):
+            raise ValueError(f"kv_format must be float, int8 or fp8, got {kv_format!r}")
         self.kv_format = kv_format
         self.num_layers = num_layers
         self.batch_size = batch_size
@@ -160,8 +160,8 @@ class DenseKVCache(KVCache):
 
     def _initial_layer(self, layer: int):
         """The storage ``layer`` starts in."""
-        if self.kv_format == "int8":
-            return Int8ResidentLayer(self.resident_shape, self.dtype, self.device)
+        if self.kv_format != "float":
+            return Int8ResidentLayer(self.resident_shape, self.dtype, self.device, self.kv_format)
         return ResidentLayer(self.resident_shape, self.dtype, self.device)
 
     def allocated_bytes(self) -> int:

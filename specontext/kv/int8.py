@@ -1,10 +1,13 @@
-"""An 8-bit resident KV layer: K and V stored as int8 with one float32 scale per token and KV head.
+"""An 8-bit resident KV layer: K and V stored in 8 bits with one float32 scale per token and KV head.
 
 Shape letters: B batch, G KV heads, S positions per row, T new tokens, D head dim, R gathered rows.
 
-A row of D values is stored as ``round(x / s)`` with ``s = max|x| / 127``; it is upcast (``q * s``)
-when read. A dense step upcasts the positions it attends over; a sparse step upcasts only the
-rows it gathers. The scales take 4 bytes per D values (1/16 of the int8 bytes at D = 64).
+A row of D values is stored as ``x / s`` in the 8-bit format with ``s = max|x| / top``: ``int8``
+rounds to -127..127 (top 127); ``fp8`` casts to float8 e4m3 (top 448, 3 mantissa bits: a
+relative step of 1/16 at every magnitude, where int8's is 1/127 of the row's largest). It is
+upcast (``q * s``) when read. A dense step upcasts the positions it attends over; a sparse step
+upcasts only the rows it gathers. The scales take 4 bytes per D values (1/16 of the 8-bit bytes
+at D = 64). ``bench_edge/bench_kv8.py`` measures both against float KV.
 """
 
 from __future__ import annotations
@@ -15,20 +18,29 @@ from .rows import store_rows
 from .plan import StepPlan
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., D] -> (int8 [..., D], float32 scales [..., 1])."""
-    scale = (x.float().abs().amax(dim=-1, keepdim=True) / 127).clamp_min(1e-12)
-    return torch.round(x.float() / scale).clamp(-127, 127).to(torch.int8), scale
+FORMATS = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}  # storage dtype, top
+
+
+def quantize_rows(x: torch.Tensor, fmt: str = "int8") -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (8-bit [..., D] in ``fmt``, float32 scales [..., 1])."""
+    dtype, top = FORMATS[fmt]
+    scale = (x.float().abs().amax(dim=-1, keepdim=True) / top).clamp_min(1e-12)
+    scaled = x.float() / scale
+    if fmt == "int8":
+        return torch.round(scaled).clamp(-127, 127).to(torch.int8), scale
+    return scaled.clamp(-top, top).to(dtype), scale
 
 
 class Int8ResidentLayer:
-    """One layer's K and V on the device, 8-bit (see the module docstring); ``dtype`` is what reads return."""
+    """One layer's K and V on the device, 8-bit in ``fmt`` (see the module docstring); ``dtype`` is
+    what reads return."""
 
-    def __init__(self, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device):
+    def __init__(self, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device,
+                 fmt: str = "int8"):
         B, G, S, D = shape
-        self.dtype = dtype
-        self.k = torch.zeros(shape, dtype=torch.int8, device=device)
-        self.v = torch.zeros(shape, dtype=torch.int8, device=device)
+        self.dtype, self.fmt = dtype, fmt
+        self.k = torch.zeros(shape, dtype=FORMATS[fmt][0], device=device)
+        self.v = torch.zeros(shape, dtype=FORMATS[fmt][0], device=device)
         self.k_scale = torch.zeros(B, G, S, 1, dtype=torch.float32, device=device)
         self.v_scale = torch.zeros(B, G, S, 1, dtype=torch.float32, device=device)
 
@@ -47,7 +59,7 @@ class Int8ResidentLayer:
             setattr(self, name, new)
 
     def store(self, k: torch.Tensor, v: torch.Tensor, plan: StepPlan) -> None:
-        (kq, ks), (vq, vs) = quantize_rows(k), quantize_rows(v)
+        (kq, ks), (vq, vs) = quantize_rows(k, self.fmt), quantize_rows(v, self.fmt)
         store_rows(self.k, self.v, kq, vq, plan)
         store_rows(self.k_scale, self.v_scale, ks, vs, plan)
 

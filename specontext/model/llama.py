@@ -171,7 +171,7 @@ class LlamaForCausalLM(nn.Module):
 
         device = torch.device(device)
         tied = self.config.tie_word_embeddings and "lm_head.weight" not in tensors
-        state = self._load_quantized(tensors, quantize_to)
+        state = self._load_quantized(tensors, quantize_to, device)
         for name, param in self.named_parameters(remove_duplicate=False):
             if name == "lm_head.weight" and tied:
                 continue
@@ -199,7 +199,7 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, device)
         self.eval()
 
-    def _load_quantized(self, tensors: dict, quantize_to: str | None) -> dict:
+    def _load_quantized(self, tensors: dict, quantize_to: str | None, device: torch.device) -> dict:
         """Replace every linear layer whose weight is (or is to be) quantized by its int4 / int8
         module; returns those modules' state under their full names."""
         from ..errors import ModelFileError
@@ -229,7 +229,7 @@ class LlamaForCausalLM(nn.Module):
                     if missing:
                         raise ModelFileError(f"checkpoint is missing tensor {missing[0]!r}")
                     bias = torch.cat([tensors.pop(k).float() for k in bias_keys])
-                module = quantized_linear(weight, bias)
+                module = quantized_linear(weight, bias, device)
                 setattr(owner, attr, module)
                 state.update({f"{prefix}{rest}.{k}": v for k, v in module.state_dict().items()})
         return state

@@ -119,27 +119,46 @@ def quantize(weight: torch.Tensor, fmt: str) -> QuantizedWeight:
 
 
 class Int4Linear(nn.Module):
-    """y = x W^T (+ b) with W int4 groupwise, on torch's CPU weight-only int4 matmul.
+    """y = x W^T (+ b) with W int4 groupwise, on torch's weight-only int4 matmul.
 
-    Float32 in and out; the product runs in :func:`kernel_dtype` (bfloat16 activations, scales
-    and zeros where the CPU has bf16), accumulating in float32.
+    On a CPU: float32 in and out; the product runs in :func:`kernel_dtype` (bfloat16 activations,
+    scales and zeros where the CPU has bf16), accumulating in float32. On CUDA (``device``): the
+    tensor-core kernel (``aten._weight_int4pack_mm``, sm80 and newer), bfloat16 in and out; its
+    packing takes two values a byte, the even one in the high nibble, and tiles of
+    ``inner_k_tiles`` x 16 along K.
     """
 
-    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None, bf16: bool | None = None):
+    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None, bf16: bool | None = None,
+                 device: torch.device | str = "cpu"):
         super().__init__()
         n, k = weight.shape
         self.in_features, self.out_features = k, n
-        self.compute_dtype = kernel_dtype(bf16)
-        # the kernel's layout: two values a byte, and [K / G, N, 2] (scale, zero) pairs
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.q.to(torch.int32), 1))
+        self.cuda = torch.device(device).type == "cuda"
+        self.compute_dtype = torch.bfloat16 if self.cuda else kernel_dtype(bf16)
+        if self.cuda:
+            if k % 32 or n % 8:
+                raise ValueError(f"int4 on CUDA needs input features in multiples of 32 and outputs in multiples of "
+                                 f"8; this weight is [{n}, {k}]")
+            q = weight.q.to(device=device, dtype=torch.uint8)
+            pairs = (q[:, ::2] << 4 | q[:, 1::2]).contiguous()  # [N, K / 2]
+            tiles = next(t for t in (8, 4, 2) if k % (t * 16) == 0)
+            packed = torch.ops.aten._convert_weight_to_int4pack(pairs, tiles)
+        else:  # the kernel's layout: two values a byte
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.q.to(torch.int32), 1)
+        self.register_buffer("packed", packed)
+        # [K / G, N, 2] (scale, zero) pairs
         self.register_buffer("scale_zeros", torch.stack([weight.scale.t(), weight.zero.t()], dim=-1)
-                             .to(self.compute_dtype).contiguous())
-        self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
+                             .to(device=device, dtype=self.compute_dtype).contiguous())
+        self.bias = None if bias is None else nn.Parameter(
+            bias.to(device=device, dtype=torch.bfloat16 if self.cuda else torch.float32), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, INT4_GROUP, self.scale_zeros)
-        y = y.to(torch.float32).view(*x.shape[:-1], self.out_features)
+        if self.cuda:
+            y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, INT4_GROUP, self.scale_zeros)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, INT4_GROUP, self.scale_zeros)
+        y = y.to(x.dtype if self.cuda else torch.float32).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
 
@@ -177,6 +196,11 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def quantized_linear(weight: QuantizedWeight, bias: torch.Tensor | None = None) -> nn.Module:
-    """The module that runs ``weight`` (and ``bias``) on the CPU kernels."""
-    return (Int4Linear if weight.format == "int4" else Int8Linear)(weight, bias)
+def quantized_linear(weight: QuantizedWeight, bias: torch.Tensor | None = None,
+                     device: torch.device | str = "cpu") -> nn.Module:
+    """The module that runs ``weight`` (and ``bias``) on ``device``'s kernels (int8: CPU only)."""
+    if weight.format == "int4":
+        return Int4Linear(weight, bias, device=device)
+    if torch.device(device).type != "cpu":
+        raise ValueError("int8 weights run on the CPU's kernel only in this version")
+    return Int8Linear(weight, bias)

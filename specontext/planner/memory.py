@@ -131,7 +131,7 @@ class MemoryInputs:
         weight_format: ``float`` (``weight_bytes`` per weight), ``int8`` or ``int4``: the linear
             layers' weights as the runtime holds them (:func:`linear_weight_bytes`); embeddings,
             norms and the LM head stay float.
-        kv_format: ``float`` (``kv_bytes`` per element) or ``int8`` (``--kv-dtype int8``: one
+        kv_format: ``float`` (``kv_bytes`` per element), ``int8`` or ``fp8`` (``--kv-dtype``: one
             byte per element plus a float32 scale per token and KV head, so ``1 + 4 / D`` bytes an
             element; the rows a sparse step gathers are upcast to ``kv_bytes``). The runtime keeps
             8-bit KV resident only, so such a plan never offloads.
@@ -207,7 +207,7 @@ class Buffer:
 
 
 WEIGHT_FORMATS = ("float", "int8", "int4")
-KV_FORMATS = ("float", "int8")
+KV_FORMATS = ("float", "int8", "fp8")
 
 
 def linear_weight_bytes(rows: int, cols: int, weight_format: str, float_bytes: int, scale_bytes: int = 2) -> int:
@@ -257,7 +257,7 @@ def buffers(inputs: MemoryInputs, seq_tokens: int, num_offloaded: int, slot_pool
     L, G, D, H, E, I, V = (m.num_layers, m.num_kv_heads, m.head_dim, m.num_heads, m.hidden_size,
                            m.intermediate_size, m.vocab_size)
     R, e, w, Nb, N = x.requests, x.kv_bytes, x.weight_bytes, x.block_tokens, num_offloaded
-    row = D + 4 if x.kv_format == "int8" else D * e  # stored bytes of one token's K (or V) row per KV head
+    row = D + 4 if x.kv_format != "float" else D * e  # stored bytes of one token's K (or V) row per KV head
     if not 0 <= N <= L:
         raise InputError(f"num_offloaded must be in 0..{L}, got {N}")
     if N and x.kv_format != "float":
@@ -285,7 +285,7 @@ def buffers(inputs: MemoryInputs, seq_tokens: int, num_offloaded: int, slot_pool
         add("kv_growth", "device", R * G * held * row, "R G ceil(S / g) g D e (one old buffer while growing)")
     else:
         add("kv_device", "device", 2 * R * (L - N) * G * seq_tokens * row,
-            "2 R (L - N) G S D e" if x.kv_format == "float" else "2 R L G S (D + 4) (int8 rows, float32 scales)")
+            "2 R (L - N) G S D e" if x.kv_format == "float" else f"2 R L G S (D + 4) ({x.kv_format} rows, float32 scales)")
     # gathered rows: sparse steps, and offloaded decode steps whose whole past fits in the slots
     if x.sparsity in SPARSE_METHODS and (K < seq_tokens or (N and x.sparsity in GLOBAL_METHODS)):
         add("kv_selected", "device", 2 * R * G * (K + 1) * D * e, "2 R G (K + 1) D e")

@@ -217,9 +217,9 @@ def make_plan(model: str | ModelConfig | None = None, device_profile: str | Devi
         raise InputError(f"dtype must be auto, {', '.join(DTYPE_BYTES)}; got {dtype!r}")
     if requests < 1:
         raise InputError(f"requests must be >= 1, got {requests}")
-    if kv_dtype not in ("auto", "int8") and FLOAT_FORMATS.get(kv_dtype) != dtype:
+    if kv_dtype not in ("auto", "int8", "fp8") and FLOAT_FORMATS.get(kv_dtype) != dtype:
         raise InputError(f"--kv-dtype {kv_dtype} cannot be planned: the runtime keeps KV in the compute dtype "
-                         f"({dtype}) or int8; use --kv-dtype auto or int8")
+                         f"({dtype}), int8 or fp8; use --kv-dtype auto, int8 or fp8")
     limit = cfg.max_position_embeddings
     S = context_tokens if context_tokens is not None else limit
     if not 1 <= S <= limit:
@@ -234,7 +234,7 @@ def make_plan(model: str | ModelConfig | None = None, device_profile: str | Devi
                           focus_window_tokens=focus_window_tokens, cpu_threads=os.cpu_count() or 1,
                           host_memory=host_memory_for(profile.kind),
                           weight_format=weights if weights in ("int8", "int4") else "float",
-                          kv_format="int8" if kv_dtype == "int8" else "float",
+                          kv_format=kv_dtype if kv_dtype in ("int8", "fp8") else "float",
                           quant_scale_bytes=kernel_bytes,
                           head_bytes=2 if weights in ("int8", "int4") and kernel_bytes == 2 else None)
     placement = plan_placement(inputs, profile.device_budget_bytes, profile.host_budget_bytes, profile.unified_memory,
