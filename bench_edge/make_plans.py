@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=int, default=2048)
     p.add_argument("--sparsity", default="specontext")
     p.add_argument("--weights", default="auto", help="weight format (--weights): auto, fp32, fp16, bf16, int8, int4")
-    p.add_argument("--kv-dtype", default="auto", help="KV format (--kv-dtype): auto or int8")
+    p.add_argument("--kv-dtype", default="auto", help="KV format (--kv-dtype): auto, int8 or fp8")
     p.add_argument("--shapes", nargs="+", default=None, help="shapes in bench_edge/shapes/ (default: all)")
     p.add_argument("--profiles", nargs="+", default=None, help="device profiles (default: every shipped one)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "plans"))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import fields, replace
-from typing import Callable, Iterator, Union
+from typing import Callable, Iterator, Mapping, Union
 
 import torch
 
@@ -64,6 +64,8 @@ def weight_format(settings: RuntimeSettings, device: torch.device, dtype: torch.
     has a CPU kernel only. A float format sets the dtype.
     """
     fmt = settings.weights
+    if fmt == "int4" and device.type not in ("cpu", "cuda"):
+        raise InputError(f"--weights int4 runs on a CPU or a CUDA GPU; on {device.type} use --weights bf16 or fp16")
     if fmt == "int8" and device.type != "cpu":
         raise InputError(f"--weights int8 runs on the CPU's kernel in this version; on {device.type} use "
                          f"--weights int4, bf16 or fp16 (or auto)")
@@ -71,6 +73,10 @@ def weight_format(settings: RuntimeSettings, device: torch.device, dtype: torch.
         if settings.dtype not in ("auto", "bfloat16"):
             raise InputError(f"--weights int4 on CUDA runs in bfloat16 (its kernel's dtype); drop --dtype "
                              f"{settings.dtype} or give --dtype bfloat16")
+        if torch.cuda.get_device_capability(device) < (8, 0):
+            major, minor = torch.cuda.get_device_capability(device)
+            raise InputError(f"--weights int4 on CUDA needs compute capability 8.0 or newer (torch's int4 kernel); "
+                             f"this GPU is {major}.{minor}: use --weights bf16 or fp16")
         return "int4", torch.bfloat16
     if fmt in FLOAT_FORMATS:
         wanted = getattr(torch, FLOAT_FORMATS[fmt])
@@ -85,10 +91,12 @@ def weight_format(settings: RuntimeSettings, device: torch.device, dtype: torch.
     return fmt, dtype
 
 
-def load_model_files(path: str | None, weights: str = "fp32") -> tuple[ModelConfig, dict, Tokenizer]:
+def load_model_files(path: str | None, weights: str = "fp32") -> tuple[ModelConfig, Mapping, Tokenizer]:
     """Read config, tensors (float32 or checkpoint dtype, CPU) and tokenizer from a path.
 
-    ``path`` is a ``.gguf`` file, a Hugging Face folder, or None for the default model.
+    ``path`` is a ``.gguf`` file, a Hugging Face folder, or None for the default model. A GGUF's
+    tensors come as a :class:`~specontext.loaders.gguf_loader.LazyTensors`, each read when taken;
+    the caller calls its ``check()`` once it has taken what it needs (the file did not change).
     ``weights`` (``auto``, ``int4``, ``int8``): a GGUF's linear layers come back as
     :class:`~specontext.model.quant.QuantizedWeight` (see ``GGUFFile.hf_tensors``).
     """
@@ -362,7 +370,7 @@ def _load(model: str | None, settings: RuntimeSettings, sparsity: dict) -> LLM:
     if hasattr(tensors, "check"):  # a GGUF read while loading: the file must not have changed meanwhile
         tensors.check()
     del tensors
-    if net.has_quantized_layers() and kernel_dtype() == torch.bfloat16:
+    if dev.type == "cpu" and net.has_quantized_layers() and kernel_dtype() == torch.bfloat16:
         hold_head_in_bf16(net)
     llm = LLM(net, tokenizer, settings, path, target)
     if settings.activations == "int8":

@@ -49,7 +49,8 @@ class RuntimeSettings:
                         "or any model on CUDA, loads float as --dtype), fp32, fp16 or bf16 (CUDA), int8 (per "
                         "output row), int4 (groups of 32; Q4_0/Q4_1 blocks are kept exactly). int8 and int4 run "
                         "on torch's CPU weight-only kernels in bfloat16 where the CPU has it, beside a bfloat16 "
-                        "LM head and embeddings; norms stay float", choices=WEIGHT_FORMATS)
+                        "LM head and embeddings; int4 also on CUDA (bfloat16, compute capability 8.0+; not yet "
+                        "run on a GPU); norms stay float", choices=WEIGHT_FORMATS)
     activations: str = _opt("float", "inputs of the int8 linear layers: float (weight-only int8), or int8 (with "
                             "--weights int8 on a CPU: q/k/v, o and gate/up multiply int8 by int8, smoothed per "
                             "input channel from a calibration pass over 64 tokens the model writes itself at load; "

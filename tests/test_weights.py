@@ -151,7 +151,7 @@ def test_a_q4_1_gguf_runs_int4_with_its_float_values(tiny_q4, monkeypatch):
 def test_auto_keeps_a_q4_1_gguf_int4_on_a_cpu(tiny_q4):
     """--weights auto: the GGUF's Q4_1 stays int4 (the same module and values as --weights int4);
     where the CPU has bf16 the LM head and the tied embeddings share one bf16 table."""
-    from specontext.model.bf16 import BF16Embedding, BF16Linear
+    from specontext.model.bf16 import BF16Embedding, BF16Head
     from specontext.model.quant import kernel_dtype
 
     ids = list(range(3, 40))
@@ -162,7 +162,7 @@ def test_auto_keeps_a_q4_1_gguf_int4_on_a_cpu(tiny_q4):
     assert auto.model.dtype == torch.float32
     if kernel_dtype() == torch.bfloat16:
         head, embed = auto.model.lm_head, auto.model.model.embed_tokens
-        assert isinstance(head, BF16Linear) and isinstance(embed, BF16Embedding)
+        assert isinstance(head, BF16Head) and isinstance(embed, BF16Embedding)
         assert (head.weight is embed.weight) == auto.config.tie_word_embeddings
 
 
@@ -307,7 +307,7 @@ def test_the_bf16_head_ranks_its_highest_logits_in_float32():
 
     torch.manual_seed(0)
     w = torch.randn(300, 64).bfloat16().float()  # exactly representable rows
-    x = torch.randn(3, 64)
+    x = torch.randn(2, 75, 64)  # 150 positions: refined in chunks of BF16Head.CHUNK
     head = BF16Head(w, None)
     ref = x @ w.t()
     y = head(x)
@@ -339,6 +339,30 @@ def test_loading_reads_each_tensor_once(tiny_q4, monkeypatch):
     monkeypatch.setattr(GGUFFile, "_raw", counted)
     specontext.load(tiny_q4, device="cpu", weights="int4")
     assert reads and max(reads.values()) == 1 and len(reads) == len(GGUFFile(tiny_q4).tensors)
+
+
+def test_a_gguf_that_changes_while_its_tensors_are_read_is_refused(tiny_q4, tmp_path, monkeypatch):
+    """Tensors are read while the model is built; once they are all taken the file must still be
+    the one whose header was read (a change between reads, or during the last one, is caught)."""
+    import shutil
+
+    from specontext.errors import ModelFileError
+
+    path = str(tmp_path / "m.gguf")
+    shutil.copy(tiny_q4, path)
+    f = GGUFFile(path)
+    tensors = f.hf_tensors(f.model_config(), "int4")
+    for name in list(tensors):
+        tensors.pop(name)
+    tensors.check()  # unchanged: nothing raised
+    with open(path, "ab") as out:
+        out.write(b"\0")
+    with pytest.raises(ModelFileError, match="changed while it was being read"):
+        tensors.check()
+    calls = []
+    monkeypatch.setattr(GGUFFile, "check_unchanged", lambda self: calls.append(self.path))
+    specontext.load(tiny_q4, device="cpu", weights="int4")
+    assert calls == [tiny_q4]  # load() asks once it has built the model
 
 
 def test_loading_the_default_model_peaks_near_its_weights_plus_one_tensor():

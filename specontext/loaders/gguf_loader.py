@@ -35,7 +35,7 @@ _LAYER_NAMES = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 }
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-# the linear layers whose weights may stay quantized (embeddings and the LM head stay float)
+# the linear layers whose weights may stay quantized (embeddings and the LM head load as float)
 _LINEAR_PARTS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
@@ -235,11 +235,7 @@ class GGUFFile:
         came from."""
         buf = bytearray(size)
         with open(self.path, "rb") as f:
-            now = os.fstat(f.fileno())
-            then = self.layout.stat
-            if (now.st_ino, now.st_dev, now.st_size, now.st_mtime_ns) != (then.st_ino, then.st_dev, then.st_size,
-                                                                           then.st_mtime_ns):
-                raise self._changed()
+            self._check_identity(os.fstat(f.fileno()))
             f.seek(offset)
             if f.readinto(buf) != size:
                 raise self._changed()
@@ -321,7 +317,10 @@ class GGUFFile:
 
     def check_unchanged(self) -> None:
         """Raise ModelFileError if the file is no longer the one whose header was read."""
-        now, then = os.stat(self.path), self.layout.stat
+        self._check_identity(os.stat(self.path))
+
+    def _check_identity(self, now: os.stat_result) -> None:
+        then = self.layout.stat
         if (now.st_ino, now.st_dev, now.st_size, now.st_mtime_ns) != (then.st_ino, then.st_dev, then.st_size,
                                                                        then.st_mtime_ns):
             raise self._changed()

@@ -41,16 +41,21 @@ class BF16Head(BF16Linear):
     """
 
     REFINED = 64
+    CHUNK = 64  # positions refined at a time: [CHUNK, REFINED, E] float32 rows, not [T, REFINED, E]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)
         k = min(self.REFINED, self.out_features)
         top = y.topk(k, dim=-1).indices  # [..., k]
-        rows = nn.functional.embedding(top, self.weight).float()  # [..., k, E]
-        exact = (rows @ x.float().unsqueeze(-1)).squeeze(-1)
-        if self.bias is not None:
-            exact = exact + self.bias[top]
-        return y.scatter(-1, top, exact)
+        x2, y2, top2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1]), top.view(-1, k)
+        for i in range(0, x2.shape[0], self.CHUNK):  # one pass for a decode step
+            t = top2[i:i + self.CHUNK]
+            rows = nn.functional.embedding(t, self.weight).float()  # [n, k, E]
+            exact = (rows @ x2[i:i + self.CHUNK].float().unsqueeze(-1)).squeeze(-1)
+            if self.bias is not None:
+                exact = exact + self.bias[t]
+            y2[i:i + self.CHUNK].scatter_(-1, t, exact)
+        return y
 
 
 class BF16Embedding(nn.Module):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..errors import InputError
 from ..kv.cache import KVCache
 from ..kv.plan import StepPlan, to_device
 from .norm import RMSNorm
@@ -217,8 +218,12 @@ class LlamaForCausalLM(nn.Module):
                 if any(k not in tensors for k in keys):
                     continue  # named as missing by the float path
                 given = [tensors.pop(k) for k in keys]  # a lazy mapping reads each once, here
-                parts = [g if isinstance(g, QuantizedWeight) else quantize(g, quantize_to or "int8") for g in given]
-                weight = concat_rows(parts) if len(parts) > 1 else parts[0]
+                try:
+                    parts = [g if isinstance(g, QuantizedWeight) else quantize(g, quantize_to) for g in given]
+                    weight = concat_rows(parts) if len(parts) > 1 else parts[0]
+                except ValueError as exc:  # a shape the format cannot hold (int4: K in groups of 32)
+                    raise InputError(f"tensor {keys[0]!r} cannot be {quantize_to}: {exc}; use --weights "
+                                     f"{'int8 or ' if quantize_to == 'int4' else ''}fp32") from None
                 if tuple(weight.shape) != tuple(linear.weight.shape):
                     raise ModelFileError(f"tensor {keys[0]!r} has shape {tuple(weight.shape)}, the config implies "
                                          f"{tuple(linear.weight.shape)}")
@@ -229,7 +234,10 @@ class LlamaForCausalLM(nn.Module):
                     if missing:
                         raise ModelFileError(f"checkpoint is missing tensor {missing[0]!r}")
                     bias = torch.cat([tensors.pop(k).float() for k in bias_keys])
-                module = quantized_linear(weight, bias, device)
+                try:
+                    module = quantized_linear(weight, bias, device)
+                except ValueError as exc:  # the CUDA int4 kernel's tiling
+                    raise InputError(f"tensor {keys[0]!r}: {exc}; use --weights bf16") from None
                 setattr(owner, attr, module)
                 state.update({f"{prefix}{rest}.{k}": v for k, v in module.state_dict().items()})
         return state

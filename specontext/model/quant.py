@@ -1,4 +1,5 @@
-"""Weights that stay quantized: int4 groupwise and int8 per output row, run by torch's own kernels.
+"""Weights that stay quantized: int4 groupwise and int8 per output row, run by torch's own kernels
+(int4 on a CPU or, with the tensor-core kernel, on CUDA; int8 on a CPU).
 
 Shape letters: N output features, K input features, G group size (values sharing a scale and a
 zero, along K), M rows of input.
@@ -8,7 +9,8 @@ zero, along K), M rows of input.
   (``aten._weight_int4pack_mm_for_cpu``), and a GGUF Q4_1 block (``d * q + m`` per 32 values)
   maps onto it exactly: scale = d, zero = m + 8 d (Q4_0: ``d * (q - 8)``, zero = 0). Every
   intermediate of ``(q - 8) d + (m + 8 d)`` and of ``d q + m`` is exact in float32, so both round
-  the same real number once: the conversion is lossless (tested).
+  the same real number once: the conversion to these values is lossless (tested). The kernels
+  then round scales and zeros to bfloat16 where they run in bf16 (:func:`kernel_dtype`, CUDA).
 * **int8**: each value q in -127..127 stands for ``q * scale`` with one scale per output row, the
   layout of ``aten._weight_int8pack_mm``. A GGUF Q8_0 tensor (one scale per 32 values) is
   requantized to it, which rounds.
@@ -133,9 +135,9 @@ class Int4Linear(nn.Module):
         super().__init__()
         n, k = weight.shape
         self.in_features, self.out_features = k, n
-        self.cuda = torch.device(device).type == "cuda"
-        self.compute_dtype = torch.bfloat16 if self.cuda else kernel_dtype(bf16)
-        if self.cuda:
+        self.on_cuda = torch.device(device).type == "cuda"
+        self.compute_dtype = torch.bfloat16 if self.on_cuda else kernel_dtype(bf16)
+        if self.on_cuda:
             if k % 32 or n % 8:
                 raise ValueError(f"int4 on CUDA needs input features in multiples of 32 and outputs in multiples of "
                                  f"8; this weight is [{n}, {k}]")
@@ -150,15 +152,15 @@ class Int4Linear(nn.Module):
         self.register_buffer("scale_zeros", torch.stack([weight.scale.t(), weight.zero.t()], dim=-1)
                              .to(device=device, dtype=self.compute_dtype).contiguous())
         self.bias = None if bias is None else nn.Parameter(
-            bias.to(device=device, dtype=torch.bfloat16 if self.cuda else torch.float32), requires_grad=False)
+            bias.to(device=device, dtype=torch.bfloat16 if self.on_cuda else torch.float32), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
-        if self.cuda:
+        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype).contiguous()
+        if self.on_cuda:
             y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, INT4_GROUP, self.scale_zeros)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, INT4_GROUP, self.scale_zeros)
-        y = y.to(x.dtype if self.cuda else torch.float32).view(*x.shape[:-1], self.out_features)
+        y = y.to(x.dtype if self.on_cuda else torch.float32).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
 

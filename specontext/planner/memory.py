@@ -103,7 +103,8 @@ class MemoryInputs:
     Args:
         model: the target's shape.
         weight_bytes: bytes per weight and activation element (4 float32, 2 float16/bfloat16).
-        kv_bytes: bytes per KV element (the runtime keeps KV in the weights' dtype; 1 for fp8).
+        kv_bytes: bytes per element of float KV and of the rows a sparse step gathers (the
+            compute dtype's; 8-bit KV is ``kv_format``).
         requests: R.
         sparsity: dense, specontext, oracle, quest or streaming.
         budget_tokens: K (ignored when dense).
@@ -129,8 +130,8 @@ class MemoryInputs:
             without a GPU; on a discrete GPU what OffloadedKVCache uses (CUDA_HOST_MEMORY). The
             host tier counts the bytes this really takes (:func:`pinned_block_bytes`).
         weight_format: ``float`` (``weight_bytes`` per weight), ``int8`` or ``int4``: the linear
-            layers' weights as the runtime holds them (:func:`linear_weight_bytes`); embeddings,
-            norms and the LM head stay float.
+            layers' weights as the runtime holds them (:func:`linear_weight_bytes`); embeddings
+            and the LM head at ``head_bytes``, norms at ``weight_bytes``.
         kv_format: ``float`` (``kv_bytes`` per element), ``int8`` or ``fp8`` (``--kv-dtype``: one
             byte per element plus a float32 scale per token and KV head, so ``1 + 4 / D`` bytes an
             element; the rows a sparse step gathers are upcast to ``kv_bytes``). The runtime keeps

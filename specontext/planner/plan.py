@@ -4,6 +4,7 @@ loaded and no device needed (``specontext-run --plan``, :func:`specontext.plan`)
 from __future__ import annotations
 
 import os
+from typing import Callable
 from dataclasses import dataclass, replace
 
 from ..config import ModelConfig
@@ -27,13 +28,14 @@ def read_model_config(path: str | ModelConfig | None) -> tuple[ModelConfig, str]
     return cfg, path
 
 
-def _read_model(path: str | ModelConfig | None) -> tuple[ModelConfig, str, str]:
-    """:func:`read_model_config`, and what ``--weights auto`` loads on a CPU: a GGUF's format from
-    its header (``GGUFFile.auto_weight_format``: int4, int8 or fp32), else fp32."""
+def _read_model(path: str | ModelConfig | None) -> tuple[ModelConfig, str, Callable[[], str]]:
+    """:func:`read_model_config`, and what ``--weights auto`` loads on a CPU, asked only when
+    needed (a mixed GGUF's answer comes with a notice): a GGUF's format from its header
+    (``GGUFFile.auto_weight_format``: int4, int8 or fp32), else fp32."""
     from .. import assets
 
     if isinstance(path, ModelConfig):
-        return path, path.name, "fp32"
+        return path, path.name, lambda: "fp32"
     path = path or assets.default_model_path()
     if not os.path.exists(path):
         raise InputError(f"model not found: {path} (give a .gguf file, a Hugging Face folder or a config.json)")
@@ -41,13 +43,13 @@ def _read_model(path: str | ModelConfig | None) -> tuple[ModelConfig, str, str]:
         from ..loaders.gguf_loader import GGUFFile
 
         f = GGUFFile(path)
-        return f.model_config(), path, f.auto_weight_format()
+        return f.model_config(), path, f.auto_weight_format
     if os.path.isdir(path):
-        return ModelConfig.from_hf_file(path), path, "fp32"
+        return ModelConfig.from_hf_file(path), path, lambda: "fp32"
     if path.endswith(".json"):  # a config.json alone: named after the file unless it is config.json
         cfg = ModelConfig.from_hf_file(path)
         stem = os.path.splitext(os.path.basename(path))[0]
-        return (cfg if stem == "config" else replace(cfg, name=stem)), path, "fp32"
+        return (cfg if stem == "config" else replace(cfg, name=stem)), path, lambda: "fp32"
     raise InputError(f"cannot plan for {path}: give a .gguf file, a Hugging Face folder or a config.json")
 
 
@@ -190,8 +192,8 @@ def make_plan(model: str | ModelConfig | None = None, device_profile: str | Devi
         weights: the weight format (``--weights``): ``auto`` (on a CPU profile, a GGUF's format
             read from its header as the runtime keeps it; else float, as ``dtype``), ``fp32``,
             ``fp16``, ``bf16`` (which set the dtype), ``int8`` or ``int4`` (the linear layers).
-        kv_dtype: the KV format (``--kv-dtype``): ``auto`` (the compute dtype) or ``int8`` (8-bit
-            rows with their scales, resident only: such a plan never offloads).
+        kv_dtype: the KV format (``--kv-dtype``): ``auto`` (the compute dtype), ``int8`` or ``fp8``
+            (8-bit rows with their scales, resident only: such a plan never offloads).
 
     Raises:
         InputError: the plan cannot work (the weights alone exceed the device, or the context
@@ -204,7 +206,7 @@ def make_plan(model: str | ModelConfig | None = None, device_profile: str | Devi
     cfg, path, auto_weights = _read_model(model)
     profile = device_profile if isinstance(device_profile, DeviceProfile) else load_profile(device_profile)
     if weights == "auto" and profile.kind == "cpu" and dtype in ("auto", "float32"):
-        weights = auto_weights  # as the runtime loads it: a GGUF keeps its quantization on a CPU
+        weights = auto_weights()  # as the runtime loads it: a GGUF keeps its quantization on a CPU
     if weights not in WEIGHT_FORMATS:
         raise InputError(f"weights must be auto, fp32, fp16, bf16, int8 or int4; got {weights!r}")
     if weights in FLOAT_FORMATS:

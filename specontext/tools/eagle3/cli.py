@@ -68,9 +68,12 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--output {args.output} is a directory; give a file stem such as {args.output}/head")
     model_path = args.model or default_model_path()
     cfg, tensors, _ = load_model_files(model_path)
-    target = TargetInfo.of(cfg, target_fingerprint(tensors), name=os.path.basename(os.path.normpath(model_path)))
-    report = import_eagle3(args.draft, target, args.output, hidden_layers=args.hidden_layers,
-                           target_embed=tensors.get("model.embed_tokens.weight"))
+    embed = tensors.get("model.embed_tokens.weight")  # read once (a GGUF's tensors are read when taken)
+    fingerprint = target_fingerprint({"model.embed_tokens.weight": embed, "model.norm.weight": tensors["model.norm.weight"]})
+    if hasattr(tensors, "check"):
+        tensors.check()
+    target = TargetInfo.of(cfg, fingerprint, name=os.path.basename(os.path.normpath(model_path)))
+    report = import_eagle3(args.draft, target, args.output, hidden_layers=args.hidden_layers, target_embed=embed)
     by_size = sorted(report.dropped_parameters.items(), key=lambda kv: -kv[1])
     dropped = ", ".join(f"{group} {_millions(n)}" for group, n in by_size)
     if report.embedding_matches_target is None:
