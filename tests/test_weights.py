@@ -77,8 +77,11 @@ def test_gguf_q4_k_blocks_become_int4():
     assert (got == expected).mean() > 0.99
 
 
-def test_auto_keeps_one_quantized_format_or_falls_back_to_float_with_a_notice():
+def test_auto_keeps_one_quantized_format_or_falls_back_to_float_with_a_notice(monkeypatch):
+    import specontext.model.quant as quant
     from specontext.loaders.gguf_loader import auto_format
+
+    monkeypatch.setattr(quant, "cpu_has_bf16", lambda: True)
 
     assert auto_format(["Q4_1"]) == "int4" and auto_format(["Q4_0", "Q4_K"]) == "int4"
     assert auto_format(["Q8_0"]) == "int8"
@@ -90,6 +93,10 @@ def test_auto_keeps_one_quantized_format_or_falls_back_to_float_with_a_notice():
     with pytest.warns(UserWarning, match="Q4_K, Q6_K; --weights auto keeps one quantized format") as seen:
         assert auto_format(["Q4_K", "Q6_K"], warn=True) == "fp32"
     assert len(seen) == 1 and "\n" not in str(seen[0].message)
+    monkeypatch.setattr(quant, "cpu_has_bf16", lambda: False)  # the kernels are slower than float32 there
+    with pytest.warns(UserWarning, match="no native bfloat16.*--weights int4 keeps them int4") as seen:
+        assert auto_format(["Q4_1"], warn=True) == "fp32"
+    assert len(seen) == 1
 
 
 def test_gguf_q8_0_becomes_int8_per_row():
@@ -148,11 +155,15 @@ def test_a_q4_1_gguf_runs_int4_with_its_float_values(tiny_q4, monkeypatch):
     assert tensors["model.embed_tokens.weight"].dtype == torch.float32
 
 
-def test_auto_keeps_a_q4_1_gguf_int4_on_a_cpu(tiny_q4):
-    """--weights auto: the GGUF's Q4_1 stays int4 (the same module and values as --weights int4);
-    where the CPU has bf16 the LM head and the tied embeddings share one bf16 table."""
+def test_auto_keeps_a_q4_1_gguf_int4_on_a_cpu(tiny_q4, monkeypatch):
+    """--weights auto: the GGUF's Q4_1 stays int4 (the same module and values as --weights int4),
+    on a CPU with native bf16 (taken as given here: elsewhere auto loads float32, tested above),
+    where the LM head and the tied embeddings share one bf16 table."""
+    import specontext.model.quant as quant
     from specontext.model.bf16 import BF16Embedding, BF16Head
     from specontext.model.quant import kernel_dtype
+
+    monkeypatch.setattr(quant, "cpu_has_bf16", lambda: True)
 
     ids = list(range(3, 40))
     auto = specontext.load(tiny_q4, device="cpu")
@@ -193,9 +204,13 @@ def test_formats_that_cannot_be_honoured_are_refused(tiny_q4):
         specontext.load(tiny_q4, device="cpu", dtype="float32", weights="bf16")
 
 
-def test_a_plan_reads_a_gguf_s_format_from_its_header_for_auto(tiny_q4):
-    """--plan --weights auto on a CPU counts what --weights auto loads: the Q4_1 file as int4."""
+def test_a_plan_reads_a_gguf_s_format_from_its_header_for_auto(tiny_q4, monkeypatch):
+    """--plan --weights auto on a CPU counts what --weights auto loads: the Q4_1 file as int4 (on
+    a CPU with native bf16, taken as given here)."""
+    import specontext.model.quant as quant
     from specontext.planner.plan import make_plan
+
+    monkeypatch.setattr(quant, "cpu_has_bf16", lambda: True)
 
     def weights(plan):
         return next(b["bytes"] for b in plan.to_dict()["at_context"]["buffers"] if b["name"] == "weights")
