@@ -28,7 +28,7 @@ from .loaders.release import returning_freed_memory
 from .model.bf16 import hold_head_in_bf16
 from .model.llama import LlamaForCausalLM
 from .model.quant import kernel_dtype
-from .retrieval.head import FINGERPRINT_TENSORS, RetrievalHead, TargetInfo, resolve_head, target_fingerprint
+from .retrieval.head import RetrievalHead, TargetInfo, fingerprint_once, resolve_head
 from .settings import FLOAT_FORMATS, GenerationConfig, RuntimeSettings, decode_options
 from .tokenizer import Tokenizer
 
@@ -360,10 +360,7 @@ def _load(model: str | None, settings: RuntimeSettings, sparsity: dict) -> LLM:
         raise InputError(f"--activations int8 runs on a CPU's int8 x int8 kernel and needs --weights int8 (got "
                          f"--weights {settings.weights} on {dev.type}); add --weights int8 on a CPU, or drop it")
     cfg, tensors, tokenizer = load_model_files(path, weights)
-    seen = {name: tensors.pop(name) for name in FINGERPRINT_TENSORS if name in tensors}
-    target = TargetInfo.of(cfg, target_fingerprint(seen), name=os.path.basename(os.path.normpath(path)))
-    tensors.update(seen)  # read once (a GGUF's tensors are read when taken), then loaded
-    del seen
+    target = TargetInfo.of(cfg, fingerprint_once(tensors), name=os.path.basename(os.path.normpath(path)))
     net = LlamaForCausalLM(cfg, device="meta")  # not under torch.device("meta"): see LlamaForCausalLM
     weights = getattr(tensors, "weight_format", weights)  # what a GGUF's auto chose
     net.load_checkpoint(tensors, dtype=dt, device=dev, quantize_to=weights if weights in QUANTIZED else None)

@@ -138,8 +138,8 @@ class Int4Linear(nn.Module):
         self.on_cuda = torch.device(device).type == "cuda"
         self.compute_dtype = torch.bfloat16 if self.on_cuda else kernel_dtype(bf16)
         if self.on_cuda:
-            if k % 32 or n % 8:
-                raise ValueError(f"int4 on CUDA needs input features in multiples of 32 and outputs in multiples of "
+            if k % INT4_GROUP or n % 8:
+                raise ValueError(f"int4 on CUDA needs input features in multiples of {INT4_GROUP} and outputs in multiples of "
                                  f"8; this weight is [{n}, {k}]")
             q = weight.q.to(device=device, dtype=torch.uint8)
             pairs = (q[:, ::2] << 4 | q[:, 1::2]).contiguous()  # [N, K / 2]

@@ -52,6 +52,14 @@ def target_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:32]
 
 
+def fingerprint_once(tensors) -> str:
+    """:func:`target_fingerprint` of a checkpoint mapping, leaving the fingerprinted tensors in it
+    as values: a lazy mapping (a GGUF's ``LazyTensors``) then reads each of them once, here."""
+    seen = {name: tensors.pop(name) for name in FINGERPRINT_TENSORS if name in tensors}
+    tensors.update(seen)
+    return target_fingerprint(seen)
+
+
 @dataclass(frozen=True)
 class TargetInfo:
     """The model a head belongs to; a head is refused by any model whose info differs."""

@@ -62,14 +62,14 @@ def run(args: argparse.Namespace) -> int:
     """The command's body: read the target, import the draft, print what was kept and dropped."""
     from ...api import load_model_files
     from ...assets import default_model_path
-    from ...retrieval.head import target_fingerprint
+    from ...retrieval.head import fingerprint_once
 
     if os.path.isdir(args.output):
         raise InputError(f"--output {args.output} is a directory; give a file stem such as {args.output}/head")
     model_path = args.model or default_model_path()
     cfg, tensors, _ = load_model_files(model_path)
-    embed = tensors.get("model.embed_tokens.weight")  # read once (a GGUF's tensors are read when taken)
-    fingerprint = target_fingerprint({"model.embed_tokens.weight": embed, "model.norm.weight": tensors["model.norm.weight"]})
+    fingerprint = fingerprint_once(tensors)
+    embed = tensors.get("model.embed_tokens.weight")  # the value fingerprint_once read
     if hasattr(tensors, "check"):
         tensors.check()
     target = TargetInfo.of(cfg, fingerprint, name=os.path.basename(os.path.normpath(model_path)))
