@@ -69,11 +69,8 @@ class Engine:
         cfg = self.model.config
         offload = self.settings.offload_layers
         kv_format = self._kv_format()
-        if kv_format != "float" and (offload or self.settings.adaptive_offload):
-            raise InputError(f"--kv-dtype {self.settings.kv_dtype} keeps resident KV in this version; with "
-                             "--offload-layers or --adaptive-offload use --kv-dtype auto")
         if self.settings.adaptive_offload:
-            return self._managed_cache(capacity_tokens, batch_size)
+            return self._managed_cache(capacity_tokens, batch_size, kv_format)
         if offload:
             if offload > cfg.num_layers:
                 raise InputError(f"offload_layers is {offload} but the model has {cfg.num_layers} layers; "
@@ -87,7 +84,7 @@ class Engine:
                                     self.model.dtype, self.model.device,
                                     offloaded=[layer >= cfg.num_layers - offload for layer in range(cfg.num_layers)],
                                     pool_tokens=pool, async_prefetch=self.settings.async_prefetch,
-                                    block_tokens=opts.block_tokens)
+                                    block_tokens=opts.block_tokens, kv_format=kv_format)
         return DenseKVCache(cfg.num_layers, batch_size, cfg.num_kv_heads, cfg.head_dim, capacity_tokens,
                             self.model.dtype, self.model.device, sliding_window=cfg.sliding_window,
                             kv_format=kv_format)
@@ -104,7 +101,7 @@ class Engine:
                              f"needs; use auto, int8 or fp8")
         return "float"
 
-    def _managed_cache(self, capacity_tokens: int, batch_size: int) -> KVCache:
+    def _managed_cache(self, capacity_tokens: int, batch_size: int, kv_format: str) -> KVCache:
         """The memory manager's cache: placement from the plan for the device profile."""
         from .planner.manager import schedule_layers
         from .planner.memory import HeadShape
@@ -122,12 +119,13 @@ class Engine:
             prefill_chunk_tokens=self.settings.prefill_chunk_tokens,
             weights_bytes=self.model.weight_bytes(),
             fused_attention=self.model.device.type == "cuda", pin_tokens=opts.pin_tokens,
-            focus_window_tokens=opts.focus_window_tokens)
+            focus_window_tokens=opts.focus_window_tokens, kv_format=kv_format)
         cache = OffloadedKVCache(cfg.num_layers, batch_size, cfg.num_kv_heads, cfg.head_dim, capacity_tokens,
                                  self.model.dtype, self.model.device, offloaded=schedule.host_layers,
                                  pool_tokens=schedule.pool_tokens, async_prefetch=self.settings.async_prefetch,
                                  block_tokens=opts.block_tokens, grow_tokens=schedule.grow_tokens,
-                                 offload_from_tokens=[s or 0 for s in schedule.offload_from_tokens])
+                                 offload_from_tokens=[s or 0 for s in schedule.offload_from_tokens],
+                                 kv_format=kv_format)
         cache.schedule = schedule
         return cache
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from functools import partial
+
 import pytest
 import torch
 
@@ -69,11 +72,59 @@ def test_8bit_kv_follows_the_float_kv(tiny, sparsity, fmt):
 def test_kv_formats_that_cannot_be_honoured_are_refused(tiny):
     with pytest.raises(InputError, match="differs from the compute dtype"):
         specontext.load(tiny["path"], device="cpu", kv_dtype="fp16").generate([3, 4], max_new_tokens=1)
-    with pytest.raises(InputError, match="keeps resident KV in this version"):
-        specontext.load(tiny["path"], device="cpu", kv_dtype="int8", sparsity="streaming", budget_tokens=24,
-                        offload_layers=1).generate([3, 4], max_new_tokens=1)
     with pytest.raises(InputError, match="kv_dtype must be one of"):
         specontext.RuntimeSettings(kv_dtype="q8")
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("sparsity,block", [("specontext", 1), ("specontext", 8), ("streaming", 1), ("dense", 1)])
+def test_offloaded_8bit_layers_give_the_resident_8bit_results(tiny, fmt, sparsity, block):
+    """Offloaded layers keep 8-bit rows and their scales, packed, in host memory and slots (elastic
+    steps) and staging (prefill, dense steps): the logits equal the resident 8-bit cache's bit for
+    bit, and a fetched token moves D + 4 bytes per KV head where float32 moves 4 D."""
+    ids, L = tiny["ids"], tiny["llm"].model.config.num_layers
+    opts = dict(sparsity=sparsity, budget_tokens=40 if sparsity != "dense" else 2048, sink_tokens=2, window_tokens=8,
+                block_tokens=block, kv_dtype=fmt)
+    if sparsity == "specontext":
+        opts["retrieval_head"] = tiny["head"]
+    load = partial(specontext.load, tiny["path"], device="cpu", prefill_chunk_tokens=32)
+    expected, _ = load(**opts).engine.teacher_forced(ids[:PREFIX], ids[PREFIX:])
+    for offload in (1, L):
+        llm = load(offload_layers=offload, **opts)
+        got, selector = llm.engine.teacher_forced(ids[:PREFIX], ids[PREFIX:])
+        assert torch.equal(got, expected)
+        cache = llm.engine.new_cache(TOTAL)
+        host = cache.kv_host
+        assert host.dtype == torch.uint8 and host.shape[-1] == cache.rows.head_dim + 4
+        D = cache.rows.head_dim
+        assert cache.transfer.bytes_per_token == 2 * offload * (D + 4)
+        if sparsity != "dense":
+            assert selector.stats.sparse_steps > 0
+            stats = llm.generate(ids[:PREFIX], chat=False, max_new_tokens=4, ignore_eos=True).stats.offload
+            assert stats["fetched_bytes"] == stats["fetched_tokens"] * 2 * offload * (D + 4) > 0
+
+
+def test_a_layer_moved_to_host_memory_keeps_its_8bit_rows(tiny):
+    """The memory manager's move: a resident 8-bit layer's rows and scales are packed into host
+    memory and its slots, and generation goes on with the same tokens."""
+    from specontext.kv.offload import OffloadedKVCache
+
+    cfg = tiny["llm"].model.config
+    B, G, D = 1, cfg.num_kv_heads, cfg.head_dim
+    moved = OffloadedKVCache(cfg.num_layers, B, G, D, 64, torch.float32, "cpu", offloaded=[False, False, True],
+                             pool_tokens=16, offload_from_tokens=[0, 0, 20], grow_tokens=8, kv_format="int8")
+    resident = DenseKVCache(cfg.num_layers, B, G, D, 64, torch.float32, "cpu", kv_format="int8")
+    torch.manual_seed(1)
+    for n in (12, 12):  # the second step reaches 24 tokens, which moves layer 2 first
+        k, v = torch.randn(B, G, n, D), torch.randn(B, G, n, D)
+        reads = []
+        for cache in (moved, resident):
+            plan = cache.plan_step([n])
+            fetch = cache.begin_step(plan)
+            reads.append(cache.update(2, k, v, plan if fetch is None else replace(plan, fetch=fetch)))
+        (got_k, got_v, _), (want_k, want_v, _) = reads
+        assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+    assert moved.moves == [{"layer": 2, "seq_tokens": 12}] and moved.layers[2].host.dtype == torch.uint8
 
 
 def test_an_int8_kv_decode_step_compiles_as_one_graph(tiny, monkeypatch):
@@ -90,7 +141,8 @@ def test_an_int8_kv_decode_step_compiles_as_one_graph(tiny, monkeypatch):
 @pytest.mark.parametrize("sparsity", ["dense", "specontext"])
 def test_the_planner_counts_8bit_kv_as_the_runtime_holds_it(tmp_path, sparsity):
     """--plan --kv-dtype int8: the resident KV is the runtime's bytes exactly (int8 rows and their
-    float32 scales), sparse steps' gathered rows stay in the compute dtype, and nothing offloads."""
+    float32 scales), sparse steps' gathered rows stay in the compute dtype, and on a CPU profile
+    (unified memory) nothing offloads."""
     from conftest import make_hf_model
 
     from specontext.kv.cache import DenseKVCache

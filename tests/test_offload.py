@@ -480,15 +480,17 @@ def test_cli_prints_warnings_on_one_line(tiny, tmp_path, monkeypatch, capsys):
 @pytest.mark.cuda
 @pytest.mark.parametrize("pinned", [True, False])
 @pytest.mark.parametrize("async_prefetch", [True, False])
-def test_cuda_offloaded_equals_device_resident_sparse(tiny, monkeypatch, pinned, async_prefetch):
-    """On a GPU: pinned host KV (kernel, copy stream) and the pageable fallback give the resident answer."""
+@pytest.mark.parametrize("kv", ["auto", "int8"])
+def test_cuda_offloaded_equals_device_resident_sparse(tiny, monkeypatch, pinned, async_prefetch, kv):
+    """On a GPU: pinned host KV (kernel, copy stream) and the pageable fallback give the resident
+    answer, with float KV and with 8-bit rows packed with their scales."""
     from specontext.kv import offload
 
     if not pinned:
         monkeypatch.setattr(offload, "allocate_host",
                             lambda shape, dtype, pin, device: (torch.zeros(shape, dtype=dtype), "pageable"))
     ids, L = tiny["ids"], tiny["num_layers"]
-    common = dict(sparsity="specontext", budget_tokens=24, sink_tokens=2, window_tokens=4)
+    common = dict(sparsity="specontext", budget_tokens=24, sink_tokens=2, window_tokens=4, kv_dtype=kv)
     resident = _load(tiny, device="cuda", **common)
     ref_logits, _ = resident.engine.teacher_forced(ids[:PREFIX], ids[PREFIX:])
     ref_tokens = resident.generate(ids[:PREFIX], max_new_tokens=24, ignore_eos=True).token_ids

@@ -53,18 +53,21 @@ def tiny(tmp_path_factory):
             "config": llm.model.config}
 
 
-# a grid of contexts x budgets x placements x methods, as the runtime runs them
-GRID = [(ctx, budget, offload, method, pool, block)
+# a grid of contexts x budgets x placements x methods, as the runtime runs them, and 8-bit KV
+# resident and offloaded (packed rows in host memory, slots and staging)
+GRID = [(ctx, budget, offload, method, pool, block, "auto")
         for ctx, budget in ((100, 24), (200, 48), (300, 96))
         for offload, method, pool, block in ((0, "dense", 1.0, 1), (0, "specontext", 1.0, 1), (2, "streaming", 1.0, 1),
                                              (3, "specontext", 1.5, 1), (1, "specontext", 1.25, 8),
-                                             (0, "snapkv", 1.0, 1))]
+                                             (0, "snapkv", 1.0, 1))] + \
+       [(200, 48, 2, "streaming", 1.0, 1, "int8"), (300, 96, 3, "specontext", 1.5, 1, "fp8"),
+        (200, 48, 1, "specontext", 1.25, 8, "int8"), (100, 24, 0, "specontext", 1.0, 1, "int8")]
 
 
-@pytest.mark.parametrize("ctx,budget,offload,method,pool,block", GRID)
-def test_predicted_memory_matches_the_runtime_accounting(tiny, ctx, budget, offload, method, pool, block):
+@pytest.mark.parametrize("ctx,budget,offload,method,pool,block,kv", GRID)
+def test_predicted_memory_matches_the_runtime_accounting(tiny, ctx, budget, offload, method, pool, block, kv):
     """Item 6 on CPU: the model's buffers against what the runtime allocated (within 5%; in fact exact)."""
-    options = dict(sparsity=method, offload_layers=offload, slot_pool=pool, block_tokens=block)
+    options = dict(sparsity=method, offload_layers=offload, slot_pool=pool, block_tokens=block, kv_dtype=kv)
     if method != "dense":
         options.update(budget_tokens=budget, sink_tokens=2, window_tokens=4)
     if method == "specontext":
@@ -82,7 +85,8 @@ def test_predicted_memory_matches_the_runtime_accounting(tiny, ctx, budget, offl
     opts = llm.engine.sparsity  # query-focused pinning's buffers (specontext's defaults pin, snapkv's per layer)
     inputs = MemoryInputs(model=tiny["config"], weight_bytes=4, kv_bytes=4, sparsity=method, budget_tokens=budget,
                           head=head, slot_pool=pool, block_tokens=block, prefill_chunk_tokens=32, fused_attention=False,
-                          pin_tokens=opts.pin_tokens, focus_window_tokens=opts.focus_window_tokens)
+                          pin_tokens=opts.pin_tokens, focus_window_tokens=opts.focus_window_tokens,
+                          kv_format="float" if kv == "auto" else kv)
     bufs = buffers(inputs, capacity, offload)
     if method == "specontext":
         assert any(b.name == "pin_mask" for b in bufs)

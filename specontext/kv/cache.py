@@ -105,6 +105,10 @@ class ResidentLayer:
     def read(self, plan: StepPlan):
         return self.k[:, :, :plan.kv_len], self.v[:, :, :plan.kv_len], plan.attn_mask
 
+    def host_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V [B, G, S, D] as an offloaded layer stores them (as they are)."""
+        return self.k, self.v
+
     def keys(self, n: int) -> torch.Tensor:
         """The first ``n`` positions' keys."""
         return self.k[:, :, :n]

@@ -8,6 +8,11 @@ relative step of 1/16 at every magnitude, where int8's is 1/127 of the row's lar
 upcast (``q * s``) when read. A dense step upcasts the positions it attends over; a sparse step
 upcasts only the rows it gathers. The scales take 4 bytes per D values (1/16 of the 8-bit bytes
 at D = 64). ``bench_edge/bench_kv8.py`` measures both against float KV.
+
+In host memory and in an offloaded layer's device slots, a row and its scale travel together as
+one packed row of bytes (:class:`PackedRows`), so the native byte copies, the slot pool and the
+staging buffers move 8-bit KV as they move float KV, at ``D + 4`` bytes a row instead of ``2 D``
+(fp16) or ``4 D`` (float32).
 """
 
 from __future__ import annotations
@@ -63,6 +68,11 @@ class Int8ResidentLayer:
         store_rows(self.k, self.v, kq, vq, plan)
         store_rows(self.k_scale, self.v_scale, ks, vs, plan)
 
+    def host_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V [B, G, S, width] as an offloaded layer stores them (:class:`PackedRows`)."""
+        codec = PackedRows(self.k.shape[-1], self.dtype, self.fmt)
+        return codec.pack(self.k, self.k_scale), codec.pack(self.v, self.v_scale)
+
     def keys(self, n: int) -> torch.Tensor:
         """The first ``n`` positions' keys, upcast."""
         return (self.k[:, :, :n].to(torch.float32) * self.k_scale[:, :, :n]).to(self.dtype)
@@ -78,3 +88,60 @@ class Int8ResidentLayer:
         for q, s, out in ((self.k, self.k_scale, out_k), (self.v, self.v_scale, out_v)):
             rows = torch.index_select(q.view(-1, D), 0, flat_rows).to(torch.float32)
             out.view(-1, D).copy_(rows * torch.index_select(s.view(-1, 1), 0, flat_rows))
+
+
+class FloatRows:
+    """How an offloaded layer stores float KV rows: as they are, ``D`` values of ``dtype``."""
+
+    def __init__(self, head_dim: int, dtype: torch.dtype):
+        self.head_dim, self.dtype, self.storage_dtype, self.width = head_dim, dtype, dtype, head_dim
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., D] -> stored rows [..., width] of ``storage_dtype``."""
+        return x
+
+    def decode(self, rows: torch.Tensor) -> torch.Tensor:
+        """Stored rows [..., width] -> [..., D] of ``dtype``."""
+        return rows
+
+    def gather(self, src: torch.Tensor, flat_rows: torch.Tensor, out: torch.Tensor) -> None:
+        """Stored rows ``flat_rows`` of ``src`` [N, width] into ``out`` [M, D] (``dtype``)."""
+        torch.index_select(src, 0, flat_rows, out=out)
+
+
+class PackedRows(FloatRows):
+    """8-bit KV rows packed for host memory and slots: one uint8 row per token and KV head, its D
+    8-bit values (``fmt``), padded to a multiple of 4 bytes, then its float32 scale's 4 bytes.
+
+    Decoding computes exactly what :class:`Int8ResidentLayer` reads (``(q * s)`` in float32, cast
+    to ``dtype``), so an offloaded layer gives the resident layer's values bit for bit.
+    """
+
+    def __init__(self, head_dim: int, dtype: torch.dtype, fmt: str = "int8"):
+        super().__init__(head_dim, dtype)
+        self.fmt, self.storage_dtype = fmt, torch.uint8
+        self.scale_at = -(-head_dim // 4) * 4  # a float32 view needs a 4-byte aligned offset and pitch
+        self.width = self.scale_at + 4
+
+    def pack(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """8-bit values [..., D] and their float32 scales [..., 1] -> packed rows [..., width]."""
+        out = torch.zeros(*q.shape[:-1], self.width, dtype=torch.uint8, device=q.device)
+        out[..., :self.head_dim] = q.view(torch.uint8)
+        out[..., self.scale_at:] = scale.contiguous().view(torch.uint8)
+        return out
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pack(*quantize_rows(x, self.fmt))
+
+    def decode(self, rows: torch.Tensor) -> torch.Tensor:
+        q = rows[..., :self.head_dim].view(FORMATS[self.fmt][0])
+        scale = rows[..., self.scale_at:].view(torch.float32)
+        return (q.to(torch.float32) * scale).to(self.dtype)
+
+    def gather(self, src: torch.Tensor, flat_rows: torch.Tensor, out: torch.Tensor) -> None:
+        out.copy_(self.decode(torch.index_select(src, 0, flat_rows)))
+
+
+def row_codec(kv_format: str, head_dim: int, dtype: torch.dtype) -> FloatRows:
+    """The stored row of an offloaded layer for ``kv_format`` (``float``, ``int8`` or ``fp8``)."""
+    return FloatRows(head_dim, dtype) if kv_format == "float" else PackedRows(head_dim, dtype, kv_format)

@@ -2,7 +2,7 @@
 
 Shape letters: B batch, T new tokens this step, G KV heads, S cached positions per row, D head
 dim, K budget (past tokens attended per KV head), P slots per KV head (the pool, P >= K),
-R = B * G rows (one slot pool each), N offloaded layers.
+R = B * G rows (one slot pool each), N offloaded layers, W a stored row's width (below).
 
 Placement is per layer. A device-resident layer keeps its full K/V on the compute device (the
 :class:`DenseKVCache` part). An offloaded layer keeps its full K/V in host memory (pinned when
@@ -27,9 +27,13 @@ memory. A decode step whose past fits in the pool is run through the slots inste
 position selected, in order), so decoding starts elastic from the first step.
 
 Each layer of the cache is one storage object in ``layers``: a
-:class:`~specontext.kv.cache.ResidentLayer`, or a :class:`HostLayer` (its plane of the host KV
-and its device slots); moving a layer to host memory replaces its element. Copies run on a copy
+:class:`~specontext.kv.cache.ResidentLayer` (8-bit: ``Int8ResidentLayer``), or a :class:`HostLayer`
+(its plane of the host KV and its device slots); moving a layer to host memory replaces its element. Copies run on a copy
 engine (``kv/transfer.py``); host memory is page-locked where the device allows (``kv/host.py``).
+
+Host memory, slots and staging hold stored rows of width W (``self.rows``, ``kv/int8.py``): for
+float KV a row is the D values; for 8-bit KV it is the D bytes and their float32 scale packed
+together (W = D + 4), upcast only where a step reads them (the gathered rows, a staged layer).
 """
 
 from __future__ import annotations
@@ -42,8 +46,9 @@ import torch
 
 from .. import native
 from ..errors import InputError
-from .cache import DenseKVCache, ResidentLayer
+from .cache import DenseKVCache
 from .host import _synchronize, allocate_host, pinned_host_bytes
+from .int8 import row_codec
 from .plan import FetchPlan, StepPlan, to_device
 from .rows import store_rows
 from .slots import SlotPool, whole_blocks
@@ -56,8 +61,8 @@ class HostLayer:
     Attributes:
         index: its plane of the cache's host KV (fixed per layer: consecutive offloaded layers have
             consecutive indices, so the staging double buffer alternates by index).
-        host: [2 (K, V), B, G, S, D], that plane.
-        slots: [2, B, G, P + N, D] on the device; slot P holds the current token.
+        host: [2 (K, V), B, G, S, W], that plane (W: the stored row, see the module docstring).
+        slots: [2, B, G, P + N, W] on the device; slot P holds the current token.
     """
 
     def __init__(self, index: int, host: torch.Tensor, slots: torch.Tensor):
@@ -72,8 +77,8 @@ class OffloadedKVCache(DenseKVCache):
     """Resident layers on the device, offloaded layers in host memory with device slots.
 
     Args:
-        num_layers, batch_size, num_kv_heads, head_dim, capacity_tokens, dtype, device: as
-            :class:`DenseKVCache`.
+        num_layers, batch_size, num_kv_heads, head_dim, capacity_tokens, dtype, device, kv_format:
+            as :class:`DenseKVCache` (8-bit KV is moved and held 8-bit in host memory and slots).
         offloaded: per layer, True to keep its KV in host memory.
         pool_tokens: P, slots per KV head for each offloaded layer (0: none; every decode step
             then streams whole layers). Must be >= the budget of every sparse step.
@@ -81,7 +86,7 @@ class OffloadedKVCache(DenseKVCache):
             copy at once on the compute stream (no overlap).
         block_tokens: N > 1 moves whole blocks of N consecutive positions (selections must come in
             whole, aligned blocks, as ``specontext`` with ``block_tokens`` makes them): the slot
-            pool then holds blocks, and each fetch is one N * D row.
+            pool then holds blocks, and each fetch is one N * W row.
         host_threads: threads of the native host copy (<= 0: the library chooses).
         offload_from_tokens: for the memory manager, per layer of ``offloaded``, the cache length
             at which it leaves the device (0: from the start, the default). Until then the layer
@@ -99,7 +104,8 @@ class OffloadedKVCache(DenseKVCache):
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, capacity_tokens: int,
                  dtype: torch.dtype, device: torch.device | str, offloaded: Sequence[bool], pool_tokens: int,
                  async_prefetch: bool = True, host_threads: int = 0, block_tokens: int = 1,
-                 offload_from_tokens: Sequence[int] | None = None, grow_tokens: int = 0):
+                 offload_from_tokens: Sequence[int] | None = None, grow_tokens: int = 0,
+                 kv_format: str = "float"):
         if len(offloaded) != num_layers:
             raise ValueError(f"offloaded has {len(offloaded)} entries for {num_layers} layers")
         host_layers = [layer for layer, o in enumerate(offloaded) if o]
@@ -113,16 +119,18 @@ class OffloadedKVCache(DenseKVCache):
         # whole blocks on both sides: host rows and the pool round up to a multiple of N
         self.pool_tokens = P = whole_blocks(pool_tokens, Nb)
         self.host_threads = host_threads
-        N, B, G, D = len(host_layers), batch_size, num_kv_heads, head_dim
+        N, B, G = len(host_layers), batch_size, num_kv_heads
         S = whole_blocks(capacity_tokens, Nb)
+        self.rows = row_codec(kv_format, head_dim, dtype)  # the stored row: W values of its storage dtype
+        W, stored = self.rows.width, self.rows.storage_dtype
         self.num_rows = B * G
         device = torch.device(device)
         cuda = device.type == "cuda"
-        # [N, 2 (K, V), B, G, S, D]: each (layer, K|V) is a plane of R*S rows of D (R*S/N rows of
-        # N*D in block mode), the layout the native plane copy moves one diff through
+        # [N, 2 (K, V), B, G, S, W]: each (layer, K|V) is a plane of R*S rows of W (R*S/N rows of
+        # N*W in block mode), the layout the native plane copy moves one diff through
         # the host KV: "registered" (pinned bytes = logical bytes), "pin_memory" (torch rounds the
         # pinned block up to a power of two) or "pageable"; see allocate_host and pinned_host_bytes
-        self.kv_host, self.host_memory = allocate_host((N, 2, B, G, S, D), dtype, pin=cuda, device=device)
+        self.kv_host, self.host_memory = allocate_host((N, 2, B, G, S, W), stored, pin=cuda, device=device)
         self.host_pinned = self.host_memory != "pageable"
         if self.host_memory == "pin_memory":
             # torch's host allocator may give the freed block to a new pinned tensor while native
@@ -134,20 +142,20 @@ class OffloadedKVCache(DenseKVCache):
             self.copier = CudaCopyEngine(device)
         else:
             self.copier = ThreadCopyEngine()
-        self._slot_shape = (2, B, G, P + Nb, D)  # the extra block's first slot, P, holds the current token
+        self._slot_shape = (2, B, G, P + Nb, W)  # the extra block's first slot, P, holds the current token
         # layers offloaded from the start are never allocated on the device (_initial_layer)
         super().__init__(num_layers, batch_size, num_kv_heads, head_dim, capacity_tokens, dtype, device,
-                         grow_tokens=grow_tokens)
-        self.kv_staging_device: torch.Tensor | None = None  # [2 buffers, 2, B, G, S, D], made on first use
+                         grow_tokens=grow_tokens, kv_format=kv_format)
+        self.kv_staging_device: torch.Tensor | None = None  # [2 buffers, 2, B, G, S, W], made on first use
         # made when the first layer is offloaded (the memory manager may move none)
         self._make_pool = partial(SlotPool, self.num_rows, S // Nb, P // Nb, self.device, row_pitch=P // Nb + 1)
         self.slot_pool = self._make_pool() if P and self.offloaded_layers else None
-        self.transfer = TransferStats(bytes_per_token=2 * N * D * torch.empty(0, dtype=dtype).element_size())
+        self.transfer = TransferStats(bytes_per_token=2 * N * W * torch.empty(0, dtype=stored).element_size())
 
     def _initial_layer(self, layer: int):
         if self.offload_from.get(layer) == 0:  # offloaded from the start
             i = self._index[layer]
-            return HostLayer(i, self.kv_host[i], self._new_slots(self.dtype))
+            return HostLayer(i, self.kv_host[i], self._new_slots())
         return super()._initial_layer(layer)
 
     # ---- bookkeeping -------------------------------------------------------------------------
@@ -194,7 +202,7 @@ class OffloadedKVCache(DenseKVCache):
     def reserve(self, input_lens: list[int]) -> list[int]:
         reach = max(s + n for s, n in zip(self.seq_lens, input_lens))
         for layer in sorted(self.offload_from, reverse=True):  # the last resident layer leaves first
-            if isinstance(self.layers[layer], ResidentLayer) and reach >= self.offload_from[layer]:
+            if not isinstance(self.layers[layer], HostLayer) and reach >= self.offload_from[layer]:
                 self._move_to_host(layer)
         return super().reserve(input_lens)
 
@@ -204,24 +212,24 @@ class OffloadedKVCache(DenseKVCache):
         elastic step fetches only its diff."""
         self.copier.drain()
         i, length = self._index[layer], max(self.seq_lens)
-        resident = self.layers[layer]
-        host = self.kv_host[i]  # [2, B, G, S, D]
-        host[0, :, :, :length].copy_(resident.k[:, :, :length])
-        host[1, :, :, :length].copy_(resident.v[:, :, :length])
-        slots = self._new_slots(resident.k.dtype)
+        k_rows, v_rows = self.layers[layer].host_rows()  # [B, G, S', W]
+        host = self.kv_host[i]  # [2, B, G, S, W]
+        host[0, :, :, :length].copy_(k_rows[:, :, :length])
+        host[1, :, :, :length].copy_(v_rows[:, :, :length])
+        slots = self._new_slots()
         if self.slot_pool is None and self.pool_tokens:
             self.slot_pool = self._make_pool()
         elif self.slot_pool is not None:
             # token t of slot block s holds position pos_of_slot[r, s] * N + t (empty blocks: -1)
-            Nb, R, D = self.block_tokens, self.num_rows, resident.k.shape[-1]
+            Nb, R, W = self.block_tokens, self.num_rows, self.rows.width
             blocks = self.slot_pool.pos_of_slot  # [R, P/N + 1]
             tokens = (blocks[:, :, None] * Nb + torch.arange(Nb, device=self.device)).reshape(R, -1)  # [R, P + N]
             ok = (blocks[:, :, None] >= 0).expand(-1, -1, Nb).reshape(R, -1) & (tokens < length)
-            src = tokens.clamp(0, length - 1)[..., None].expand(R, -1, D) if length else None
+            src = tokens.clamp(0, length - 1)[..., None].expand(R, -1, W) if length else None
             if src is not None:
-                for kv, buf in enumerate((resident.k, resident.v)):
-                    rows = buf.reshape(R, buf.shape[2], D).gather(1, src)  # [R, P + N, D]
-                    slots[kv].view(R, -1, D).copy_(rows * ok[..., None].to(rows.dtype))
+                for kv, buf in enumerate((k_rows, v_rows)):
+                    rows = buf.reshape(R, buf.shape[2], W).gather(1, src)  # [R, P + N, W]
+                    slots[kv].view(R, -1, W).copy_(rows * ok[..., None].to(rows.dtype))
         self.layers[layer] = HostLayer(i, host, slots)  # the resident buffers are freed here
         self.moves.append({"layer": layer, "seq_tokens": length})
 
@@ -280,8 +288,8 @@ class OffloadedKVCache(DenseKVCache):
             slots = slots.repeat_interleave(Nb, dim=-1) * Nb + wanted % Nb
         current = torch.full((B, G, 1), self.pool_tokens, dtype=torch.int64, device=self.device)
         index = torch.cat([slots, current], dim=-1)
-        D = self.kv_host.shape[-1]
-        # flat row numbers into a layer's [B, G, P + N, D] slots: a row copy per index (see
+        D = self.rows.head_dim
+        # flat row numbers into a layer's [B, G, P + N, W] slots: a row copy per index (see
         # DenseKVCache.gather)
         base = torch.arange(B * G, device=self.device).view(B, G, 1) * self._slot_shape[3]
         gather_valid = None
@@ -299,7 +307,7 @@ class OffloadedKVCache(DenseKVCache):
         """Copy the step's missing rows of an offloaded layer (its K and V planes) into its slots."""
         if src.numel() == 0:
             return
-        row = self.kv_host.shape[-1] * self.block_tokens  # one token, or one whole block
+        row = self.rows.width * self.block_tokens  # one token, or one whole block
         host, slots = store.host.view(2, -1, row), store.slots.view(2, -1, row)
         if self._pageable_on_cuda():  # no kernel reads pageable memory: gather on the host, then copy
             keep = src >= 0
@@ -319,14 +327,15 @@ class OffloadedKVCache(DenseKVCache):
 
     def _write_back(self, store: HostLayer, k: torch.Tensor, v: torch.Tensor, plan: StepPlan) -> None:
         """Queue the step's new K/V [B, G, T, D] of an offloaded layer for host memory."""
-        B, G, T, D = k.shape
+        B, G, T, _ = k.shape
         rows = self._host_rows(plan, T).reshape(-1)
-        k, v = k.contiguous().view(B * G * T, D), v.contiguous().view(B * G * T, D)
+        W = self.rows.width
+        k, v = (self.rows.encode(x).contiguous().view(B * G * T, W) for x in (k, v))
         if self.device.type != "cuda":
             keep = rows >= 0
             if not bool(keep.all()):
                 rows, k, v = rows[keep], k[keep], v[keep]
-        host = store.host.view(2, -1, D)
+        host = store.host.view(2, -1, W)
         if self._pageable_on_cuda():
             def copy():  # torch copies to pageable memory (synchronous), then the host scatter
                 rows_cpu = rows.cpu()
@@ -358,61 +367,61 @@ class OffloadedKVCache(DenseKVCache):
     def _pageable_on_cuda(self) -> bool:
         return self.device.type == "cuda" and not self.host_pinned
 
-    def _new_slots(self, dtype: torch.dtype) -> torch.Tensor:
-        """One offloaded layer's device slots [2, B, G, P + N, D], which the copy engine writes."""
-        return self.copier.share(torch.zeros(self._slot_shape, dtype=dtype, device=self.device))
+    def _new_slots(self) -> torch.Tensor:
+        """One offloaded layer's device slots [2, B, G, P + N, W], which the copy engine writes."""
+        return self.copier.share(torch.zeros(self._slot_shape, dtype=self.rows.storage_dtype, device=self.device))
 
     def _staging(self) -> torch.Tensor:
         if self.kv_staging_device is None:
-            _, _, B, G, S, D = self.kv_host.shape
+            _, _, B, G, S, W = self.kv_host.shape
             self.kv_staging_device = self.copier.share(
-                torch.zeros(2, 2, B, G, S, D, dtype=self.kv_host.dtype, device=self.device))
+                torch.zeros(2, 2, B, G, S, W, dtype=self.kv_host.dtype, device=self.device))
         return self.kv_staging_device
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: StepPlan) -> None:
         store = self.layers[layer]
-        if isinstance(store, ResidentLayer):
+        if not isinstance(store, HostLayer):
             return store.store(k, v, plan)
         if plan.fetch.kind == "slots":
             self.copier.wait(("fetch", layer))
-            store.slots[0, :, :, self.pool_tokens] = k[:, :, 0]
-            store.slots[1, :, :, self.pool_tokens] = v[:, :, 0]
+            store.slots[0, :, :, self.pool_tokens] = self.rows.encode(k[:, :, 0])
+            store.slots[1, :, :, self.pool_tokens] = self.rows.encode(v[:, :, 0])
             self._write_back(store, k, v, plan)
             return
         # staged: the whole layer, streamed through a double buffer
         self.copier.wait(("stage", layer))
         buf = self._staging()[store.index % 2]
-        store_rows(buf[0], buf[1], k, v, plan)
+        store_rows(buf[0], buf[1], self.rows.encode(k), self.rows.encode(v), plan)
         self._write_back(store, k, v, plan)
         if store.index + 1 < self.kv_host.shape[0]:  # the other buffer: its layer's attention is queued
             nxt = layer + 1  # offloaded layers are a suffix: the next layer is offloaded too
             self.copier.submit(("stage", nxt), partial(self._stage_load, store.index + 1, plan.kv_len - k.shape[2]))
 
     def past(self, layer: int, plan: StepPlan):
-        if isinstance(self.layers[layer], ResidentLayer):
+        if not isinstance(self.layers[layer], HostLayer):
             return super().past(layer, plan)
         return None, None  # in host memory: a policy here can only be the step's global selection
 
     def gather(self, layer: int, plan: StepPlan, indices: torch.Tensor, valid: torch.Tensor | None):
         """For an offloaded layer, the step's global selection (``indices``), from its slots."""
         store = self.layers[layer]
-        if isinstance(store, ResidentLayer):
+        if not isinstance(store, HostLayer):
             return super().gather(layer, plan, indices, valid)
         fetch = plan.fetch
         if fetch.kind != "slots":
             raise InputError("an offloaded layer serves only a global selection (specontext, streaming) from its slots")
         out_k, out_v = self._gathered(fetch.gather_shape[:3])
-        D = fetch.gather_shape[-1]
-        torch.index_select(store.slots[0].reshape(-1, D), 0, fetch.gather_rows, out=out_k.view(-1, D))
-        torch.index_select(store.slots[1].reshape(-1, D), 0, fetch.gather_rows, out=out_v.view(-1, D))
+        D, W = fetch.gather_shape[-1], self.rows.width
+        self.rows.gather(store.slots[0].reshape(-1, W), fetch.gather_rows, out_k.view(-1, D))
+        self.rows.gather(store.slots[1].reshape(-1, W), fetch.gather_rows, out_v.view(-1, D))
         return out_k, out_v, fetch.gather_valid
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: StepPlan):
         store = self.layers[layer]
-        if isinstance(store, ResidentLayer):
+        if not isinstance(store, HostLayer):
             return super().update(layer, k, v, plan)
         self.store(layer, k, v, plan)
         if plan.fetch.kind == "slots":
             return self.gather(layer, plan, None, None)
         buf = self._staging()[store.index % 2]
-        return buf[0, :, :, :plan.kv_len], buf[1, :, :, :plan.kv_len], plan.attn_mask
+        return self.rows.decode(buf[0, :, :, :plan.kv_len]), self.rows.decode(buf[1, :, :, :plan.kv_len]), plan.attn_mask

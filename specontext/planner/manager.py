@@ -46,7 +46,7 @@ class Schedule:
 def schedule_layers(model: ModelConfig, profile: DeviceProfile, *, capacity_tokens: int, batch_size: int,
                     dtype: torch.dtype, sparsity: str, budget_tokens: int, head: HeadShape | None, slot_pool: float,
                     block_tokens: int, prefill_chunk_tokens: int, weights_bytes: int, fused_attention: bool,
-                    pin_tokens: int = 0, focus_window_tokens: int = 0) -> Schedule:
+                    pin_tokens: int = 0, focus_window_tokens: int = 0, kv_format: str = "float") -> Schedule:
     """The placement schedule of one generation of ``capacity_tokens`` per row.
 
     Raises:
@@ -60,7 +60,7 @@ def schedule_layers(model: ModelConfig, profile: DeviceProfile, *, capacity_toke
                           prefill_chunk_tokens=prefill_chunk_tokens, fused_attention=fused_attention,
                           measured_weight_bytes=weights_bytes, grow_tokens=grow, pin_tokens=pin_tokens,
                           focus_window_tokens=focus_window_tokens, cpu_threads=torch.get_num_threads(),
-                          host_memory=host_memory_for(profile.kind))
+                          host_memory=host_memory_for(profile.kind), kv_format=kv_format)
     placement = plan_placement(inputs, profile.device_budget_bytes, profile.host_budget_bytes,
                                profile.unified_memory, target_seq_tokens=capacity_tokens,
                                max_seq_tokens=max(capacity_tokens, model.max_position_embeddings))

@@ -134,8 +134,8 @@ class MemoryInputs:
             and the LM head at ``head_bytes``, norms at ``weight_bytes``.
         kv_format: ``float`` (``kv_bytes`` per element), ``int8`` or ``fp8`` (``--kv-dtype``: one
             byte per element plus a float32 scale per token and KV head, so ``1 + 4 / D`` bytes an
-            element; the rows a sparse step gathers are upcast to ``kv_bytes``). The runtime keeps
-            8-bit KV resident only, so such a plan never offloads.
+            element; the rows a sparse step gathers are upcast to ``kv_bytes``). Offloaded layers
+            hold it 8-bit in host memory, slots and staging, a row's values and scale packed.
         quant_scale_bytes: bytes of an int4 scale or zero (and of int8's kernel copy of its row
             scales): 2 where the kernels run in bfloat16 (CUDA, CPUs with native bf16), else 4.
         head_bytes: bytes per element of the embeddings and LM head (None: ``weight_bytes``); 2
@@ -259,10 +259,11 @@ def buffers(inputs: MemoryInputs, seq_tokens: int, num_offloaded: int, slot_pool
                            m.intermediate_size, m.vocab_size)
     R, e, w, Nb, N = x.requests, x.kv_bytes, x.weight_bytes, x.block_tokens, num_offloaded
     row = D + 4 if x.kv_format != "float" else D * e  # stored bytes of one token's K (or V) row per KV head
+    # an offloaded layer's row (host, slots, staging): 8-bit values and scale packed in one row,
+    # the values padded to whole 4 bytes (kv/int8.py, PackedRows)
+    packed = -(-D // 4) * 4 + 4 if x.kv_format != "float" else D * e
     if not 0 <= N <= L:
         raise InputError(f"num_offloaded must be in 0..{L}, got {N}")
-    if N and x.kv_format != "float":
-        raise InputError(f"{x.kv_format} KV is held resident only; a plan with it offloads no layer")
     S = -(-seq_tokens // Nb) * Nb if N else seq_tokens
     K = x.budget(seq_tokens)
     out = []
@@ -286,21 +287,24 @@ def buffers(inputs: MemoryInputs, seq_tokens: int, num_offloaded: int, slot_pool
         add("kv_growth", "device", R * G * held * row, "R G ceil(S / g) g D e (one old buffer while growing)")
     else:
         add("kv_device", "device", 2 * R * (L - N) * G * seq_tokens * row,
-            "2 R (L - N) G S D e" if x.kv_format == "float" else f"2 R L G S (D + 4) ({x.kv_format} rows, float32 scales)")
+            "2 R (L - N) G S D e" if x.kv_format == "float"
+            else f"2 R (L - N) G S (D + 4) ({x.kv_format} rows, float32 scales)")
     # gathered rows: sparse steps, and offloaded decode steps whose whole past fits in the slots
     if x.sparsity in SPARSE_METHODS and (K < seq_tokens or (N and x.sparsity in GLOBAL_METHODS)):
         add("kv_selected", "device", 2 * R * G * (K + 1) * D * e, "2 R G (K + 1) D e")
     if N:
+        pw = "D e" if x.kv_format == "float" else "(ceil4(D) + 4)"  # a stored row's bytes
         P = x.pool_tokens(seq_tokens, slot_pool)
         if P:
-            add("kv_slots", "device", N * 2 * R * G * (P + Nb) * D * e, "N 2 R G (P + Nb) D e")
+            add("kv_slots", "device", N * 2 * R * G * (P + Nb) * packed, f"N 2 R G (P + Nb) {pw}")
             rows = R * G
             add("slot_maps", "device", rows * (S // Nb + 1 + 2 * (P // Nb + 1)) * INDEX_BYTES,
                 "R G (S/Nb + 1 + 2 (P/Nb + 1)) 8")
-        add("kv_staging", "device", 2 * 2 * R * G * S * D * e, "2 buffers 2 R G S D e")
-        host_formula = {"pageable": "N 2 R G S D e", "registered": "pages(N 2 R G S D e) (registered)",
-                        "pin_memory": "2^ceil(log2(N 2 R G S D e)) (one pinned block)"}[x.host_memory]
-        add("kv_host", "host", pinned_block_bytes(N * 2 * R * G * S * D * e, x.host_memory), host_formula)
+        add("kv_staging", "device", 2 * 2 * R * G * S * packed, f"2 buffers 2 R G S {pw}")
+        host = f"N 2 R G S {pw}"
+        host_formula = {"pageable": host, "registered": f"pages({host}) (registered)",
+                        "pin_memory": f"2^ceil(log2({host})) (one pinned block)"}[x.host_memory]
+        add("kv_host", "host", pinned_block_bytes(N * 2 * R * G * S * packed, x.host_memory), host_formula)
     # query-focused pinning: the pinned positions (specontext), each layer's (snapkv)
     focused = x.focus_window_tokens > 0 and (x.sparsity == "snapkv" or (x.sparsity == "specontext" and x.pin_tokens))
     if focused and x.sparsity == "specontext":

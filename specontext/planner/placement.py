@@ -156,8 +156,7 @@ def plan_placement(inputs: MemoryInputs, device_budget_bytes: int, host_budget_b
     """
     L = inputs.model.num_layers
     place = Placement(device_budget_bytes, host_budget_bytes, unified_memory, inputs.slot_pool)
-    # 8-bit KV is held resident only (the runtime refuses it with offloaded layers)
-    layer_choices = [0] if unified_memory or inputs.kv_format != "float" else list(range(L + 1))
+    layer_choices = [0] if unified_memory else list(range(L + 1))
 
     def schedule(slot_pool: float) -> tuple[dict, list[Threshold]]:
         best = {N: _max_fitting(inputs, N, place, slot_pool, max_seq_tokens) for N in layer_choices}

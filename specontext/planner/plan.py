@@ -151,7 +151,7 @@ class MemoryPlan:
                + f", weights {s['weight_bytes_per_element']} B/elem"
                + (f" (linear layers {s['weight_format']})" if s["weight_format"] != "float" else "")
                + (f", KV {s['kv_bytes_per_element']} B/elem" if s["kv_format"] == "float"
-                  else f", KV {s['kv_format']} (1 B/elem and a float32 scale per token and head; resident)"),
+                  else f", KV {s['kv_format']} (1 B/elem and a float32 scale per token and head)"),
                f"  usable: device {d['device_budget_bytes'] / MIB:,.0f} MiB, host {d['host_budget_bytes'] / MIB:,.0f} MiB"
                + (" (one shared pool: unified memory)" if d["unified_memory"] else ""),
                f"  maximum context: {d['max_context_tokens']} tokens (limited by {d['max_context_limited_by']})",
@@ -193,7 +193,7 @@ def make_plan(model: str | ModelConfig | None = None, device_profile: str | Devi
             read from its header as the runtime keeps it; else float, as ``dtype``), ``fp32``,
             ``fp16``, ``bf16`` (which set the dtype), ``int8`` or ``int4`` (the linear layers).
         kv_dtype: the KV format (``--kv-dtype``): ``auto`` (the compute dtype), ``int8`` or ``fp8``
-            (8-bit rows with their scales, resident only: such a plan never offloads).
+            (8-bit rows with their scales, resident and offloaded alike).
 
     Raises:
         InputError: the plan cannot work (the weights alone exceed the device, or the context
@@ -242,8 +242,7 @@ def make_plan(model: str | ModelConfig | None = None, device_profile: str | Devi
     placement = plan_placement(inputs, profile.device_budget_bytes, profile.host_budget_bytes, profile.unified_memory,
                                target_seq_tokens=S, max_seq_tokens=limit)
     if placement.max_context_tokens == 0:
-        resident_only = profile.unified_memory or inputs.kv_format != "float"  # 8-bit KV never offloads
-        fixed = buffers(inputs, 1, 0 if resident_only else cfg.num_layers)
+        fixed = buffers(inputs, 1, 0 if profile.unified_memory else cfg.num_layers)
         held = sum(b.num_bytes for b in fixed if b.name in ("weights", "head_weights"))
         raise InputError(f"{path} cannot run on {profile.name}: its weights alone need {held / MIB:,.0f} MiB in "
                          f"{dtype}{'' if inputs.weight_format == 'float' else ' with ' + inputs.weight_format + ' layers'} "
