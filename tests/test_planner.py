@@ -310,13 +310,13 @@ def deep(tmp_path_factory):
             "config": llm.model.config}
 
 
-def _tight_profile(tmp_path, model, room_tokens: int, sparsity: str, budget: int) -> str:
+def _tight_profile(tmp_path, model, room_tokens: int, sparsity: str, budget: int, kv_format: str = "float") -> str:
     """A profile whose device holds everything, every layer resident, up to ``room_tokens``."""
     head = HeadShape.from_config(model["head_cfg"]) if sparsity == "specontext" else None
     pins = SparsityOptions(method=sparsity, budget_tokens=budget, sink_tokens=2, window_tokens=4).pin_tokens
     inputs = MemoryInputs(model=model["config"], weight_bytes=4, kv_bytes=4, sparsity=sparsity, budget_tokens=budget,
                           head=head, prefill_chunk_tokens=8, fused_attention=False, grow_tokens=8, pin_tokens=pins,
-                          focus_window_tokens=32)
+                          focus_window_tokens=32, kv_format=kv_format)
     device = tier_bytes(buffers(inputs, room_tokens, 0), "device")
     data = {**load_profile("cpu").to_dict(), "name": "tight", "unified_memory": False,
             "device_memory_gib": device / 2**30, "reserved_device_gib": 0.0,
@@ -326,16 +326,20 @@ def _tight_profile(tmp_path, model, room_tokens: int, sparsity: str, budget: int
     return str(path)
 
 
-@pytest.mark.parametrize("sparsity,budget", [("specontext", 24), ("streaming", 24), ("dense", 1024)])
-def test_the_manager_moves_layers_as_the_context_grows_with_the_same_answers(deep, tmp_path, sparsity, budget):
-    """Item 2: layers leave the device at the plan's thresholds mid-generation; tokens are unchanged."""
-    common = dict(sparsity=sparsity, budget_tokens=budget, sink_tokens=2, window_tokens=4)
+@pytest.mark.parametrize("sparsity,budget,kv", [("specontext", 24, "auto"), ("streaming", 24, "auto"),
+                                                ("dense", 1024, "auto"), ("specontext", 24, "int8")])
+def test_the_manager_moves_layers_as_the_context_grows_with_the_same_answers(deep, tmp_path, sparsity, budget, kv):
+    """Item 2: layers leave the device at the plan's thresholds mid-generation; tokens are unchanged
+    (8-bit KV too: a moved layer's 8-bit rows and scales go to host memory as they are)."""
+    common = dict(sparsity=sparsity, budget_tokens=budget, sink_tokens=2, window_tokens=4, kv_dtype=kv)
     if sparsity == "specontext":
         common["retrieval_head"] = deep["head"]
     prompt = torch.randint(3, 90, (100,), generator=torch.Generator().manual_seed(5)).tolist()
     resident = specontext.load(deep["path"], device="cpu", prefill_chunk_tokens=8, **common)
     ref = resident.generate(prompt, max_new_tokens=140, ignore_eos=True)
-    profile = _tight_profile(tmp_path, deep, room_tokens=150, sparsity=sparsity, budget=budget)
+    # 8-bit KV frees less per offloaded layer (a quarter of float32's bytes), so its device is larger
+    profile = _tight_profile(tmp_path, deep, room_tokens=150 if kv == "auto" else 190, sparsity=sparsity, budget=budget,
+                             kv_format="float" if kv == "auto" else kv)
     llm = specontext.load(deep["path"], device="cpu", prefill_chunk_tokens=8, adaptive_offload=True,
                           device_profile=profile, **common)
     result = llm.generate(prompt, max_new_tokens=140, ignore_eos=True)
