@@ -48,19 +48,24 @@ def gguf_tokenizer():
 
 def worker_ours(context: int, decode_tokens: int, threads: int, config: str = "fp32/dense",
                 budget: int = 1024) -> dict:
-    """Our engine: ``config`` is WEIGHTS/SPARSITY[/kv8], WEIGHTS one of auto, fp32, int8, int8-a8
-    (--activations int8), int4, SPARSITY dense or specontext (the shipped head, ``budget`` tokens;
-    specontext+ort runs the head on ONNX Runtime), and ``kv8`` an 8-bit KV cache (--kv-dtype int8)."""
+    """Our engine: ``config`` is WEIGHTS/SPARSITY[/kv8][/compiled], WEIGHTS one of auto, fp32, int8,
+    int8-a8 (--activations int8), int4, SPARSITY dense or specontext (the shipped head, ``budget``
+    tokens; specontext+ort runs the head on ONNX Runtime), ``kv8`` an 8-bit KV cache (--kv-dtype
+    int8) and ``compiled`` the decode step under torch.compile (--compile-decode on). A compiled
+    step is compiled for its cache's shape, so its warm-up is the same generation, run once before
+    the timed one (``warmup_s`` records it: compiling plus one run)."""
     import torch
 
     import specontext
 
-    weights, sparsity, *kv = config.split("/")
+    weights, sparsity, *extra = config.split("/")
     opts = {"weights": weights.split("-")[0], "activations": "int8" if weights == "int8-a8" else "float"}
-    if kv:
-        if kv != ["kv8"]:
-            raise SystemExit(f"unknown KV part {'/'.join(kv)!r} in {config!r}; use WEIGHTS/SPARSITY or WEIGHTS/SPARSITY/kv8")
+    if set(extra) - {"kv8", "compiled"}:
+        raise SystemExit(f"unknown part {'/'.join(extra)!r} in {config!r}; use WEIGHTS/SPARSITY[/kv8][/compiled]")
+    if "kv8" in extra:
         opts["kv_dtype"] = "int8"
+    if "compiled" in extra:
+        opts["compile_decode"] = "on"
     if sparsity.endswith("+ort"):  # the retrieval head on ONNX Runtime (the onnx extra)
         sparsity = sparsity[:-4]
         opts["retrieval_backend"] = "onnxruntime"
@@ -69,9 +74,13 @@ def worker_ours(context: int, decode_tokens: int, threads: int, config: str = "f
     llm = specontext.load(device="cpu", threads=threads, **opts)
     ids = _prompt_ids(llm.tokenizer, context - decode_tokens)
     engine = llm.engine
-    warm = engine.generate(ids[:64], specontext.GenerationConfig(max_new_tokens=8, ignore_eos=True))
+    compiled = "compiled" in extra
+    started = time.perf_counter()
+    warm = engine.generate(ids if compiled else ids[:64],
+                           specontext.GenerationConfig(max_new_tokens=decode_tokens if compiled else 8, ignore_eos=True))
     for _ in warm:
         pass
+    warmup_s = time.perf_counter() - started
     g = engine.generate(ids, specontext.GenerationConfig(max_new_tokens=decode_tokens, ignore_eos=True))
     for _ in g:
         pass
@@ -83,7 +92,7 @@ def worker_ours(context: int, decode_tokens: int, threads: int, config: str = "f
             "prefill_tokens_per_s": s.prefill_tokens_per_s, "decode_s": s.decode_s,
             "decode_tokens_per_s": s.decode_tokens_per_s, "kv_cache_bytes": s.kv_cache_bytes,
             "weights_bytes": s.weights_bytes, "peak_rss_bytes": s.peak_host_rss_bytes,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "warmup_s": round(warmup_s, 2)}
 
 
 def worker_llamacpp(context: int, decode_tokens: int, threads: int) -> dict:
@@ -125,8 +134,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--engines", nargs="+", default=["ours", "llamacpp"], choices=["ours", "llamacpp"])
     parser.add_argument("--ours", nargs="+", default=["fp32/dense"],
-                        help="our configurations, WEIGHTS/SPARSITY[/kv8]: auto, fp32, int8, int8-a8 or int4 / dense, "
-                        "specontext or specontext+ort (the head on ONNX Runtime) / kv8 for --kv-dtype int8")
+                        help="our configurations, WEIGHTS/SPARSITY[/kv8][/compiled]: auto, fp32, int8, int8-a8 or "
+                        "int4 / dense, specontext or specontext+ort (the head on ONNX Runtime) / kv8 for --kv-dtype "
+                        "int8 / compiled for --compile-decode on")
     parser.add_argument("--budget", type=int, default=1024, help="token budget of the specontext configurations")
     parser.add_argument("--repeats", type=int, default=1, help="rounds of every run, interleaved; the table gives "
                         "each figure's median over them (this machine is shared)")
@@ -172,8 +182,9 @@ def main() -> None:
     result = {"benchmark": "dense prefill/decode, default model (SmolLM2-135M-Instruct Q4_1 GGUF)",
               "machine": describe(), "decode_tokens": args.decode_tokens, "threads": args.threads,
               "budget": args.budget,
-              "note": "ours: WEIGHTS/SPARSITY[/kv8] (fp32 dequantizes the GGUF; auto and int4 keep its Q4_1 blocks "
-                      "as int4; int8-a8 is --weights int8 --activations int8; kv8 is --kv-dtype int8); llama.cpp "
+              "note": "ours: WEIGHTS/SPARSITY[/kv8][/compiled] (fp32 dequantizes the GGUF; auto and int4 keep its "
+                      "Q4_1 blocks as int4; int8-a8 is --weights int8 --activations int8; kv8 is --kv-dtype int8; "
+                      "compiled is --compile-decode on, timed after a warm-up run of the same shape); llama.cpp "
                       "computes on the Q4_1 weights, dense",
               "command": " ".join(["python", *sys.argv]),
               "rows": rows}

@@ -207,8 +207,14 @@ class Engine:
         if mode == "cuda-graph" and self.model.device.type != "cuda":
             raise InputError("compile_decode cuda-graph needs a CUDA device; on a CPU use on or off")
         if self._compiled is None or self._compiled[0] != mode:
-            self._compiled = (mode, torch.compile(self.model.run, fullgraph=True, dynamic=False,
-                                                  mode="reduce-overhead" if mode == "cuda-graph" else None))
+            # CPU ("on"): dynamo's guards re-checked every module and parameter of the model before
+            # each call, 0.9 ms of a 10 ms step at 1k on the default model (8.9 ms without). The
+            # model's modules do not change after loading (what would change them, such as a new
+            # compile mode, calls clear_compiled()), so the step guards on its inputs only: the
+            # ids, the plan and the cache's buffers. cuda-graph keeps torch's reduce-overhead mode.
+            how = {"mode": "reduce-overhead"} if mode == "cuda-graph" else \
+                {"options": {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}}
+            self._compiled = (mode, torch.compile(self.model.run, fullgraph=True, dynamic=False, **how))
         return self._compiled[1]
 
     def new_selector(self, capacity_tokens: int, batch_size: int = 1,
