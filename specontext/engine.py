@@ -30,6 +30,9 @@ from .settings import FLOAT_FORMATS, GenerationConfig, RuntimeSettings
 from .tokenizer import Tokenizer
 
 
+COMPILE_BUCKET_TOKENS = 256  # a compiled decode step's cache capacity is a multiple of this (new_cache)
+
+
 class Engine:
     """Runs a loaded model: owns the cache and the selector for each generation, and the step loop.
 
@@ -85,6 +88,12 @@ class Engine:
                                     offloaded=[layer >= cfg.num_layers - offload for layer in range(cfg.num_layers)],
                                     pool_tokens=pool, async_prefetch=self.settings.async_prefetch,
                                     block_tokens=opts.block_tokens, kv_format=kv_format)
+        if self.settings.compile_decode != "off":
+            # A compiled step is compiled for its cache's shape (the static step attends over the
+            # whole buffer), a compile of 5 to 25 s each on a CPU. Whole buckets let generations
+            # of nearby lengths share one, for at most COMPILE_BUCKET_TOKENS - 1 masked positions.
+            bucket = -(-capacity_tokens // COMPILE_BUCKET_TOKENS) * COMPILE_BUCKET_TOKENS
+            capacity_tokens = max(capacity_tokens, min(bucket, self.context_tokens))
         return DenseKVCache(cfg.num_layers, batch_size, cfg.num_kv_heads, cfg.head_dim, capacity_tokens,
                             self.model.dtype, self.model.device, sliding_window=cfg.sliding_window,
                             kv_format=kv_format)

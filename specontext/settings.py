@@ -107,8 +107,9 @@ class RuntimeSettings:
                                 "mass on the chosen tokens (slower; for evaluation)")
     compile_decode: str = _decode_opt("off", "run decode steps compiled with torch.compile (resident KV; dense, specontext "
                                "or streaming): off; on (the first decode step compiles, 5 to 25 s for the default "
-                               "model on a CPU, less once cached on disk; each step is then 1.0 to 1.15x faster, "
-                               "but a dense step attends over the whole cache); cuda-graph (CUDA only: compiled and "
+                               "model on a CPU, less once cached on disk, once per cache capacity in whole 256-token "
+                               "buckets; each step is then 1.05 to 1.4x faster (int4 weights, 1k and 8k), but a dense "
+                               "step attends over the whole cache, and compiling adds about 170 MiB of RSS); cuda-graph (CUDA only: compiled and "
                                "captured as CUDA graphs, torch's reduce-overhead mode: 5.8 to 8.9x faster steps on an "
                                "H200 where the step is launch-bound; opt-in until its sparse tokens are checked "
                                "in float32 there)",

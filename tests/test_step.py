@@ -110,6 +110,32 @@ def test_the_decode_step_compiles_as_one_graph(tiny, sparsity, monkeypatch):
     assert compiled == eager
 
 
+def test_compiled_generations_of_nearby_lengths_share_one_graph(tiny, monkeypatch):
+    """A compiled step is compiled for its cache's capacity, which new_cache rounds up to whole
+    buckets: generations of different lengths in one bucket compile once."""
+    from specontext.engine import COMPILE_BUCKET_TOKENS
+
+    llm, ids = tiny["llm"], tiny["ids"]
+    graphs = []
+
+    def counting_backend(gm, example_inputs, **kwargs):
+        graphs.append(gm)
+        return gm.forward
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": counting_backend}))
+    torch._dynamo.reset()
+    first = _greedy(llm, ids[:80], 12, compile_decode="on")
+    _greedy(llm, ids[:60], 30, compile_decode="on")
+    assert len(graphs) == 1
+    assert first == _greedy(llm, ids[:80], 12)
+    llm.set_sparsity(compile_decode="on")
+    try:
+        assert llm.engine.new_cache(92).capacity_tokens == min(COMPILE_BUCKET_TOKENS, llm.engine.context_tokens)
+    finally:
+        llm.set_sparsity(compile_decode="off")
+    assert llm.engine.new_cache(92).capacity_tokens == 92
+
+
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
                     reason="inductor compiles C++ on a CPU; no C++ compiler here")
 def test_compiled_decode_gives_the_eager_tokens(tiny):
