@@ -7,6 +7,11 @@ default GGUF); top-1 agreement and mean KL are against the same settings with fl
 issue asks, with each one's perplexity of the scored tokens. KV bytes are the cache's own count
 at that length.
 
+Offloaded (``--offload-layers``, default all): the same specontext scoring with every layer's KV
+in host memory, float32 and int8, whose logits must equal the resident cache's with the same KV
+format; then a greedy generation of ``--generate`` tokens after the prefix with each, for the
+bytes elastic loading fetched per step, set beside what the same fetched tokens take in fp16.
+
     python bench_edge/bench_kv8.py --out bench_edge/results/kv8_cpu.json
 """
 
@@ -26,6 +31,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=300)
     parser.add_argument("--budget", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--offload-layers", type=int, default=0, help="offloaded layers in the last part (0: all)")
+    parser.add_argument("--generate", type=int, default=64, help="tokens generated for the transfer count")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     sys.path.insert(0, HERE)
@@ -59,6 +66,28 @@ def main() -> None:
                        "perplexity": perplexity(got), "kv_bytes": kv_bytes[kv]}
         rows.append(row)
         print(json.dumps(row), flush=True)
+    offloaded = {"sparsity": "specontext", "budget_tokens": args.budget}
+    for kv in ("auto", "int8"):
+        opts = dict(kv_dtype=kv, sparsity="specontext", budget_tokens=args.budget)
+        resident = specontext.load(device="cpu", **opts)
+        L = resident.model.config.num_layers
+        llm = specontext.load(device="cpu", offload_layers=args.offload_layers or L, **opts)
+        ids = TokenSource(llm.tokenizer, read_text(None)[0]).ids(args.prefix + args.tokens)
+        want, _ = resident.engine.teacher_forced(ids[:args.prefix], ids[args.prefix:])
+        got, _ = llm.engine.teacher_forced(ids[:args.prefix], ids[args.prefix:])
+        stats = llm.generate(ids[:args.prefix], chat=False, max_new_tokens=args.generate, ignore_eos=True).stats
+        off, D = stats.offload, llm.model.config.head_dim
+        N = len(off["offloaded_layers"])
+        steps = stats.generated_tokens - 1
+        offloaded[kv] = {"offloaded_layers": N, "logits_equal_resident": bool(torch.equal(got, want)),
+                         "fetched_tokens_per_step": round(off["fetched_tokens"] / steps, 1),
+                         "fetched_bytes_per_step": round(off["fetched_bytes"] / steps),
+                         "same_tokens_in_fp16_bytes_per_step": round(off["fetched_tokens"] * 2 * N * D * 2 / steps),
+                         "full_reload_bytes_per_step": off["full_reload_bytes_per_step"]}
+    offloaded["int8_bytes_per_fetched_token_over_fp16"] = round(
+        offloaded["int8"]["fetched_bytes_per_step"] / offloaded["int8"]["same_tokens_in_fp16_bytes_per_step"], 4)
+    rows.append(offloaded)
+    print(json.dumps(offloaded), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"benchmark": "8-bit KV cache, default model, CPU", "machine": describe(), "settings": vars(args),
