@@ -389,4 +389,12 @@ def _calibrate_int8_activations(llm: LLM) -> None:
     def run() -> None:
         for _ in llm.engine.generate(start, gen, sparsity=SparsityOptions(method="dense")):
             pass
-    use_int8_activations(llm.model, record_input_maxima(llm.model.model.layers, run))
+    # eager: the recording hooks and the layers replaced afterwards must not meet a compiled step
+    engine, settings = llm.engine, llm.engine.settings
+    engine.settings = replace(settings, compile_decode="off")
+    try:
+        maxima = record_input_maxima(llm.model.model.layers, run)
+    finally:
+        engine.settings = settings
+    use_int8_activations(llm.model, maxima)
+    engine.clear_compiled(modules_changed=True)

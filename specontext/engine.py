@@ -8,7 +8,9 @@ strings in ``decoding.py``; counters in ``stats.py``.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Callable
 
 import torch
@@ -30,7 +32,16 @@ from .settings import FLOAT_FORMATS, GenerationConfig, RuntimeSettings
 from .tokenizer import Tokenizer
 
 
-COMPILE_BUCKET_TOKENS = 256  # a compiled decode step's cache capacity is a multiple of this (new_cache)
+COMPILE_BUCKET_TOKENS = 256  # a compiled decode step's cache capacity is a multiple of this (cache_capacity)
+_compile_keys = itertools.count()  # one per engine and per clear_compiled(): see _compiled_decode
+
+
+def _model_step(model: LlamaForCausalLM, key: int, *args):
+    """The compiled decode step: ``model.run(*args)``. ``key`` is the engine's compile key, an int
+    that dynamo specializes on, so each engine (and each epoch of it) gets its own graphs."""
+    if key < 0:  # reading the key is what makes dynamo guard on it (an unused argument is not)
+        raise ValueError(f"compile key must be >= 0, got {key}")
+    return model.run(*args)
 
 
 class Engine:
@@ -51,6 +62,7 @@ class Engine:
         # model runs: for tools and tests that record what was selected
         self.on_select: Callable[[Selection | None, StepPlan], None] | None = None
         self._compiled: tuple[str, Callable] | None = None  # (mode, the model step under torch.compile), on first use
+        self._compile_key = next(_compile_keys)
 
     @property
     def context_tokens(self) -> int:
@@ -88,15 +100,20 @@ class Engine:
                                     offloaded=[layer >= cfg.num_layers - offload for layer in range(cfg.num_layers)],
                                     pool_tokens=pool, async_prefetch=self.settings.async_prefetch,
                                     block_tokens=opts.block_tokens, kv_format=kv_format)
-        if self.settings.compile_decode != "off":
-            # A compiled step is compiled for its cache's shape (the static step attends over the
-            # whole buffer), a compile of 5 to 25 s each on a CPU. Whole buckets let generations
-            # of nearby lengths share one, for at most COMPILE_BUCKET_TOKENS - 1 masked positions.
-            bucket = -(-capacity_tokens // COMPILE_BUCKET_TOKENS) * COMPILE_BUCKET_TOKENS
-            capacity_tokens = max(capacity_tokens, min(bucket, self.context_tokens))
         return DenseKVCache(cfg.num_layers, batch_size, cfg.num_kv_heads, cfg.head_dim, capacity_tokens,
                             self.model.dtype, self.model.device, sliding_window=cfg.sliding_window,
                             kv_format=kv_format)
+
+    def cache_capacity(self, capacity_tokens: int) -> int:
+        """The cache capacity a generation of ``capacity_tokens`` allocates. With compile_decode,
+        whole COMPILE_BUCKET_TOKENS (within the context): a compiled step is compiled for its cache's
+        shape (the static step attends over the whole buffer), 5 to 25 s each on a CPU, so
+        generations of nearby lengths share one, for at most a bucket less one of masked positions.
+        The generation still stops at ``capacity_tokens``."""
+        if self.settings.compile_decode == "off":
+            return capacity_tokens
+        bucket = -(-capacity_tokens // COMPILE_BUCKET_TOKENS) * COMPILE_BUCKET_TOKENS
+        return max(capacity_tokens, min(bucket, self.context_tokens))
 
     def _kv_format(self) -> str:
         """``float`` (KV in the compute dtype), ``int8`` or ``fp8``, from ``kv_dtype``; a 16/32-bit
@@ -199,9 +216,13 @@ class Engine:
             selector.observe(ids, plan, captured, is_prefill=not decode)
         return out
 
-    def clear_compiled(self) -> None:
-        """Forget the compiled decode step (the next compiled step compiles again)."""
+    def clear_compiled(self, modules_changed: bool = False) -> None:
+        """Forget the compiled decode step (the next compiled step compiles again, or reuses
+        dynamo's graph of the same shapes). ``modules_changed``: the model's modules were changed
+        in place, so no graph compiled before may be used again (a new compile key)."""
         self._compiled = None
+        if modules_changed:
+            self._compile_key = next(_compile_keys)
 
     def _compiled_decode(self, cache: KVCache, selector: Selector | None) -> Callable | None:
         """The compiled model step for a decode step of ``cache`` and ``selector``, or None to run
@@ -217,14 +238,18 @@ class Engine:
             raise InputError("compile_decode cuda-graph needs a CUDA device; on a CPU use on or off")
         if self._compiled is None or self._compiled[0] != mode:
             # CPU ("on"): dynamo's guards re-checked every module and parameter of the model before
-            # each call, 0.9 ms of a 10 ms step at 1k on the default model (8.9 ms without). The
-            # model's modules do not change after loading (what would change them, such as a new
-            # compile mode, calls clear_compiled()), so the step guards on its inputs only: the
-            # ids, the plan and the cache's buffers. cuda-graph keeps torch's reduce-overhead mode.
+            # each call, 0.9 ms of a 10 ms step at 1k on the default model (8.9 ms without). So the
+            # step does not guard on the model's modules, only on its other inputs (ids, plan,
+            # cache buffers) and on the engine's compile key: dynamo keeps graphs per code object,
+            # and the key is what tells one engine's model (or one epoch of it) from another's.
+            # A model's modules do not change once it is loaded; anything that changes them must
+            # call clear_compiled(modules_changed=True), which takes a new key. cuda-graph keeps torch's
+            # reduce-overhead mode (and its guards).
+            skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)  # torch >= 2.7
             how = {"mode": "reduce-overhead"} if mode == "cuda-graph" else \
-                {"options": {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}}
-            self._compiled = (mode, torch.compile(self.model.run, fullgraph=True, dynamic=False, **how))
-        return self._compiled[1]
+                {"options": {"guard_filter_fn": skip}} if skip is not None else {}
+            self._compiled = (mode, torch.compile(_model_step, fullgraph=True, dynamic=False, **how))
+        return partial(self._compiled[1], self.model, self._compile_key)
 
     def new_selector(self, capacity_tokens: int, batch_size: int = 1,
                      sparsity: SparsityOptions | None = None, cache: KVCache | None = None) -> Selector:

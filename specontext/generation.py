@@ -119,7 +119,7 @@ class BatchGeneration:
         if self.state is not None:
             cache, selector = engine.decoder(self.state, self.sparsity)
         else:
-            cache = engine.new_cache(capacity, batch_size=R)
+            cache = engine.new_cache(engine.cache_capacity(capacity), batch_size=R)
             selector = engine.new_selector(capacity, batch_size=R, sparsity=self.sparsity, cache=cache)
         self._selector, self._cache = selector, cache
         weights = model.weight_bytes()

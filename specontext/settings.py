@@ -58,7 +58,7 @@ class RuntimeSettings:
                             "less agreement with fp32 than weight-only int8", choices=ACTIVATIONS)
     kv_dtype: str = _opt("auto", "KV cache storage: auto (the compute dtype), int8 or fp8 (8-bit rows, int8 or "
                          "float8 e4m3, with a float32 scale per token and KV head, upcast when read, only the "
-                         "chosen rows on a sparse step; resident KV only in this version), fp32, fp16, bf16 "
+                         "chosen rows on a sparse step; offloaded layers keep their rows 8-bit in host memory), fp32, fp16, bf16 "
                          "(the compute dtype's)", choices=KV_DTYPES)
     threads: int = _opt(0, "CPU threads for compute; 0 keeps PyTorch's default (one per core)")
     prefill_chunk_tokens: int = _opt(512, "prompt tokens processed per prefill step; bounds activation memory")
@@ -109,7 +109,7 @@ class RuntimeSettings:
                                "or streaming): off; on (the first decode step compiles, 5 to 25 s for the default "
                                "model on a CPU, less once cached on disk, once per cache capacity in whole 256-token "
                                "buckets; each step is then 1.05 to 1.4x faster (int4 weights, 1k and 8k), but a dense "
-                               "step attends over the whole cache, and compiling adds about 170 MiB of RSS); cuda-graph (CUDA only: compiled and "
+                               "step attends over the whole cache, and compiling adds 170 MiB of RSS at 1k, 500 MiB at 8k); cuda-graph (CUDA only: compiled and "
                                "captured as CUDA graphs, torch's reduce-overhead mode: 5.8 to 8.9x faster steps on an "
                                "H200 where the step is launch-bound; opt-in until its sparse tokens are checked "
                                "in float32 there)",

@@ -47,6 +47,27 @@ def test_stored_rows_read_back_within_a_scale_step(fmt):
     assert cache.layers[0].nbytes() == 2 * rows * D + 2 * rows * 4
 
 
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("head_dim", [6, 16])
+def test_packed_rows_carry_the_resident_values_and_scales(fmt, head_dim):
+    """An offloaded layer's packed row: the 8-bit values padded to whole 4 bytes, then the float32
+    scale; decoding gives the resident layer's values bit for bit (a head dim that is not a
+    multiple of 4 included)."""
+    from specontext.kv.int8 import PackedRows, quantize_rows
+
+    codec = PackedRows(head_dim, torch.float32, fmt)
+    assert codec.width == -(-head_dim // 4) * 4 + 4 and codec.storage_dtype == torch.uint8
+    x = torch.randn(2, 3, 5, head_dim) * torch.linspace(0.01, 50, 5)[:, None]
+    q, scale = quantize_rows(x, fmt)
+    rows = codec.encode(x)
+    assert rows.shape == (2, 3, 5, codec.width)
+    assert torch.equal(codec.decode(rows), q.to(torch.float32) * scale)
+    assert torch.equal(codec.decode(rows[:, :, 1:4]), (q.to(torch.float32) * scale)[:, :, 1:4])  # a strided view
+    out = torch.empty(4, head_dim)
+    codec.gather(rows.view(-1, codec.width), torch.tensor([7, 0, 29, 7]), out)
+    assert torch.equal(out, (q.to(torch.float32) * scale).view(-1, head_dim)[[7, 0, 29, 7]])
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return tiny_sparse_setup(tmp_path_factory.mktemp("kv8"), TOTAL)

@@ -93,3 +93,47 @@ def test_batch_rows_of_different_lengths_match_single_rows(tmp_path):
         want_b = hf(torch.cat([b, nxt[1]])[None]).logits[0, -1]
     assert (got[0] - want_a).abs().max().item() <= 1e-4
     assert (got[1] - want_b).abs().max().item() <= 1e-4
+
+
+def test_decode_attention_sends_each_query_head_to_its_kv_head_under_a_per_kv_head_mask(tmp_path):
+    """A CPU decode step attends with one query per head (enable_gqa) and expands a [B, G, 1, S]
+    mask (a sparse step's) per query head. Against a float32 reference written head by head:
+    query head h reads KV head h // R under KV head h // R's mask (a wrong expansion, such as
+    repeat instead of repeat_interleave, sends heads to the wrong mask)."""
+    from specontext.kv.cache import DenseKVCache
+
+    make_hf_model("llama", str(tmp_path / "m"), num_attention_heads=6, num_key_value_heads=2)
+    llm = specontext.load(str(tmp_path / "m"), device="cpu")
+    attn, cfg = llm.model.model.layers[0].self_attn, llm.model.config
+    H, G, D, S = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, 9
+    R = H // G
+    torch.manual_seed(0)
+    keys, values = torch.randn(1, G, S, D), torch.randn(1, G, S, D)
+    mask = torch.ones(1, G, 1, S, dtype=torch.bool)
+    mask[0, 0, 0, :4] = False  # KV head 0 ignores its first 4 positions, KV head 1 its last 3
+    mask[0, 1, 0, -3:] = False
+
+    class Given:  # a cache that returns these keys, values and mask
+        def update(self, layer, k, v, plan):
+            return keys, values, mask
+
+    plan = DenseKVCache(cfg.num_layers, 1, G, D, 16, torch.float32, "cpu").plan_step([1])
+    cos, sin = llm.model.rotary(plan.positions, torch.float32)
+    from dataclasses import replace
+
+    plan = replace(plan, cos=cos, sin=sin)
+    x = torch.randn(1, 1, cfg.hidden_size)
+    got = attn(x, plan, Given())
+    # the reference: q from the same projection and rotation, then each head alone
+    from specontext.model.rope import apply_rotary
+
+    q = attn.qkv_proj(x)[..., :H * D].view(1, 1, H, D).transpose(1, 2)
+    q = apply_rotary(q, cos, sin)[0, :, 0]  # [H, D]
+    heads = []
+    for h in range(H):
+        g = h // R
+        scores = (keys[0, g] @ q[h]) / D ** 0.5
+        scores = scores.masked_fill(~mask[0, g, 0], float("-inf"))
+        heads.append(scores.softmax(-1) @ values[0, g])
+    want = attn.o_proj(torch.cat(heads).view(1, 1, H * D))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -119,24 +119,29 @@ def _peak_allocated_bytes(fn) -> int:
     return peak
 
 
-@pytest.mark.parametrize("heads,kv_heads,requests,chunk,prompt", [(8, 2, 1, 64, 256), (8, 2, 4, 64, 256),
-                                                                  (8, 2, 3, 32, 200), (4, 4, 4, 64, 300)])
-def test_prefill_workspace_bounds_what_a_batched_prefill_allocates(tmp_path, heads, kv_heads, requests, chunk, prompt):
+@pytest.mark.parametrize("heads,kv_heads,requests,chunk,prompt,kv", [
+    (8, 2, 1, 64, 256, "float"), (8, 2, 4, 64, 256, "float"), (8, 2, 3, 32, 200, "float"), (4, 4, 4, 64, 300, "float"),
+    (8, 2, 4, 64, 256, "int8"), (4, 4, 4, 64, 300, "fp8")])
+def test_prefill_workspace_bounds_what_a_batched_prefill_allocates(tmp_path, heads, kv_heads, requests, chunk, prompt,
+                                                                   kv):
     """The prefill term against the peak that prefilling R rows together really allocates on CPU
     (the cache preallocated, so all of it is transient): an upper bound, and a tight one. A count
-    per row, or one that leaves out the grouped mask or SDPA's bias of it, falls below the peak."""
+    per row, or one that leaves out the grouped mask or SDPA's bias of it, or 8-bit KV's upcast,
+    falls below the peak."""
     make_hf_model("llama", str(tmp_path / "m"), vocab_size=96, hidden_size=32, intermediate_size=48,
                   num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv_heads,
                   max_position_embeddings=1024)
     llm = specontext.load(str(tmp_path / "m"), device="cpu", prefill_chunk_tokens=chunk)
     cfg = llm.model.config
-    cache = DenseKVCache(cfg.num_layers, requests, cfg.num_kv_heads, cfg.head_dim, prompt, torch.float32, "cpu")
+    cache = DenseKVCache(cfg.num_layers, requests, cfg.num_kv_heads, cfg.head_dim, prompt, torch.float32, "cpu",
+                         kv_format=kv)
     rows = [[3 + (7 * i + r) % 90 for i in range(prompt)] for r in range(requests)]
     measured = _peak_allocated_bytes(lambda: llm.engine.prefill_rows(rows, cache))
     # the measurement sees SDPA's float bias of the grouped mask, counted by hand
     assert measured > requests * (heads // kv_heads) * chunk * prompt * 4
     inputs = MemoryInputs(model=cfg, weight_bytes=4, kv_bytes=4, requests=requests, sparsity="dense",
-                          prefill_chunk_tokens=chunk, fused_attention=False, cpu_threads=torch.get_num_threads())
+                          prefill_chunk_tokens=chunk, fused_attention=False, cpu_threads=torch.get_num_threads(),
+                          kv_format=kv)
     planned, formula = prefill_workspace(inputs, prompt)
     assert measured <= planned <= 1.5 * measured, (measured, planned, formula)
     assert [b.num_bytes for b in buffers(inputs, prompt, 0) if b.name == "workspace_prefill"] == [planned]

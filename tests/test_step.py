@@ -110,12 +110,8 @@ def test_the_decode_step_compiles_as_one_graph(tiny, sparsity, monkeypatch):
     assert compiled == eager
 
 
-def test_compiled_generations_of_nearby_lengths_share_one_graph(tiny, monkeypatch):
-    """A compiled step is compiled for its cache's capacity, which new_cache rounds up to whole
-    buckets: generations of different lengths in one bucket compile once."""
-    from specontext.engine import COMPILE_BUCKET_TOKENS
-
-    llm, ids = tiny["llm"], tiny["ids"]
+def _counting_compile(monkeypatch) -> list:
+    """torch.compile on a backend that only records each graph it is given (one per compile)."""
     graphs = []
 
     def counting_backend(gm, example_inputs, **kwargs):
@@ -124,16 +120,62 @@ def test_compiled_generations_of_nearby_lengths_share_one_graph(tiny, monkeypatc
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": counting_backend}))
     torch._dynamo.reset()
+    return graphs
+
+
+def test_compiled_generations_of_nearby_lengths_share_one_graph(tiny, tmp_path, monkeypatch):
+    """A compiled step is compiled for its cache's capacity, which a generation rounds up to whole
+    buckets (within the context): generations of different lengths in one bucket compile once,
+    and each still stops at its own length; a prefilled state keeps its exact capacity."""
+    import specontext
+    from specontext.engine import COMPILE_BUCKET_TOKENS
+
+    from conftest import make_hf_model
+
+    llm, ids = tiny["llm"], tiny["ids"]
+    graphs = _counting_compile(monkeypatch)
     first = _greedy(llm, ids[:80], 12, compile_decode="on")
-    _greedy(llm, ids[:60], 30, compile_decode="on")
+    assert len(_greedy(llm, ids[:60], 30, compile_decode="on")) == 30
     assert len(graphs) == 1
     assert first == _greedy(llm, ids[:80], 12)
+    assert llm.engine.cache_capacity(92) == 92  # compile off
+    make_hf_model("llama", str(tmp_path / "m300"), max_position_embeddings=COMPILE_BUCKET_TOKENS + 44)
+    other = specontext.load(str(tmp_path / "m300"), device="cpu", compile_decode="on")
+    assert [other.engine.cache_capacity(n) for n in (92, COMPILE_BUCKET_TOKENS, COMPILE_BUCKET_TOKENS + 1)] == \
+        [COMPILE_BUCKET_TOKENS, COMPILE_BUCKET_TOKENS, COMPILE_BUCKET_TOKENS + 44]  # the last capped at the context
     llm.set_sparsity(compile_decode="on")
     try:
-        assert llm.engine.new_cache(92).capacity_tokens == min(COMPILE_BUCKET_TOKENS, llm.engine.context_tokens)
+        state = llm.engine.prefill_state(ids[:40], 60)
+        assert state.cache.capacity_tokens == 60
+        gen = llm.engine.generate(ids[:40], specontext.GenerationConfig(max_new_tokens=100, ignore_eos=True),
+                                  state=state)
+        for _ in gen:
+            pass
+        assert len(gen.result().token_ids) == 20  # stops at the state's 60 tokens
     finally:
         llm.set_sparsity(compile_decode="off")
-    assert llm.engine.new_cache(92).capacity_tokens == 92
+
+
+def test_compiled_steps_of_two_models_in_one_process_stay_apart(tmp_path, monkeypatch):
+    """Dynamo keeps graphs per code object and the compiled step does not guard on the model's
+    modules (engine.py, _compiled_decode): each engine's compile key keeps its graphs its own.
+    Models of other structures (fp32, int8, int8 with int8 activations calibrated at load while
+    compiling is on) compiled one after another in one process give their eager tokens."""
+    import specontext
+
+    from conftest import make_hf_model
+
+    make_hf_model("llama", str(tmp_path / "a"), max_position_embeddings=256)
+    make_hf_model("llama", str(tmp_path / "b"), seed=1, max_position_embeddings=256, num_hidden_layers=2)
+    ids = torch.randint(3, 96, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    graphs = _counting_compile(monkeypatch)
+    loads = [("a", {}), ("b", {}), ("a", {"weights": "int8"}), ("a", {"weights": "int8", "activations": "int8"})]
+    for name, opts in loads:
+        llm = specontext.load(str(tmp_path / name), device="cpu", prefill_chunk_tokens=32, compile_decode="on", **opts)
+        compiled = llm.generate(ids, chat=False, max_new_tokens=10, ignore_eos=True).token_ids
+        llm.set_sparsity(compile_decode="off")
+        assert compiled == llm.generate(ids, chat=False, max_new_tokens=10, ignore_eos=True).token_ids, (name, opts)
+    assert len(graphs) == len(loads)
 
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,

@@ -105,9 +105,10 @@ class ResidentLayer:
     def read(self, plan: StepPlan):
         return self.k[:, :, :plan.kv_len], self.v[:, :, :plan.kv_len], plan.attn_mask
 
-    def host_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V [B, G, S, D] as an offloaded layer stores them (as they are)."""
-        return self.k, self.v
+    def host_rows(self, kv: int, length: int) -> torch.Tensor:
+        """K (``kv`` 0) or V (1) of the first ``length`` positions, [B, G, length, D], as an
+        offloaded layer stores them (as they are: a view)."""
+        return (self.k, self.v)[kv][:, :, :length]
 
     def keys(self, n: int) -> torch.Tensor:
         """The first ``n`` positions' keys."""

@@ -36,6 +36,18 @@ def quantize_rows(x: torch.Tensor, fmt: str = "int8") -> tuple[torch.Tensor, tor
     return scaled.clamp(-top, top).to(dtype), scale
 
 
+def upcast(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``q * scale`` as ``dtype``: multiplied in float32 and rounded once, written straight into
+    ``out`` (a new tensor when None), with no float32 copy of the values. int8 promotes inside the
+    multiply; fp8, which torch does not promote, is first widened to ``dtype`` (e4m3 is exact in
+    float32, bfloat16 and float16). So reading n values costs ``n w`` bytes (``2 n w`` for fp8)
+    where ``(q.float() * s).to(dtype)`` cost ``n (w + 8)``."""
+    src = q if q.dtype == torch.int8 else q.to(dtype)
+    if out is None:
+        out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    return torch.mul(src, scale, out=out)
+
+
 class Int8ResidentLayer:
     """One layer's K and V on the device, 8-bit in ``fmt`` (see the module docstring); ``dtype`` is
     what reads return."""
@@ -68,26 +80,27 @@ class Int8ResidentLayer:
         store_rows(self.k, self.v, kq, vq, plan)
         store_rows(self.k_scale, self.v_scale, ks, vs, plan)
 
-    def host_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V [B, G, S, width] as an offloaded layer stores them (:class:`PackedRows`)."""
-        codec = PackedRows(self.k.shape[-1], self.dtype, self.fmt)
-        return codec.pack(self.k, self.k_scale), codec.pack(self.v, self.v_scale)
+    def host_rows(self, kv: int, length: int) -> torch.Tensor:
+        """K (``kv`` 0) or V (1) of the first ``length`` positions, [B, G, length, width], as an
+        offloaded layer stores them (:class:`PackedRows`: a new tensor)."""
+        q, scale = ((self.k, self.k_scale), (self.v, self.v_scale))[kv]
+        return PackedRows(q.shape[-1], self.dtype, self.fmt).pack(q[:, :, :length], scale[:, :, :length])
 
     def keys(self, n: int) -> torch.Tensor:
         """The first ``n`` positions' keys, upcast."""
-        return (self.k[:, :, :n].to(torch.float32) * self.k_scale[:, :, :n]).to(self.dtype)
+        return upcast(self.k[:, :, :n], self.k_scale[:, :, :n], self.dtype)
 
     def read(self, plan: StepPlan):
         n = plan.kv_len
-        values = (self.v[:, :, :n].to(torch.float32) * self.v_scale[:, :, :n]).to(self.dtype)
-        return self.keys(n), values, plan.attn_mask
+        keys = self.keys(n)
+        return keys, upcast(self.v[:, :, :n], self.v_scale[:, :, :n], self.dtype), plan.attn_mask
 
     def gather(self, flat_rows: torch.Tensor, out_k: torch.Tensor, out_v: torch.Tensor) -> None:
         """Rows ``flat_rows`` into ``out_k`` / ``out_v`` [B, G, K + 1, D], upcasting only those rows."""
         D = self.k.shape[-1]
         for q, s, out in ((self.k, self.k_scale, out_k), (self.v, self.v_scale, out_v)):
-            rows = torch.index_select(q.view(-1, D), 0, flat_rows).to(torch.float32)
-            out.view(-1, D).copy_(rows * torch.index_select(s.view(-1, 1), 0, flat_rows))
+            upcast(torch.index_select(q.view(-1, D), 0, flat_rows), torch.index_select(s.view(-1, 1), 0, flat_rows),
+                   self.dtype, out=out.view(-1, D))
 
 
 class FloatRows:
@@ -113,8 +126,8 @@ class PackedRows(FloatRows):
     """8-bit KV rows packed for host memory and slots: one uint8 row per token and KV head, its D
     8-bit values (``fmt``), padded to a multiple of 4 bytes, then its float32 scale's 4 bytes.
 
-    Decoding computes exactly what :class:`Int8ResidentLayer` reads (``(q * s)`` in float32, cast
-    to ``dtype``), so an offloaded layer gives the resident layer's values bit for bit.
+    Decoding computes exactly what :class:`Int8ResidentLayer` reads (:func:`upcast`), so an
+    offloaded layer gives the resident layer's values bit for bit.
     """
 
     def __init__(self, head_dim: int, dtype: torch.dtype, fmt: str = "int8"):
@@ -136,10 +149,12 @@ class PackedRows(FloatRows):
     def decode(self, rows: torch.Tensor) -> torch.Tensor:
         q = rows[..., :self.head_dim].view(FORMATS[self.fmt][0])
         scale = rows[..., self.scale_at:].view(torch.float32)
-        return (q.to(torch.float32) * scale).to(self.dtype)
+        return upcast(q, scale, self.dtype)
 
     def gather(self, src: torch.Tensor, flat_rows: torch.Tensor, out: torch.Tensor) -> None:
-        out.copy_(self.decode(torch.index_select(src, 0, flat_rows)))
+        rows = torch.index_select(src, 0, flat_rows)
+        upcast(rows[..., :self.head_dim].view(FORMATS[self.fmt][0]), rows[..., self.scale_at:].view(torch.float32),
+               self.dtype, out=out)
 
 
 def row_codec(kv_format: str, head_dim: int, dtype: torch.dtype) -> FloatRows:

@@ -209,27 +209,28 @@ class OffloadedKVCache(DenseKVCache):
     def _move_to_host(self, layer: int) -> None:
         """Replace a resident layer by a :class:`HostLayer`: its cached positions go to host
         memory, and its slots are filled with the positions the slot pool holds now, so the next
-        elastic step fetches only its diff."""
+        elastic step fetches only its diff. K, then V: an 8-bit layer packs one of them at a time
+        (the transient is one [B, G, length, W] plane)."""
         self.copier.drain()
         i, length = self._index[layer], max(self.seq_lens)
-        k_rows, v_rows = self.layers[layer].host_rows()  # [B, G, S', W]
-        host = self.kv_host[i]  # [2, B, G, S, W]
-        host[0, :, :, :length].copy_(k_rows[:, :, :length])
-        host[1, :, :, :length].copy_(v_rows[:, :, :length])
-        slots = self._new_slots()
+        resident, host, slots = self.layers[layer], self.kv_host[i], self._new_slots()  # host: [2, B, G, S, W]
+        src = None
         if self.slot_pool is None and self.pool_tokens:
             self.slot_pool = self._make_pool()
-        elif self.slot_pool is not None:
+        elif self.slot_pool is not None and length:
             # token t of slot block s holds position pos_of_slot[r, s] * N + t (empty blocks: -1)
             Nb, R, W = self.block_tokens, self.num_rows, self.rows.width
             blocks = self.slot_pool.pos_of_slot  # [R, P/N + 1]
             tokens = (blocks[:, :, None] * Nb + torch.arange(Nb, device=self.device)).reshape(R, -1)  # [R, P + N]
             ok = (blocks[:, :, None] >= 0).expand(-1, -1, Nb).reshape(R, -1) & (tokens < length)
-            src = tokens.clamp(0, length - 1)[..., None].expand(R, -1, W) if length else None
+            src = tokens.clamp(0, length - 1)[..., None].expand(R, -1, W)
+        for kv in range(2):
+            rows = resident.host_rows(kv, length)  # [B, G, length, W]
+            host[kv, :, :, :length].copy_(rows)
             if src is not None:
-                for kv, buf in enumerate((k_rows, v_rows)):
-                    rows = buf.reshape(R, buf.shape[2], W).gather(1, src)  # [R, P + N, W]
-                    slots[kv].view(R, -1, W).copy_(rows * ok[..., None].to(rows.dtype))
+                picked = rows.reshape(R, length, W).gather(1, src)  # [R, P + N, W]
+                slots[kv].view(R, -1, W).copy_(picked * ok[..., None].to(picked.dtype))
+            del rows
         self.layers[layer] = HostLayer(i, host, slots)  # the resident buffers are freed here
         self.moves.append({"layer": layer, "seq_tokens": length})
 
@@ -326,11 +327,10 @@ class OffloadedKVCache(DenseKVCache):
         return rows
 
     def _write_back(self, store: HostLayer, k: torch.Tensor, v: torch.Tensor, plan: StepPlan) -> None:
-        """Queue the step's new K/V [B, G, T, D] of an offloaded layer for host memory."""
-        B, G, T, _ = k.shape
+        """Queue the step's new K/V of an offloaded layer, stored rows [B, G, T, W], for host memory."""
+        B, G, T, W = k.shape
         rows = self._host_rows(plan, T).reshape(-1)
-        W = self.rows.width
-        k, v = (self.rows.encode(x).contiguous().view(B * G * T, W) for x in (k, v))
+        k, v = k.contiguous().view(B * G * T, W), v.contiguous().view(B * G * T, W)
         if self.device.type != "cuda":
             keep = rows >= 0
             if not bool(keep.all()):
@@ -382,20 +382,22 @@ class OffloadedKVCache(DenseKVCache):
         store = self.layers[layer]
         if not isinstance(store, HostLayer):
             return store.store(k, v, plan)
+        T = k.shape[2]
+        k, v = self.rows.encode(k), self.rows.encode(v)  # stored rows [B, G, T, W], quantized once
         if plan.fetch.kind == "slots":
             self.copier.wait(("fetch", layer))
-            store.slots[0, :, :, self.pool_tokens] = self.rows.encode(k[:, :, 0])
-            store.slots[1, :, :, self.pool_tokens] = self.rows.encode(v[:, :, 0])
+            store.slots[0, :, :, self.pool_tokens] = k[:, :, 0]
+            store.slots[1, :, :, self.pool_tokens] = v[:, :, 0]
             self._write_back(store, k, v, plan)
             return
         # staged: the whole layer, streamed through a double buffer
         self.copier.wait(("stage", layer))
         buf = self._staging()[store.index % 2]
-        store_rows(buf[0], buf[1], self.rows.encode(k), self.rows.encode(v), plan)
+        store_rows(buf[0], buf[1], k, v, plan)
         self._write_back(store, k, v, plan)
         if store.index + 1 < self.kv_host.shape[0]:  # the other buffer: its layer's attention is queued
             nxt = layer + 1  # offloaded layers are a suffix: the next layer is offloaded too
-            self.copier.submit(("stage", nxt), partial(self._stage_load, store.index + 1, plan.kv_len - k.shape[2]))
+            self.copier.submit(("stage", nxt), partial(self._stage_load, store.index + 1, plan.kv_len - T))
 
     def past(self, layer: int, plan: StepPlan):
         if not isinstance(self.layers[layer], HostLayer):

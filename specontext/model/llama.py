@@ -255,8 +255,10 @@ class LlamaForCausalLM(nn.Module):
         return any(isinstance(m, (Int4Linear, Int8Linear)) for m in self.modules())
 
     def weight_bytes(self) -> int:
-        """Bytes of every weight as held (quantized layers at their packed size)."""
-        return sum(t.numel() * t.element_size() for t in (*self.parameters(), *self.buffers()))
+        """Bytes of every weight as held (quantized layers at their packed size); tensors that
+        share memory (a tied head, an int8 layer's float32 kernel scale) count once."""
+        seen = {(t.data_ptr(), t.numel() * t.element_size()) for t in (*self.parameters(), *self.buffers())}
+        return sum(size for _, size in seen)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, plan: StepPlan, cache: KVCache, logits_for: str = "last",

@@ -224,6 +224,16 @@ def linear_weight_bytes(rows: int, cols: int, weight_format: str, float_bytes: i
     return rows * cols * float_bytes
 
 
+def kv_row_bytes(inputs: MemoryInputs, offloaded: bool = False) -> int:
+    """Stored bytes of one token's K (or V) row per KV head: ``D e`` for float KV; 8-bit KV takes
+    ``D + 4`` resident (the values and their float32 scale, in two buffers) and ``ceil4(D) + 4``
+    offloaded (packed in one row of host memory, slots and staging: ``kv/int8.py``)."""
+    D = inputs.model.head_dim
+    if inputs.kv_format == "float":
+        return D * inputs.kv_bytes
+    return (-(-D // 4) * 4 if offloaded else D) + 4
+
+
 def model_weight_bytes(model: ModelConfig, bytes_per_element: int, weight_format: str = "float",
                        scale_bytes: int = 2, head_bytes: int | None = None) -> int:
     """The target's weights counted from its config: linear layers as ``weight_format`` holds
@@ -258,10 +268,7 @@ def buffers(inputs: MemoryInputs, seq_tokens: int, num_offloaded: int, slot_pool
     L, G, D, H, E, I, V = (m.num_layers, m.num_kv_heads, m.head_dim, m.num_heads, m.hidden_size,
                            m.intermediate_size, m.vocab_size)
     R, e, w, Nb, N = x.requests, x.kv_bytes, x.weight_bytes, x.block_tokens, num_offloaded
-    row = D + 4 if x.kv_format != "float" else D * e  # stored bytes of one token's K (or V) row per KV head
-    # an offloaded layer's row (host, slots, staging): 8-bit values and scale packed in one row,
-    # the values padded to whole 4 bytes (kv/int8.py, PackedRows)
-    packed = -(-D // 4) * 4 + 4 if x.kv_format != "float" else D * e
+    row, packed = kv_row_bytes(x), kv_row_bytes(x, offloaded=True)  # a K (or V) row: resident, offloaded
     if not 0 <= N <= L:
         raise InputError(f"num_offloaded must be in 0..{L}, got {N}")
     S = -(-seq_tokens // Nb) * Nb if N else seq_tokens
@@ -321,11 +328,12 @@ def buffers(inputs: MemoryInputs, seq_tokens: int, num_offloaded: int, slot_pool
                             + " + 2 min(H W S, 2^24) 4 (focus)")
     attended = K + 1 if x.sparsity in SPARSE_METHODS else seq_tokens
     decode = R * ((3 * E + 2 * (H + 2 * G) * D + 3 * I) * w + (0 if x.fused_attention else 2 * H * attended * 4)
-                  + 2 * V * 4)
+                  + 2 * V * 4) + upcast_bytes(x, attended)
     if prefill >= decode:
         add("workspace_prefill", "device", prefill, prefill_formula)
     else:
-        add("workspace_decode", "device", decode, "R ((3E + 2(H + 2G)D + 3I) w + 2 V 4)")
+        add("workspace_decode", "device", decode, "R ((3E + 2(H + 2G)D + 3I) w + 2 V 4)"
+            + upcast_formula(x, "A"))
     return out
 
 
@@ -350,7 +358,9 @@ def prefill_workspace(inputs: MemoryInputs, seq_tokens: int) -> tuple[int, str]:
     - the last chunk's logits ``[R, V]`` in w, then in float32 twice (the model's output and the
       engine's concatenation of the rows);
     - on the CPU (float32 only: the runtime refuses 2-byte types there), the flash kernel's
-      scratch: per thread a block of scores, its row statistics and its outputs.
+      scratch: per thread a block of scores, its row statistics and its outputs;
+    - with 8-bit KV, the layer's K and V upcast for attention (``kv/int8.py``): ``2 R G S D w``
+      (fp8: ``3``, V widened before its scales multiply).
 
     :func:`buffers` adds query-focused pinning's focus terms. A bound, not a measurement:
     tests/test_planner.py checks it against the peak of what a CPU prefill really allocates.
@@ -380,7 +390,26 @@ def prefill_workspace(inputs: MemoryInputs, seq_tokens: int) -> tuple[int, str]:
                + (f" + R (H/G) C ceil{SDPA_BIAS_ALIGN}(S) w (its padded copy)" if x.fused_attention else "")
                + " + R V (w + 8) (logits)"
                + ("" if x.fused_attention else " + threads (q_blk kv_blk + q_blk (D + 2)) 4 (CPU flash scratch)"))
-    return activations + masks + bias + padded + logits + scratch, formula
+    upcast = upcast_bytes(x, S)
+    formula += upcast_formula(x, "S")
+    return activations + masks + bias + padded + logits + scratch + upcast, formula
+
+
+def upcast_bytes(inputs: MemoryInputs, attended_tokens: int) -> int:
+    """Transient bytes of reading one layer's 8-bit K and V over ``attended_tokens`` positions
+    (``kv/int8.py``, ``upcast``): K and V in the compute dtype, ``2 R G S D w``, and for fp8 also
+    V widened to the compute dtype before its scales multiply, ``3 R G S D w``; 0 for float KV."""
+    m, x = inputs.model, inputs
+    if x.kv_format == "float":
+        return 0
+    return x.requests * m.num_kv_heads * attended_tokens * m.head_dim * x.kv_bytes * (3 if x.kv_format == "fp8" else 2)
+
+
+def upcast_formula(inputs: MemoryInputs, tokens: str) -> str:
+    """:func:`upcast_bytes`' formula, ``tokens`` its positions' letter ('' for float KV)."""
+    if inputs.kv_format == "float":
+        return ""
+    return f" + {3 if inputs.kv_format == 'fp8' else 2} R G {tokens} D w (8-bit KV upcast of {tokens} positions)"
 
 
 def tier_bytes(bufs: list[Buffer], tier: str, include_workspace: bool = True) -> int:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from ..errors import InputError
 from ..methods import GLOBAL_METHODS, SPARSE_METHODS
-from .memory import MemoryInputs, buffers, model_weight_bytes, tier_bytes
+from .memory import MemoryInputs, buffers, kv_row_bytes, model_weight_bytes, tier_bytes
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,8 @@ def step_time(inputs: MemoryInputs, seq_tokens: int, num_offloaded: int, memory_
     sparse = x.sparsity in SPARSE_METHODS
     K = x.budget(seq_tokens)
     attended = K if sparse else seq_tokens
-    read = weights + 2 * R * L * G * attended * D * e
+    row, packed = kv_row_bytes(x), kv_row_bytes(x, offloaded=True)  # stored bytes of a K (or V) row
+    read = weights + 2 * R * L * G * attended * row
     head = x.head_shape
     if head is not None:
         read += head.num_parameters * w + R * head.num_kv_heads * seq_tokens * head.head_dim * w
@@ -71,9 +72,9 @@ def step_time(inputs: MemoryInputs, seq_tokens: int, num_offloaded: int, memory_
     if N:
         if x.sparsity in GLOBAL_METHODS and K < seq_tokens:
             factor = x.pool_tokens(seq_tokens, slot_pool) / max(K, 1)
-            link = int(2 * R * N * G * K * D * e * fetch_fraction(factor))
+            link = int(2 * R * N * G * K * packed * fetch_fraction(factor))
         else:  # whole offloaded layers streamed every step
-            link = 2 * R * N * G * seq_tokens * D * e
+            link = 2 * R * N * G * seq_tokens * packed
     return StepTime(device_read_bytes=read, link_bytes=link, compute_s=read / memory_bandwidth,
                     transfer_s=link / link_bandwidth if link else 0.0)
 
