@@ -6,7 +6,9 @@ and how many greedy tokens equal float32's; then it scores 300 essay tokens teac
 a 512-token prefix (essay tokens 512-812), for top-1 agreement and mean KL against float32.
 ``int8-a8`` is ``--weights int8 --activations int8`` (smoothed int8 activations on
 ``torch._int_mm``, ``specontext/model/smooth.py``); its settings were chosen on essay tokens
-6512-6812, not on the span scored here. Formats run one after the other on one machine, so
+6512-6812, not on the span scored here. A ``+emb8`` suffix adds ``--embeddings int8`` (the
+default model ties its head to the table, so the head stays float and only the lookups change:
+``fp32,fp32+emb8`` measures the int8 table's cost alone). Formats run one after the other on one machine, so
 speeds compare within the run only.
 
     python bench_edge/bench_weights.py --out bench_edge/results/weights_cpu.json
@@ -63,7 +65,9 @@ def one(fmt: str, context: int, new_tokens: int, threads: int, logits_path: str)
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    llm = specontext.load(device="cpu", weights=fmt.split("-")[0], activations="int8" if fmt == "int8-a8" else "float")
+    weights, _, table = fmt.partition("+")
+    llm = specontext.load(device="cpu", weights=weights.split("-")[0], activations="int8" if weights == "int8-a8" else
+                          "float", embeddings="int8" if table == "emb8" else "float")
     load_s = time.perf_counter() - t0
     ids = TokenSource(llm.tokenizer, read_text(None)[0]).ids(context)
     llm.generate(ids[:64], chat=False, max_new_tokens=4, ignore_eos=True)  # warm-up
@@ -78,7 +82,8 @@ def one(fmt: str, context: int, new_tokens: int, threads: int, logits_path: str)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--formats", default="fp32,int8,int8-a8,int4,llamacpp",
-                        help="weight formats, and llamacpp (llama.cpp on the same GGUF; needs the llamacpp extra)")
+                        help="weight formats (fp32, int8, int8-a8, int4, each optionally +emb8 for "
+                        "--embeddings int8), and llamacpp (llama.cpp on the same GGUF; needs the llamacpp extra)")
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=2)

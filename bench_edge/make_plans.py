@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--sparsity", default="specontext")
     p.add_argument("--weights", default="auto", help="weight format (--weights): auto, fp32, fp16, bf16, int8, int4")
     p.add_argument("--kv-dtype", default="auto", help="KV format (--kv-dtype): auto, int8 or fp8")
+    p.add_argument("--embeddings", default="float", help="token table format (--embeddings): float or int8")
     p.add_argument("--shapes", nargs="+", default=None, help="shapes in bench_edge/shapes/ (default: all)")
     p.add_argument("--profiles", nargs="+", default=None, help="device profiles (default: every shipped one)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "plans"))
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
             config = os.path.join(HERE, "shapes", f"{shape}.json")
             try:
                 opts = dict(requests=args.requests, budget_tokens=args.budget, sparsity=args.sparsity,
-                            weights=args.weights, kv_dtype=args.kv_dtype)
+                            weights=args.weights, kv_dtype=args.kv_dtype, embeddings=args.embeddings)
                 if args.context_tokens == "fit":  # plan a short context for the maximum, then plan that
                     context = make_plan(config, profile, context_tokens=1, **opts).to_dict()["max_context_tokens"]
                 else:
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
                 d = {"error": str(exc).replace(os.path.dirname(HERE) + os.sep, ""), "model": shape, "device_profile": profile,
                      "settings": {"context_tokens": args.context_tokens, "requests": args.requests,
                                   "budget_tokens": args.budget, "sparsity": args.sparsity, "weights": args.weights,
-                                  "kv_dtype": args.kv_dtype}}
+                                  "kv_dtype": args.kv_dtype, "embeddings": args.embeddings}}
                 reason = "weights do not fit" if "weights alone" in str(exc) else "context does not fit"
                 rows.append((shape, profile, "-", "-", "-", "-", "-", reason))
             with open(os.path.join(args.out, f"{shape}__{profile}.json"), "w", encoding="utf-8") as f:
@@ -74,7 +75,8 @@ def main(argv=None) -> int:
     table = head + "".join("| " + " | ".join(r) + " |\n" for r in rows)
     with open(os.path.join(args.out, "README.md"), "w", encoding="utf-8") as f:
         command = " ".join(["python bench_edge/make_plans.py", *(argv if argv is not None else sys.argv[1:])])
-        f.write(f"# Example memory plans\n\n`{command}`: weights {args.weights}, KV {args.kv_dtype}, S = "
+        f.write(f"# Example memory plans\n\n`{command}`: weights {args.weights}, KV {args.kv_dtype}, "
+                f"embeddings {args.embeddings}, S = "
                 f"{dict(max='each model' + chr(39) + 's context limit', fit='the longest context that fits').get(args.context_tokens, args.context_tokens)} "
                 f"tokens per request, {args.requests} request(s), {args.sparsity} with B = {args.budget}, "
                 f"bfloat16 on GPU profiles and float32 on the CPU one, the EAGLE-3-shaped retrieval head assumed. Step ms is bytes over bandwidth "

@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import fields, replace
 from typing import Callable, Iterator, Mapping, Union
 
@@ -26,6 +27,7 @@ from .stats import GenerationResult
 from .errors import InputError, ModelFileError
 from .loaders.release import returning_freed_memory
 from .model.bf16 import hold_head_in_bf16
+from .model.int8_embedding import hold_embeddings_in_int8
 from .model.llama import LlamaForCausalLM
 from .model.quant import kernel_dtype
 from .retrieval.head import RetrievalHead, TargetInfo, fingerprint_once, resolve_head
@@ -367,6 +369,9 @@ def _load(model: str | None, settings: RuntimeSettings, sparsity: dict) -> LLM:
     if hasattr(tensors, "check"):  # a GGUF read while loading: the file must not have changed meanwhile
         tensors.check()
     del tensors
+    if settings.embeddings == "int8" and hold_embeddings_in_int8(net):
+        warnings.warn("--embeddings int8 on a model whose LM head is its embedding table (tied): the head keeps "
+                      "the float table, so the int8 one adds memory; it saves memory on untied models", stacklevel=3)
     if dev.type == "cpu" and net.has_quantized_layers() and kernel_dtype() == torch.bfloat16:
         hold_head_in_bf16(net)
     llm = LLM(net, tokenizer, settings, path, target)

@@ -21,6 +21,7 @@ ACTIVATIONS = ("float", "int8")
 # the float formats of --weights and --kv-dtype, as --dtype names them
 FLOAT_FORMATS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 KV_DTYPES = ("auto", "fp16", "bf16", "fp32", "fp8", "int8")
+EMBEDDING_FORMATS = ("float", "int8")
 
 
 def _opt(default, help: str, **extra):
@@ -56,6 +57,11 @@ class RuntimeSettings:
                             "input channel from a calibration pass over 64 tokens the model writes itself at load; "
                             "down_proj stays weight-only). Decodes faster than fp32 on VNNI CPUs, with slightly "
                             "less agreement with fp32 than weight-only int8", choices=ACTIVATIONS)
+    embeddings: str = _opt("float", "token embedding table: float (as the LM head holds it) or int8 (one byte a value "
+                           "and a float32 scale per row, each token's row upcast when read: half a bf16 table; "
+                           "for untied models such as Llama-3.1-8B and Qwen3-8B, whose table is a GiB in bf16; a "
+                           "tied model's head keeps its float table, so there it adds memory)",
+                           choices=EMBEDDING_FORMATS)
     kv_dtype: str = _opt("auto", "KV cache storage: auto (the compute dtype), int8 or fp8 (8-bit rows, int8 or "
                          "float8 e4m3, with a float32 scale per token and KV head, upcast when read, only the "
                          "chosen rows on a sparse step; offloaded layers keep their rows 8-bit in host memory), fp32, fp16, bf16 "
@@ -132,6 +138,8 @@ class RuntimeSettings:
             raise InputError(f"device must be auto, cpu, cuda or cuda:N, got {dev!r}")
         if self.kv_dtype not in KV_DTYPES:
             raise InputError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")
+        if self.embeddings not in EMBEDDING_FORMATS:
+            raise InputError(f"embeddings must be one of {', '.join(EMBEDDING_FORMATS)}, got {self.embeddings!r}")
         if self.weights not in WEIGHT_FORMATS:
             raise InputError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weights!r}")
         if self.activations not in ACTIVATIONS:

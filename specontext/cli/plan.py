@@ -25,7 +25,7 @@ def run_plan(args: argparse.Namespace, settings: RuntimeSettings) -> int:
                      budget_tokens=settings.budget_tokens, sparsity=settings.sparsity, dtype=settings.dtype,
                      slot_pool=settings.slot_pool, block_tokens=settings.block_tokens,
                      prefill_chunk_tokens=settings.prefill_chunk_tokens, retrieval_head=settings.retrieval_head,
-                     weights=settings.weights, kv_dtype=settings.kv_dtype)
+                     weights=settings.weights, kv_dtype=settings.kv_dtype, embeddings=settings.embeddings)
     payload = json.dumps(plan.to_dict(), indent=2)
     if args.output:
         tmp = args.output + ".partial"

@@ -140,6 +140,8 @@ class MemoryInputs:
             scales): 2 where the kernels run in bfloat16 (CUDA, CPUs with native bf16), else 4.
         head_bytes: bytes per element of the embeddings and LM head (None: ``weight_bytes``); 2
             where quantized layers run beside a bfloat16 head (``model/bf16.py``).
+        embedding_format: ``float`` (at ``head_bytes``) or ``int8`` (``--embeddings int8``: the
+            table in int8 with a float32 scale per row; the LM head keeps a float table).
     """
 
     model: ModelConfig
@@ -163,6 +165,7 @@ class MemoryInputs:
     kv_format: str = "float"
     quant_scale_bytes: int = 2
     head_bytes: int | None = None
+    embedding_format: str = "float"
 
     def __post_init__(self) -> None:
         for name in ("weight_bytes", "kv_bytes", "requests", "budget_tokens", "block_tokens", "prefill_chunk_tokens",
@@ -176,6 +179,8 @@ class MemoryInputs:
         check_host_memory(self.host_memory)
         if self.kv_format not in KV_FORMATS:
             raise InputError(f"kv_format must be one of {', '.join(KV_FORMATS)}, got {self.kv_format!r}")
+        if self.embedding_format not in ("float", "int8"):
+            raise InputError(f"embedding_format must be float or int8, got {self.embedding_format!r}")
         if self.weight_format not in WEIGHT_FORMATS:
             raise InputError(f"weight_format must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weight_format!r}")
 
@@ -235,10 +240,12 @@ def kv_row_bytes(inputs: MemoryInputs, offloaded: bool = False) -> int:
 
 
 def model_weight_bytes(model: ModelConfig, bytes_per_element: int, weight_format: str = "float",
-                       scale_bytes: int = 2, head_bytes: int | None = None) -> int:
+                       scale_bytes: int = 2, head_bytes: int | None = None, embedding_format: str = "float") -> int:
     """The target's weights counted from its config: linear layers as ``weight_format`` holds
     them (quantization scales at ``scale_bytes``), the embeddings and LM head at ``head_bytes``
-    an element (None: the element size), everything else (norms, biases) at the element size."""
+    an element (None: the element size), everything else (norms, biases) at the element size.
+    ``embedding_format`` ``int8``: the table is one byte a value and a float32 scale a row, and
+    the LM head keeps its own table even when tied (``model/int8_embedding.py``)."""
     E, I, V, L = model.hidden_size, model.intermediate_size, model.vocab_size, model.num_layers
     H, G, D = model.num_heads, model.num_kv_heads, model.head_dim
     linear = sum(linear_weight_bytes(rows, cols, weight_format, bytes_per_element, scale_bytes)
@@ -252,9 +259,12 @@ def model_weight_bytes(model: ModelConfig, bytes_per_element: int, weight_format
         per_layer += 2 * I + E
     if model.qk_norm:
         per_layer += 2 * D
-    embeddings = V * E * (1 if model.tie_word_embeddings else 2)
-    return (L * linear + (L * per_layer + E) * bytes_per_element
-            + embeddings * (bytes_per_element if head_bytes is None else head_bytes))
+    table = bytes_per_element if head_bytes is None else head_bytes  # a float table's bytes an element
+    if embedding_format == "int8":
+        embeddings = V * (E + 4) + V * E * table  # the int8 table, and the head's
+    else:
+        embeddings = V * E * (1 if model.tie_word_embeddings else 2) * table
+    return L * linear + (L * per_layer + E) * bytes_per_element + embeddings
 
 
 def buffers(inputs: MemoryInputs, seq_tokens: int, num_offloaded: int, slot_pool: float | None = None) -> list[Buffer]:
@@ -279,10 +289,15 @@ def buffers(inputs: MemoryInputs, seq_tokens: int, num_offloaded: int, slot_pool
         out.append(Buffer(name, tier, int(num_bytes), formula))
 
     weights = x.measured_weight_bytes if x.measured_weight_bytes is not None else \
-        model_weight_bytes(m, w, x.weight_format, x.quant_scale_bytes, x.head_bytes)
+        model_weight_bytes(m, w, x.weight_format, x.quant_scale_bytes, x.head_bytes, x.embedding_format)
+    int8_table = x.embedding_format == "int8"
+    parts = [] if x.weight_format == "float" else [f"linear layers {x.weight_format}"]
+    if x.head_bytes == 2:
+        parts.append("LM head bf16" if int8_table else "embeddings and LM head bf16")
+    if int8_table:
+        parts.append("embeddings int8 (+ a float32 scale a row; the LM head keeps its own table)")
     add("weights", "device", weights, "measured" if x.measured_weight_bytes is not None else
-        "params(config) * w" if x.weight_format == "float" else f"linear layers {x.weight_format}, "
-        + ("embeddings and LM head bf16, " if x.head_bytes == 2 else "") + "the rest * w")
+        ", ".join(parts + ["the rest * w"]) if parts else "params(config) * w")
     head = x.head_shape
     if head is not None:
         add("head_weights", "device", head.num_parameters * w, "params(head) * w")

@@ -57,7 +57,7 @@ def step_time(inputs: MemoryInputs, seq_tokens: int, num_offloaded: int, memory_
     m, x = inputs.model, inputs
     L, G, D, R, e, w, N = m.num_layers, m.num_kv_heads, m.head_dim, x.requests, x.kv_bytes, x.weight_bytes, num_offloaded
     weights = x.measured_weight_bytes if x.measured_weight_bytes is not None else \
-        model_weight_bytes(m, w, x.weight_format, x.quant_scale_bytes, x.head_bytes)
+        model_weight_bytes(m, w, x.weight_format, x.quant_scale_bytes, x.head_bytes, x.embedding_format)
     sparse = x.sparsity in SPARSE_METHODS
     K = x.budget(seq_tokens)
     attended = K if sparse else seq_tokens

@@ -119,6 +119,7 @@ class MemoryPlan:
                          "budget_tokens": x.budget_tokens, "block_tokens": x.block_tokens,
                          "weight_bytes_per_element": x.weight_bytes, "kv_bytes_per_element": x.kv_bytes,
                          "weight_format": x.weight_format, "kv_format": x.kv_format,
+                         "embedding_format": x.embedding_format,
                          "prefill_chunk_tokens": x.prefill_chunk_tokens, "retrieval_head": self.head_source,
                          "host_memory": x.host_memory},
             "device_budget_bytes": self.placement.device_budget_bytes,
@@ -150,6 +151,7 @@ class MemoryPlan:
                + (f" budget {s['budget_tokens']}" if s["sparsity"] != "dense" else "")
                + f", weights {s['weight_bytes_per_element']} B/elem"
                + (f" (linear layers {s['weight_format']})" if s["weight_format"] != "float" else "")
+               + (" (embeddings int8)" if s["embedding_format"] == "int8" else "")
                + (f", KV {s['kv_bytes_per_element']} B/elem" if s["kv_format"] == "float"
                   else f", KV {s['kv_format']} (1 B/elem and a float32 scale per token and head)"),
                f"  usable: device {d['device_budget_bytes'] / MIB:,.0f} MiB, host {d['host_budget_bytes'] / MIB:,.0f} MiB"
@@ -177,7 +179,7 @@ def make_plan(model: str | ModelConfig | None = None, device_profile: str | Devi
               requests: int = 1, budget_tokens: int = 2048, sparsity: str = "specontext", dtype: str = "auto",
               slot_pool: float = 1.0, block_tokens: int = 1, prefill_chunk_tokens: int = 512,
               retrieval_head: str = "auto", pin_fraction: float = 0.5, focus_window_tokens: int = 32,
-              weights: str = "auto", kv_dtype: str = "auto") -> MemoryPlan:
+              weights: str = "auto", kv_dtype: str = "auto", embeddings: str = "float") -> MemoryPlan:
     """Plan memory without loading weights or touching the device.
 
     Args:
@@ -194,6 +196,8 @@ def make_plan(model: str | ModelConfig | None = None, device_profile: str | Devi
             ``fp16``, ``bf16`` (which set the dtype), ``int8`` or ``int4`` (the linear layers).
         kv_dtype: the KV format (``--kv-dtype``): ``auto`` (the compute dtype), ``int8`` or ``fp8``
             (8-bit rows with their scales, resident and offloaded alike).
+        embeddings: the token table's format (``--embeddings``): ``float`` or ``int8`` (a byte a
+            value and a float32 scale a row; the LM head keeps its float table).
 
     Raises:
         InputError: the plan cannot work (the weights alone exceed the device, or the context
@@ -238,7 +242,8 @@ def make_plan(model: str | ModelConfig | None = None, device_profile: str | Devi
                           weight_format=weights if weights in ("int8", "int4") else "float",
                           kv_format=kv_dtype if kv_dtype in ("int8", "fp8") else "float",
                           quant_scale_bytes=kernel_bytes,
-                          head_bytes=2 if weights in ("int8", "int4") and kernel_bytes == 2 else None)
+                          head_bytes=2 if weights in ("int8", "int4") and kernel_bytes == 2 else None,
+                          embedding_format=embeddings)
     placement = plan_placement(inputs, profile.device_budget_bytes, profile.host_budget_bytes, profile.unified_memory,
                                target_seq_tokens=S, max_seq_tokens=limit)
     if placement.max_context_tokens == 0:
