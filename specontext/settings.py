@@ -45,7 +45,7 @@ class RuntimeSettings:
     device: str = _opt("auto", "compute device: auto (CUDA if present, else CPU), cpu, cuda, or cuda:N")
     dtype: str = _opt("auto", "weight and KV precision: auto (float32 on CPU, bfloat16 on CUDA), float32, float16, bfloat16",
                       choices=DTYPES)
-    weights: str = _opt("auto", "weight format of the linear layers: auto (on a CPU with native bf16 a GGUF keeps its "
+    weights: str = _opt("auto", "weight format of the linear layers: auto (on a CPU with native bf16 or AVX2 a GGUF keeps its "
                         "quantization: Q4_0/Q4_1/Q4_K as int4, Q8_0 as int8, else float with a notice; a float checkpoint, "
                         "or any model on CUDA, loads float as --dtype), fp32, fp16 or bf16 (CUDA), int8 (per "
                         "output row), int4 (groups of 32; Q4_0/Q4_1 blocks are kept exactly). int8 and int4 run "

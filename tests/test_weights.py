@@ -81,7 +81,7 @@ def test_auto_keeps_one_quantized_format_or_falls_back_to_float_with_a_notice(mo
     import specontext.model.quant as quant
     from specontext.loaders.gguf_loader import auto_format
 
-    monkeypatch.setattr(quant, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(quant, "cpu_bf16_kernels", lambda: True)
 
     assert auto_format(["Q4_1"]) == "int4" and auto_format(["Q4_0", "Q4_K"]) == "int4"
     assert auto_format(["Q8_0"]) == "int8"
@@ -93,8 +93,8 @@ def test_auto_keeps_one_quantized_format_or_falls_back_to_float_with_a_notice(mo
     with pytest.warns(UserWarning, match="Q4_K, Q6_K; --weights auto keeps one quantized format") as seen:
         assert auto_format(["Q4_K", "Q6_K"], warn=True) == "fp32"
     assert len(seen) == 1 and "\n" not in str(seen[0].message)
-    monkeypatch.setattr(quant, "cpu_has_bf16", lambda: False)  # the kernels are slower than float32 there
-    with pytest.warns(UserWarning, match="no native bfloat16.*--weights int4 keeps them int4") as seen:
+    monkeypatch.setattr(quant, "cpu_bf16_kernels", lambda: False)  # the kernels are slower than float32 there
+    with pytest.warns(UserWarning, match="neither native bfloat16 nor AVX2.*--weights int4 keeps them int4") as seen:
         assert auto_format(["Q4_1"], warn=True) == "fp32"
     assert len(seen) == 1
 
@@ -140,7 +140,7 @@ def test_a_q4_1_gguf_runs_int4_with_its_float_values(tiny_q4, monkeypatch):
     ids = list(range(3, 40))
     ref = specontext.load(tiny_q4, device="cpu", weights="fp32")
     fast = _logits(specontext.load(tiny_q4, device="cpu", weights="int4"), ids)
-    monkeypatch.setattr(quant, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(quant, "cpu_bf16_kernels", lambda: False)
     llm = specontext.load(tiny_q4, device="cpu", weights="int4")
     layer = llm.model.model.layers[0]
     assert isinstance(layer.self_attn.qkv_proj, Int4Linear) and isinstance(layer.mlp.down_proj, Int4Linear)
@@ -163,7 +163,7 @@ def test_auto_keeps_a_q4_1_gguf_int4_on_a_cpu(tiny_q4, monkeypatch):
     from specontext.model.bf16 import BF16Embedding, BF16Head
     from specontext.model.quant import kernel_dtype
 
-    monkeypatch.setattr(quant, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(quant, "cpu_bf16_kernels", lambda: True)
 
     ids = list(range(3, 40))
     auto = specontext.load(tiny_q4, device="cpu")
@@ -210,7 +210,7 @@ def test_a_plan_reads_a_gguf_s_format_from_its_header_for_auto(tiny_q4, monkeypa
     import specontext.model.quant as quant
     from specontext.planner.plan import make_plan
 
-    monkeypatch.setattr(quant, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(quant, "cpu_bf16_kernels", lambda: True)
 
     def weights(plan):
         return next(b["bytes"] for b in plan.to_dict()["at_context"]["buffers"] if b["name"] == "weights")

@@ -66,8 +66,9 @@ def auto_format(linear_types: list[str], warn: bool = False) -> str:
     """``int4``, ``int8`` or ``fp32`` for a GGUF whose linear layers have ``linear_types`` (see
     :meth:`GGUFFile.auto_weight_format`); ``warn``: note a fall-back from quantized types.
 
-    Where the CPU has no native bfloat16 the int4 and int8 kernels take float32 activations and
-    are slower than float32 weights (int4 decoded the default model at 9.9 tok/s against 24), so
+    Where the CPU has neither native bfloat16 nor AVX2 (``model/quant.py``, ``cpu_bf16_kernels``)
+    the int4 and int8 kernels take float32 activations and are slower than float32 weights (int4
+    decoded the default model at 9.9 tok/s against 24 with float32 activations), so
     ``auto`` loads float32 there, with a notice."""
     fmt = None
     if linear_types and all(t in INT4_TYPES for t in linear_types):
@@ -78,7 +79,7 @@ def auto_format(linear_types: list[str], warn: bool = False) -> str:
         return fmt
     if fmt is not None:
         if warn:
-            warnings.warn(f"this CPU has no native bfloat16, where torch's {fmt} kernel is slower than float32, so "
+            warnings.warn(f"this CPU has neither native bfloat16 nor AVX2, where torch's {fmt} kernel is slower than float32, so "
                           f"--weights auto loads the GGUF's {', '.join(linear_types)} layers as float32; "
                           f"--weights {fmt} keeps them {fmt}", stacklevel=3)
         return "fp32"

@@ -33,21 +33,27 @@ FORMATS = ("int4", "int8")
 
 
 @functools.cache
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX): there a bf16 matrix-vector
-    product reads half the bytes of float32 and ran 2.7x (down_proj) to 4x (LM head) faster; elsewhere
-    bf16 is emulated and slower than float32."""
+def cpu_bf16_kernels() -> bool:
+    """Whether the CPU kernels should take bfloat16 activations: where the CPU multiplies bf16
+    natively (AVX512-BF16 or AMX), and on AVX2 CPUs without it, where torch's bf16 paths still beat
+    float32 for a decode step's memory-bound products (``bench_edge/bench_cpu_kernels.py``):
+    - AVX512-BF16: a bf16 matrix-vector product ran 2.7x (down_proj) to 4x (LM head) faster;
+    - AVX2 only (``bench_edge/results/cpu_kernels_avx2.json``): the LM head took 5.8 ms in bf16
+      against 20.3 in float32, and int8 / int4 on bf16 activations ran 1.6-2.2x / 1.2-1.7x faster
+      than float32 weights, while on float32 activations they took 5-8x longer; the default
+      model's int4 decoded at 16.1 tok/s against float32's 7.6.
+    Elsewhere (no AVX2, or not x86) float32."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = f.read()
+            flags = set(f.read().split())
     except OSError:
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool(flags & {"avx512_bf16", "amx_bf16", "avx2"})
 
 
 def kernel_dtype(bf16: bool | None = None) -> torch.dtype:
-    """The activation dtype the CPU weight-only kernels run in: bfloat16 where the CPU has it
-    (``bf16`` None: detect), else float32.
+    """The activation dtype the CPU weight-only kernels run in: bfloat16 where it pays
+    (:func:`cpu_bf16_kernels`; ``bf16`` None: detect), else float32.
 
     torch's CPU int4 and int8 weight-only matmuls take float32 activations on a generic path: on
     this project's CPU (AVX512-BF16) a [1, 576] x [576, 1536] product took 718 us in int4 and 291 us
@@ -55,7 +61,7 @@ def kernel_dtype(bf16: bool | None = None) -> torch.dtype:
     for the float32 weight itself. The kernels then want their scales (and zeros) in bfloat16 too,
     and return bfloat16 (tests/test_weights.py bounds the rounding).
     """
-    return torch.bfloat16 if (cpu_has_bf16() if bf16 is None else bf16) else torch.float32
+    return torch.bfloat16 if (cpu_bf16_kernels() if bf16 is None else bf16) else torch.float32
 
 
 @dataclass

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .bf16 import BF16Linear
-from .quant import Int8Linear, QuantizedWeight, cpu_has_bf16, quantize
+from .quant import Int8Linear, QuantizedWeight, cpu_bf16_kernels, quantize
 
 SMOOTH_ALPHA = 0.7
 CALIBRATION_TOKENS = 64
@@ -68,10 +68,10 @@ def use_int8_activations(model: nn.Module, maxima: list[dict[str, torch.Tensor]]
                          alpha: float = SMOOTH_ALPHA, bf16: bool | None = None) -> None:
     """Switch an int8 ``model`` (a LlamaForCausalLM) to the ``--activations int8`` layout, in place:
     the SMOOTHED layers smoothed and int8 x int8, UNSMOOTHED_INT8 int8 x int8, down_proj float
-    from its int8 values (bfloat16 where the CPU has native bf16; ``bf16`` None: detect). Each
+    from its int8 values (bfloat16 where the kernels run in bf16; ``bf16`` None: detect). Each
     weight is rebuilt one at a time. (The LM head is bfloat16 for every quantized format on such
     a CPU: ``model/bf16.py``.)"""
-    bf16 = cpu_has_bf16() if bf16 is None else bf16
+    bf16 = cpu_bf16_kernels() if bf16 is None else bf16
     for i, layer in enumerate(model.model.layers):
         for norm_name, owner_name, linear_name in SMOOTHED:
             owner, norm = getattr(layer, owner_name), getattr(layer, norm_name)

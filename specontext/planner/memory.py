@@ -137,7 +137,7 @@ class MemoryInputs:
             element; the rows a sparse step gathers are upcast to ``kv_bytes``). Offloaded layers
             hold it 8-bit in host memory, slots and staging, a row's values and scale packed.
         quant_scale_bytes: bytes of an int4 scale or zero (and of int8's kernel copy of its row
-            scales): 2 where the kernels run in bfloat16 (CUDA, CPUs with native bf16), else 4.
+            scales): 2 where the kernels run in bfloat16 (CUDA, CPUs with native bf16 or AVX2), else 4.
         head_bytes: bytes per element of the embeddings and LM head (None: ``weight_bytes``); 2
             where quantized layers run beside a bfloat16 head (``model/bf16.py``).
         embedding_format: ``float`` (at ``head_bytes``) or ``int8`` (``--embeddings int8``: the
