@@ -90,6 +90,7 @@ def test_a_compiled_step_reads_the_int8_table_and_8bit_kv_as_eager_does(untied):
     ids = [3, 17, 40, 8, 61, 22, 5, 90, 12]
     opts = dict(device="cpu", embeddings="int8", kv_dtype="int8")
     eager = specontext.load(untied, **opts).generate(ids, chat=False, max_new_tokens=8, ignore_eos=True)
-    compiled = specontext.load(untied, compile_decode="on", **opts).generate(ids, chat=False, max_new_tokens=8,
-                                                                              ignore_eos=True)
+    llm = specontext.load(untied, compile_decode="on", **opts)
+    compiled = llm.generate(ids, chat=False, max_new_tokens=8, ignore_eos=True)
+    assert llm.engine._compiled is not None, "the decode steps must have run compiled"
     assert compiled.token_ids == eager.token_ids

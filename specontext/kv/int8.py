@@ -37,15 +37,12 @@ def quantize_rows(x: torch.Tensor, fmt: str = "int8") -> tuple[torch.Tensor, tor
 
 
 def upcast(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``q * scale`` as ``dtype``: multiplied in float32 and rounded once, written straight into
-    ``out`` (a new tensor when None), with no float32 copy of the values. int8 promotes inside the
-    multiply; fp8, which torch does not promote, is first widened to ``dtype`` (e4m3 is exact in
-    float32, bfloat16 and float16). So reading n values costs ``n w`` bytes (``2 n w`` for fp8)
-    where ``(q.float() * s).to(dtype)`` cost ``n (w + 8)``."""
-    src = q if q.dtype == torch.int8 else q.to(dtype)
-    if out is None:
-        out = torch.empty(q.shape, dtype=dtype, device=q.device)
-    return torch.mul(src, scale, out=out)
+    """``q * scale`` as ``dtype``, in ``out`` (a new tensor when None): the 8-bit values are cast
+    into it (int8 and e4m3 are exact in float32, bfloat16 and float16), then scaled in place, so
+    the read holds ``n w`` bytes and no float32 temporary (``torch.mul`` of int8 by float32 makes
+    one on a CPU). The multiply runs in float32 and rounds once, as ``(q.float() * s).to(dtype)``."""
+    out = q.to(dtype) if out is None else out.copy_(q)
+    return out.mul_(scale)
 
 
 class Int8ResidentLayer:

@@ -40,8 +40,9 @@ def cpu_bf16_kernels() -> bool:
     - AVX512-BF16: a bf16 matrix-vector product ran 2.7x (down_proj) to 4x (LM head) faster;
     - AVX2 only (``bench_edge/results/cpu_kernels_avx2.json``): the LM head took 5.8 ms in bf16
       against 20.3 in float32, and int8 / int4 on bf16 activations ran 1.6-2.2x / 1.2-1.7x faster
-      than float32 weights, while on float32 activations they took 5-8x longer; the default
-      model's int4 decoded at 16.1 tok/s against float32's 7.6.
+      than float32 weights, while on float32 activations they took 5-7x (int8) and 8-10x (int4)
+      longer; the default model's int4 decoded at 16.1 tok/s against float32's 6.7
+      (``weights_cpu_avx2.json``).
     Elsewhere (no AVX2, or not x86) float32."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:

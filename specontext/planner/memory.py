@@ -343,12 +343,16 @@ def buffers(inputs: MemoryInputs, seq_tokens: int, num_offloaded: int, slot_pool
                             + " + 2 min(H W S, 2^24) 4 (focus)")
     attended = K + 1 if x.sparsity in SPARSE_METHODS else seq_tokens
     decode = R * ((3 * E + 2 * (H + 2 * G) * D + 3 * I) * w + (0 if x.fused_attention else 2 * H * attended * 4)
-                  + 2 * V * 4) + upcast_bytes(x, attended)
+                  + 2 * V * 4)
+    # 8-bit KV: a dense step upcasts what it attends over; a per-layer method reads every past K to
+    # choose (kv/cache.py: past); a global method gathers into kv_selected, counted above
+    upcast_at = 0 if x.sparsity in GLOBAL_METHODS else seq_tokens
+    decode += upcast_bytes(x, upcast_at)
     if prefill >= decode:
         add("workspace_prefill", "device", prefill, prefill_formula)
     else:
         add("workspace_decode", "device", decode, "R ((3E + 2(H + 2G)D + 3I) w + 2 V 4)"
-            + upcast_formula(x, "A"))
+            + (upcast_formula(x, "S") if upcast_at else ""))
     return out
 
 
@@ -374,8 +378,7 @@ def prefill_workspace(inputs: MemoryInputs, seq_tokens: int) -> tuple[int, str]:
       engine's concatenation of the rows);
     - on the CPU (float32 only: the runtime refuses 2-byte types there), the flash kernel's
       scratch: per thread a block of scores, its row statistics and its outputs;
-    - with 8-bit KV, the layer's K and V upcast for attention (``kv/int8.py``): ``2 R G S D w``
-      (fp8: ``3``, V widened before its scales multiply).
+    - with 8-bit KV, the layer's K and V upcast for attention (``kv/int8.py``): ``2 R G S D w``.
 
     :func:`buffers` adds query-focused pinning's focus terms. A bound, not a measurement:
     tests/test_planner.py checks it against the peak of what a CPU prefill really allocates.
@@ -412,19 +415,18 @@ def prefill_workspace(inputs: MemoryInputs, seq_tokens: int) -> tuple[int, str]:
 
 def upcast_bytes(inputs: MemoryInputs, attended_tokens: int) -> int:
     """Transient bytes of reading one layer's 8-bit K and V over ``attended_tokens`` positions
-    (``kv/int8.py``, ``upcast``): K and V in the compute dtype, ``2 R G S D w``, and for fp8 also
-    V widened to the compute dtype before its scales multiply, ``3 R G S D w``; 0 for float KV."""
+    (``kv/int8.py``, ``upcast``): both in the compute dtype, ``2 R G S D w``; 0 for float KV."""
     m, x = inputs.model, inputs
     if x.kv_format == "float":
         return 0
-    return x.requests * m.num_kv_heads * attended_tokens * m.head_dim * x.kv_bytes * (3 if x.kv_format == "fp8" else 2)
+    return 2 * x.requests * m.num_kv_heads * attended_tokens * m.head_dim * x.kv_bytes
 
 
 def upcast_formula(inputs: MemoryInputs, tokens: str) -> str:
     """:func:`upcast_bytes`' formula, ``tokens`` its positions' letter ('' for float KV)."""
     if inputs.kv_format == "float":
         return ""
-    return f" + {3 if inputs.kv_format == 'fp8' else 2} R G {tokens} D w (8-bit KV upcast of {tokens} positions)"
+    return f" + 2 R G {tokens} D w (8-bit KV upcast of {tokens} positions)"
 
 
 def tier_bytes(bufs: list[Buffer], tier: str, include_workspace: bool = True) -> int:
