@@ -143,15 +143,15 @@ class PackedRows(FloatRows):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.pack(*quantize_rows(x, self.fmt))
 
+    def unpack(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed rows [..., width] -> views of their 8-bit values [..., D] and scales [..., 1]."""
+        return rows[..., :self.head_dim].view(FORMATS[self.fmt][0]), rows[..., self.scale_at:].view(torch.float32)
+
     def decode(self, rows: torch.Tensor) -> torch.Tensor:
-        q = rows[..., :self.head_dim].view(FORMATS[self.fmt][0])
-        scale = rows[..., self.scale_at:].view(torch.float32)
-        return upcast(q, scale, self.dtype)
+        return upcast(*self.unpack(rows), self.dtype)
 
     def gather(self, src: torch.Tensor, flat_rows: torch.Tensor, out: torch.Tensor) -> None:
-        rows = torch.index_select(src, 0, flat_rows)
-        upcast(rows[..., :self.head_dim].view(FORMATS[self.fmt][0]), rows[..., self.scale_at:].view(torch.float32),
-               self.dtype, out=out)
+        upcast(*self.unpack(torch.index_select(src, 0, flat_rows)), self.dtype, out=out)
 
 
 def row_codec(kv_format: str, head_dim: int, dtype: torch.dtype) -> FloatRows:
