@@ -365,14 +365,18 @@ def _load(model: str | None, settings: RuntimeSettings, sparsity: dict) -> LLM:
     target = TargetInfo.of(cfg, fingerprint_once(tensors), name=os.path.basename(os.path.normpath(path)))
     net = LlamaForCausalLM(cfg, device="meta")  # not under torch.device("meta"): see LlamaForCausalLM
     weights = getattr(tensors, "weight_format", weights)  # what a GGUF's auto chose
-    net.load_checkpoint(tensors, dtype=dt, device=dev, quantize_to=weights if weights in QUANTIZED else None)
+    head_in_bf16 = dev.type == "cpu" and weights in QUANTIZED and kernel_dtype() == torch.bfloat16
+    # the head (and a float table) load straight into bf16; an int8 table is made from the float one
+    tables = ("lm_head.weight",) + (("model.embed_tokens.weight",) if settings.embeddings == "float" else ())
+    net.load_checkpoint(tensors, dtype=dt, device=dev, quantize_to=weights if weights in QUANTIZED else None,
+                        held_in=dict.fromkeys(tables, torch.bfloat16) if head_in_bf16 else None)
     if hasattr(tensors, "check"):  # a GGUF read while loading: the file must not have changed meanwhile
         tensors.check()
     del tensors
     if settings.embeddings == "int8" and hold_embeddings_in_int8(net):
         warnings.warn("--embeddings int8 on a model whose LM head is its embedding table (tied): the head keeps "
                       "the float table, so the int8 one adds memory; it saves memory on untied models", stacklevel=3)
-    if dev.type == "cpu" and net.has_quantized_layers() and kernel_dtype() == torch.bfloat16:
+    if head_in_bf16:
         hold_head_in_bf16(net)
     llm = LLM(net, tokenizer, settings, path, target)
     if settings.activations == "int8":

@@ -188,3 +188,57 @@ def test_gguf_tensor_outside_the_file_is_refused_before_reading(tmp_path):
     path.write_bytes(_header(1, 1) + _kv_string("general.architecture", b"llama") + tensor + bytes(64))
     with pytest.raises(ModelFileError, match="lies outside the file"):
         GGUFFile(str(path))
+
+
+def _reader_view(path):
+    """The gguf package's reading of a file's metadata and tensors (the reference)."""
+    reader = gguf.GGUFReader(path)
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    tensors = [(t.name, t.tensor_type, tuple(int(d) for d in t.shape), int(t.data_offset), int(t.n_bytes),
+                t.data.dtype, tuple(t.data.shape)) for t in reader.tensors]
+    return meta, tensors
+
+
+def test_header_walk_decodes_what_the_gguf_package_reads(tmp_path):
+    """Our bounded walk decodes the metadata (every value type, arrays of numbers and strings) and
+    the tensors' places as the gguf package's reader does, on the default model and on a file
+    holding every scalar type."""
+    from specontext import assets
+
+    path = str(tmp_path / "types.gguf")
+    writer = gguf.GGUFWriter(path, "llama")
+    T = gguf.GGUFValueType
+    for i, (vtype, value) in enumerate([(T.UINT8, 200), (T.INT8, -100), (T.UINT16, 60000), (T.INT16, -30000),
+                                        (T.UINT32, 4_000_000_000), (T.INT32, -2_000_000_000), (T.FLOAT32, 0.1),
+                                        (T.BOOL, True), (T.STRING, "héllo"), (T.UINT64, 2**63 + 5),
+                                        (T.INT64, -2**62), (T.FLOAT64, 1 / 3)]):
+        writer.add_key_value(f"test.scalar{i}", value, vtype)
+    writer.add_key_value("test.floats", [0.5, -1.25, 3.0], T.ARRAY, sub_type=T.FLOAT32)
+    writer.add_key_value("test.ints", [1, -2, 3], T.ARRAY, sub_type=T.INT32)
+    writer.add_key_value("test.strings", ["a", "", "ß c"], T.ARRAY, sub_type=T.STRING)
+    writer.add_tensor("token_embd.weight", np.arange(64 * 32, dtype=np.float32).reshape(32, 64))
+    writer.add_tensor("output_norm.weight", np.ones(64, dtype=np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    for p in (path, assets.default_model_path()):
+        ours = GGUFFile(p)
+        meta, tensors = _reader_view(p)
+        assert ours.meta == meta
+        assert [(t.name, t.tensor_type, t.shape, t.data_offset, t.n_bytes, t.dtype, t.raw_shape)
+                for t in ours.tensors] == tensors
+    assert GGUFFile(path).meta["test.scalar6"] == pytest.approx(0.1, rel=1e-7)  # float32's value
+
+
+def test_repeated_names_in_a_header_are_refused(tmp_path):
+    import struct
+
+    from specontext.errors import ModelFileError
+
+    name = b"token_embd.weight"
+    tensor = struct.pack("<Q", len(name)) + name + struct.pack("<IQQIQ", 2, 8, 1, 0, 0)  # F32, 32 bytes
+    path = tmp_path / "twice.gguf"
+    path.write_bytes(_header(2, 1) + _kv_string("general.architecture", b"llama") + 2 * tensor + bytes(96))
+    with pytest.raises(ModelFileError, match="appears twice"):
+        GGUFFile(str(path))

@@ -7,11 +7,9 @@ interleaved RoPE; they are permuted back here so one model implementation serves
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from collections.abc import Callable, MutableMapping
@@ -22,7 +20,7 @@ import torch
 from ..config import ModelConfig, RopeConfig
 from ..errors import InputError, ModelFileError, UnsupportedModelError, malformed
 from ..model.quant import INT4_GROUP, QuantizedWeight, kernel_dtype, quantize
-from .gguf_check import GGUFLayout, check_gguf_layout
+from .gguf_check import check_gguf_layout
 from .gguf_quant import INT4_TYPES, INT8_TYPES, int4_from_gguf, int8_from_gguf
 
 GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
@@ -60,6 +58,24 @@ class TensorInfo:
     n_bytes: int
     dtype: np.dtype
     raw_shape: tuple[int, ...]
+
+
+_NUMPY_TYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I8": np.int8, "I16": np.int16,
+                "I32": np.int32, "I64": np.int64}
+
+
+def _tensor_info(entry, data_start: int) -> TensorInfo:
+    """A header entry (``gguf_check.TensorEntry``, already checked) as the reads view it: float and
+    integer types as their values, others as rows of their blocks' bytes."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType(entry.ggml_type)
+    shape = tuple(reversed(entry.dims))
+    dtype = _NUMPY_TYPES.get(qtype.name)
+    if dtype is None:
+        block, type_bytes = gguf.GGML_QUANT_SIZES[qtype]
+        dtype, shape = np.uint8, (*shape[:-1], shape[-1] // block * type_bytes)
+    return TensorInfo(entry.name, qtype, entry.dims, data_start + entry.offset, entry.n_bytes, np.dtype(dtype), shape)
 
 
 def auto_format(linear_types: list[str], warn: bool = False) -> str:
@@ -103,29 +119,12 @@ class GGUFFile:
     """
 
     def __init__(self, path: str):
-        import gguf
-
         self.path = path
-        # every count and length against the file's real size first; this also names a missing,
-        # unreadable or directory path, so the reader below sees only bytes that fit
+        # every count and length checked against the file's real size as it is read (this also
+        # names a missing, unreadable or directory path): the metadata and the tensors' places
         self.layout = check_gguf_layout(path)
-        try:
-            with _header_only_copy(self.layout) as copy:
-                self.reader = gguf.GGUFReader(copy, "r")
-        except Exception as exc:  # gguf raises ValueError/IndexError/struct errors on bad bytes
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ModelFileError(f"{path} is not a valid GGUF file (truncated or corrupt: {msg})") from None
-        self.meta = {}
-        for key, fld in self.reader.fields.items():
-            try:
-                self.meta[key] = fld.contents()
-            except Exception:  # a field we cannot decode is reported only if we need it
-                self.meta[key] = None
-        # what the tensors' reads need; the reader itself (a numpy view per vocabulary entry,
-        # 131 MiB for the default model's) is let go before any weight is read
-        self.tensors = [TensorInfo(t.name, t.tensor_type, tuple(int(d) for d in t.shape), int(t.data_offset),
-                                   int(t.n_bytes), t.data.dtype, tuple(t.data.shape)) for t in self.reader.tensors]
-        del self.reader
+        self.meta = self.layout.metadata
+        self.tensors = [_tensor_info(t, self.layout.data_start) for t in self.layout.tensors]
         arch = self.meta.get("general.architecture")
         if arch not in GGUF_ARCHITECTURES:
             raise UnsupportedModelError(
@@ -327,7 +326,9 @@ class GGUFFile:
         arr = self._tensor_f32(tensor.name)
         if permuted:
             arr = _unpermute_rope_rows(arr, heads)
-        return torch.from_numpy(np.array(arr, dtype=np.float32, order="C"))  # own, writable copy
+        # float32, C order and writable; copied only where it is not already (a table's values are
+        # made here, so a second copy would double the load's peak: 113 MiB for the default model's)
+        return torch.from_numpy(np.require(arr, np.float32, ["C", "W"]))
 
     def check_unchanged(self) -> None:
         """Raise ModelFileError if the file is no longer the one whose header was read."""
@@ -370,22 +371,6 @@ class LazyTensors(MutableMapping):
 
     def __len__(self) -> int:
         return len(self._items)
-
-
-@contextlib.contextmanager
-def _header_only_copy(layout: GGUFLayout):
-    """An anonymous file holding the header's bytes, sparse (zeros, never read) up to the real
-    file's size, for the ``gguf`` package's reader, which memory-maps what it is given: mapping
-    the model file itself would turn a truncation by another program into a SIGBUS."""
-    make = getattr(os, "memfd_create", None)
-    f = os.fdopen(make("specontext-gguf-header", getattr(os, "MFD_CLOEXEC", 0)), "w+b") if make \
-        else tempfile.TemporaryFile()
-    with f:
-        f.write(layout.header)
-        f.truncate(layout.size)
-        f.flush()
-        f.seek(0)
-        yield f
 
 
 def _unpermute_rope_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
