@@ -152,6 +152,7 @@ class LLM:
         self.target = target
         self.retrieval_head: RetrievalHead | None = None
         self.engine = Engine(model, tokenizer, settings)
+        self.engine.model_path = path
         self.settings = settings
         self.set_sparsity()
 

@@ -63,6 +63,8 @@ class Engine:
         self.on_select: Callable[[Selection | None, StepPlan], None] | None = None
         self._compiled: tuple[str, Callable] | None = None  # (mode, the model step under torch.compile), on first use
         self._compile_key = next(_compile_keys)
+        self._aot = None  # the ahead-of-time decode step (compile_decode aot), on first use
+        self.model_path: str | None = None  # the model's file or folder (None: the default), for building it
 
     @property
     def context_tokens(self) -> int:
@@ -110,7 +112,7 @@ class Engine:
         shape (the static step attends over the whole buffer), 5 to 25 s each on a CPU, so
         generations of nearby lengths share one, for at most a bucket less one of masked positions.
         The generation still stops at ``capacity_tokens``."""
-        if self.settings.compile_decode == "off":
+        if self.settings.compile_decode in ("off", "aot"):  # aot: one library for every capacity
             return capacity_tokens
         bucket = -(-capacity_tokens // COMPILE_BUCKET_TOKENS) * COMPILE_BUCKET_TOKENS
         return max(capacity_tokens, min(bucket, self.context_tokens))
@@ -220,7 +222,7 @@ class Engine:
         """Forget the compiled decode step (the next compiled step compiles again, or reuses
         dynamo's graph of the same shapes). ``modules_changed``: the model's modules were changed
         in place, so no graph compiled before may be used again (a new compile key)."""
-        self._compiled = None
+        self._compiled = self._aot = None
         if modules_changed:
             self._compile_key = next(_compile_keys)
 
@@ -231,6 +233,8 @@ class Engine:
         mode = self.settings.compile_decode
         if mode == "off" or type(cache) is not DenseKVCache or cache.grow_tokens:
             return None
+        if mode == "aot":
+            return self._aot_decode(cache, selector)
         if selector is not None and ((selector.method != "dense" and selector.method not in GLOBAL_METHODS)
                                      or selector.measure_recall):
             return None
@@ -250,6 +254,23 @@ class Engine:
                 {"options": {"guard_filter_fn": skip}} if skip is not None else {}
             self._compiled = (mode, torch.compile(_model_step, fullgraph=True, dynamic=False, **how))
         return partial(self._compiled[1], self.model, self._compile_key)
+
+    def _aot_decode(self, cache: DenseKVCache, selector: Selector | None) -> Callable | None:
+        """The ahead-of-time decode step (``model/aot_step.py``) for a dense step of one row over
+        float KV of at least MIN_TOKENS positions; None (eager) for any other step."""
+        from .model.aot_step import MIN_TOKENS, load_or_build
+
+        if self.model.device.type != "cpu":
+            raise InputError("compile_decode aot runs on a CPU; on CUDA use on or cuda-graph")
+        if self.settings.activations != "float":
+            raise InputError("compile_decode aot takes float activations; drop --activations int8 or use "
+                             "--compile-decode on")
+        if (selector is not None and selector.method != "dense") or cache.batch_size != 1 \
+                or cache.kv_format != "float" or cache.row_pitch < MIN_TOKENS:
+            return None
+        if self._aot is None:
+            self._aot = load_or_build(self.model, self.model_path, self.settings, torch.get_num_threads())
+        return self._aot
 
     def new_selector(self, capacity_tokens: int, batch_size: int = 1,
                      sparsity: SparsityOptions | None = None, cache: KVCache | None = None) -> Selector:

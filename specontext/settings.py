@@ -15,7 +15,7 @@ from .methods import METHODS, check_offload
 from .retrieval.selection import SparsityOptions
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-COMPILE_MODES = ("off", "on", "cuda-graph")
+COMPILE_MODES = ("off", "on", "aot", "cuda-graph")
 WEIGHT_FORMATS = ("auto", "fp32", "fp16", "bf16", "int8", "int4")
 ACTIVATIONS = ("float", "int8")
 # the float formats of --weights and --kv-dtype, as --dtype names them
@@ -115,7 +115,11 @@ class RuntimeSettings:
                                "or streaming): off; on (the first decode step compiles, 5 to 25 s for the default "
                                "model on a CPU, less once cached on disk, once per cache capacity in whole 256-token "
                                "buckets; each step is then 1.05 to 1.4x faster (int4 weights, 1k and 8k), but a dense "
-                               "step attends over the whole cache, and compiling adds 170 MiB of RSS at 1k, 500 MiB at 8k); cuda-graph (CUDA only: compiled and "
+                               "step attends over the whole cache, and compiling adds 170 MiB of RSS at 1k, 500 MiB at 8k); "
+                               "aot (CPU, dense steps of one row over float KV: the step compiled ahead of time by "
+                               "AOTInductor in a child process, about 2 minutes once per model and settings, cached "
+                               "under $SPECONTEXT_AOT_DIR or ~/.cache/specontext/aot; no torch.compile in this process, "
+                               "so about eager's RSS; 2.0x eager's speed for the default model at 1k); cuda-graph (CUDA only: compiled and "
                                "captured as CUDA graphs, torch's reduce-overhead mode: 5.8 to 8.9x faster steps on an "
                                "H200 where the step is launch-bound; opt-in until its sparse tokens are checked "
                                "in float32 there)",

@@ -1,0 +1,216 @@
+"""The decode step compiled ahead of time (``--compile-decode aot``, CPU): AOTInductor builds it
+once, in a child process, into a shared library; this process loads and runs it without importing
+torch.compile.
+
+Shape letters: L layers, G KV heads, S positions per row, D head dim, V vocabulary.
+
+Why: on a CPU a small model's eager decode step is mostly framework overhead (the default model:
+about 20 ms of a 45-55 ms step on this project's 2-core AVX2 machine; its int4 products and LM
+head take about 18 ms). torch.compile removes the overhead, but compiling in the serving process
+costs its imports and working memory (dynamo and inductor: 178 MiB of RSS for a one-line function;
+the default model compiled at 1k peaked at 663-743 MiB, 1.6-1.8x llama.cpp's). AOTInductor
+compiles the same step to a library in a child process; loading it adds about 1 MiB.
+
+The step's graph takes the model's weights as inputs rather than constants, so the library holds
+no copy of them and does not depend on their values: a library is keyed by what the graph depends
+on (:func:`step_key`: the config, every weight's name, shape and dtype, the module types, torch's
+version, this CPU's vector extensions and the thread count it was built for). Each layer's K and
+V buffers, [1, G, S, D], are inputs written in place at the step's position; S is dynamic, so one
+library serves every cache capacity. One row (B = 1), float KV; other steps run eagerly.
+
+Each library is checked against the eager model on one step when it is loaded (:meth:`AOTStep.check`).
+Built libraries live in ``$SPECONTEXT_AOT_DIR`` or ``$XDG_CACHE_HOME/specontext/aot`` (default
+``~/.cache/specontext/aot``), one folder per key, written whole or not at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..kv.plan import StepPlan
+from ..kv.rows import store_rows
+
+MIN_TOKENS = 16  # the smallest cache capacity the library takes (export specializes sizes 0 and 1)
+
+
+class _BufferKV:
+    """The step's K/V buffers as the cache interface the layers call: resident, float, dense."""
+
+    def __init__(self, kv: list[torch.Tensor]):
+        self.kv = kv
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: StepPlan):
+        k_buf, v_buf = self.kv[2 * layer], self.kv[2 * layer + 1]
+        store_rows(k_buf, v_buf, k, v, plan)
+        return k_buf, v_buf, plan.attn_mask
+
+
+class _Run(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, plan, cache):
+        return self.model.run(ids, plan, cache)
+
+
+class DecodeStep(nn.Module):
+    """``forward(ids [1, 1], positions [1, 1], mask [1, 1, 1, S] bool, kv [2 L] x [1, G, S, D],
+    weights)`` -> float32 logits [1, V]: the model's decode step over whole buffers (a static
+    plan, ``kv/plan.py``), with its weights (in :attr:`names` order) passed in."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.inner = _Run(model)
+        self.names = [n for n, _ in self.inner.named_parameters()] + [n for n, _ in self.inner.named_buffers()]
+
+    def weights(self) -> list[torch.Tensor]:
+        found = {**dict(self.inner.named_parameters()), **dict(self.inner.named_buffers())}
+        return [found[n] for n in self.names]
+
+    def forward(self, ids, positions, mask, kv, weights):
+        model = self.inner.model
+        cos, sin = model.rotary(positions, model.dtype)
+        plan = StepPlan(positions=positions, input_lens=(1,), starts=(0,), write_start=None, kv_len=kv[0].shape[2],
+                        attn_mask=mask, cos=cos, sin=sin, static=True)
+        return torch.func.functional_call(self.inner, dict(zip(self.names, weights)), (ids, plan, _BufferKV(kv)))
+
+
+def step_key(model: nn.Module, threads: int) -> str:
+    """What a built library depends on, hashed (see the module docstring)."""
+    from ..model.quant import cpu_bf16_kernels
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            isa = sorted({w for w in f.read().split() if w.startswith(("avx", "amx", "fma", "f16c"))})
+    except OSError:
+        isa = []
+    step = DecodeStep(model)
+    what = {"config": asdict(model.config), "torch": torch.__version__, "isa": isa, "threads": threads,
+            "bf16_kernels": cpu_bf16_kernels(), "dtype": str(model.dtype),
+            "weights": [(n, tuple(w.shape), str(w.dtype)) for n, w in zip(step.names, step.weights())],
+            "modules": [type(m).__qualname__ for m in model.modules()]}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def cache_dir() -> str:
+    root = os.environ.get("SPECONTEXT_AOT_DIR")
+    if not root:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(base, "specontext", "aot")
+    return root
+
+
+def build(model: nn.Module, package_path: str) -> str:
+    """Export the decode step of ``model`` and compile it with AOTInductor into ``package_path``
+    (a ``.pt2``). Imports torch.compile's machinery: run it in a child process (:func:`main`)."""
+    cfg = model.config
+    step = DecodeStep(model).eval()
+    S = MIN_TOKENS * 4
+    kv = [torch.zeros(1, cfg.num_kv_heads, S, cfg.head_dim, dtype=model.dtype) for _ in range(2 * cfg.num_layers)]
+    args = (torch.zeros(1, 1, dtype=torch.int64), torch.zeros(1, 1, dtype=torch.int64),
+            torch.ones(1, 1, 1, S, dtype=torch.bool), kv, step.weights())
+    tokens = torch.export.Dim("tokens", min=MIN_TOKENS, max=max(cfg.max_position_embeddings, MIN_TOKENS + 1))
+    shapes = (None, None, {3: tokens}, [{2: tokens}] * len(kv), [None] * len(args[4]))
+    with torch.no_grad():
+        exported = torch.export.export(step, args, dynamic_shapes=shapes, strict=False)
+        return torch._inductor.aoti_compile_and_package(exported, package_path=package_path)
+
+
+class AOTStep:
+    """A built decode step, loaded: call it as the engine calls a compiled step."""
+
+    def __init__(self, package_path: str, model: nn.Module):
+        self.model = model
+        self.loader = torch._C._aoti.AOTIModelPackageLoader(package_path, "model", False, 1, -1)
+        self.weights = DecodeStep(model).weights()
+
+    def run(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, kv: list[torch.Tensor]) -> torch.Tensor:
+        return self.loader.run([ids, positions, mask, *kv, *self.weights])[0]
+
+    def __call__(self, ids, plan: StepPlan, cache, logits_for: str, capture, captured) -> torch.Tensor:
+        kv = [t for layer in cache.layers for t in (layer.k, layer.v)]
+        return self.run(ids, plan.positions, plan.attn_mask, kv)
+
+    def check(self) -> float:
+        """The largest difference between this library's logits and the eager model's on one step
+        at position 0 (relative to the largest logit); raises InputError above 1e-3."""
+        from ..kv.cache import DenseKVCache
+
+        cfg, model = self.model.config, self.model
+        cache = DenseKVCache(cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim, MIN_TOKENS, model.dtype, "cpu")
+        ids = torch.tensor([[cfg.bos_token_id or 0]])
+        with torch.inference_mode():
+            eager = model(ids, cache.plan_step([1]), cache)
+        kv = [torch.zeros_like(t) for layer in cache.layers for t in (layer.k, layer.v)]
+        mask = (torch.arange(MIN_TOKENS) == 0)[None, None, None, :]
+        got = self.run(ids, torch.zeros(1, 1, dtype=torch.int64), mask, kv)
+        err = ((got - eager).abs().max() / eager.abs().max().clamp_min(1e-6)).item()
+        if not err <= 1e-3:
+            raise InputError(f"the ahead-of-time decode step differs from the eager model (relative error {err:.2g}); "
+                             f"delete {cache_dir()} to rebuild it, or use --compile-decode off")
+        return err
+
+
+def load_or_build(model: nn.Module, model_path: str, settings, threads: int) -> AOTStep:
+    """The decode step for ``model`` (loaded from ``model_path`` with ``settings``), built in a child
+    process the first time (a notice on stderr), then loaded from the cache and checked."""
+    key = step_key(model, threads)
+    folder = os.path.join(cache_dir(), key)
+    package = os.path.join(folder, "step.pt2")
+    if not os.path.exists(package):
+        os.makedirs(folder, exist_ok=True)
+        print(f"specontext: compiling the decode step ahead of time (once per model and settings; about 2 minutes "
+              f"for the default model on 2 cores) into {folder}", file=sys.stderr, flush=True)
+        cmd = [sys.executable, "-m", "specontext.model.aot_step", "--out", package, "--key", key,
+               "--threads", str(threads), "--weights", settings.weights, "--embeddings", settings.embeddings]
+        if model_path:
+            cmd += ["--model", model_path]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not os.path.exists(package):
+            reason = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise InputError(f"the decode step did not compile ahead of time ({reason[:200]}); "
+                             f"use --compile-decode off or on")
+    step = AOTStep(package, model)
+    step.check()
+    return step
+
+
+def main() -> None:
+    """The child process: load the model as the parent did, check the key, build, then move the
+    package into place (a build that is interrupted leaves nothing behind)."""
+    parser = argparse.ArgumentParser(description="build the ahead-of-time decode step (run by specontext itself)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--key", required=True)
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--weights", default="auto")
+    parser.add_argument("--embeddings", default="float")
+    args = parser.parse_args()
+    import specontext
+
+    llm = specontext.load(args.model, device="cpu", threads=args.threads, weights=args.weights,
+                          embeddings=args.embeddings)
+    if step_key(llm.model, args.threads) != args.key:
+        raise SystemExit("the model loaded here is not the one the parent process holds (its key differs)")
+    tmp = f"{os.path.splitext(args.out)[0]}.{os.getpid()}.tmp.pt2"  # the packager takes a name ending in .pt2
+    try:
+        build(llm.model, tmp)
+        os.replace(tmp, args.out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+if __name__ == "__main__":
+    main()
