@@ -18,6 +18,7 @@ Markdown table.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -48,24 +49,27 @@ def gguf_tokenizer():
 
 def worker_ours(context: int, decode_tokens: int, threads: int, config: str = "fp32/dense",
                 budget: int = 1024) -> dict:
-    """Our engine: ``config`` is WEIGHTS/SPARSITY[/kv8][/compiled], WEIGHTS one of auto, fp32, int8,
+    """Our engine: ``config`` is WEIGHTS/SPARSITY[/kv8][/compiled|/aot], WEIGHTS one of auto, fp32, int8,
     int8-a8 (--activations int8), int4, SPARSITY dense or specontext (the shipped head, ``budget``
     tokens; specontext+ort runs the head on ONNX Runtime), ``kv8`` an 8-bit KV cache (--kv-dtype
-    int8) and ``compiled`` the decode step under torch.compile (--compile-decode on). A compiled
-    step is compiled for its cache's shape, so its warm-up is the same generation, run once before
-    the timed one (``warmup_s`` records it: compiling plus one run)."""
+    int8), ``compiled`` the decode step under torch.compile (--compile-decode on) and ``aot`` the
+    step compiled ahead of time (--compile-decode aot). A compiled step is compiled for its cache's
+    shape, so its warm-up is the same generation, run once before the timed one (``warmup_s``
+    records it: compiling, or for aot loading the built step or building it, plus one run)."""
     import torch
 
     import specontext
 
     weights, sparsity, *extra = config.split("/")
     opts = {"weights": weights.split("-")[0], "activations": "int8" if weights == "int8-a8" else "float"}
-    if set(extra) - {"kv8", "compiled"}:
-        raise SystemExit(f"unknown part {'/'.join(extra)!r} in {config!r}; use WEIGHTS/SPARSITY[/kv8][/compiled]")
+    if set(extra) - {"kv8", "compiled", "aot"}:
+        raise SystemExit(f"unknown part {'/'.join(extra)!r} in {config!r}; use WEIGHTS/SPARSITY[/kv8][/compiled|/aot]")
     if "kv8" in extra:
         opts["kv_dtype"] = "int8"
     if "compiled" in extra:
         opts["compile_decode"] = "on"
+    if "aot" in extra:
+        opts["compile_decode"] = "aot"
     if sparsity.endswith("+ort"):  # the retrieval head on ONNX Runtime (the onnx extra)
         sparsity = sparsity[:-4]
         opts["retrieval_backend"] = "onnxruntime"
@@ -74,13 +78,15 @@ def worker_ours(context: int, decode_tokens: int, threads: int, config: str = "f
     llm = specontext.load(device="cpu", threads=threads, **opts)
     ids = _prompt_ids(llm.tokenizer, context - decode_tokens)
     engine = llm.engine
-    compiled = "compiled" in extra
+    compiled = "compiled" in extra or "aot" in extra
     started = time.perf_counter()
     warm = engine.generate(ids if compiled else ids[:64],
                            specontext.GenerationConfig(max_new_tokens=decode_tokens if compiled else 8, ignore_eos=True))
     for _ in warm:
         pass
     warmup_s = time.perf_counter() - started
+    del warm  # its cache too: the timed run's peak RSS must not count the warm-up's (360 MiB at 8k)
+    gc.collect()
     g = engine.generate(ids, specontext.GenerationConfig(max_new_tokens=decode_tokens, ignore_eos=True))
     for _ in g:
         pass
@@ -134,9 +140,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--engines", nargs="+", default=["ours", "llamacpp"], choices=["ours", "llamacpp"])
     parser.add_argument("--ours", nargs="+", default=["fp32/dense"],
-                        help="our configurations, WEIGHTS/SPARSITY[/kv8][/compiled]: auto, fp32, int8, int8-a8 or "
+                        help="our configurations, WEIGHTS/SPARSITY[/kv8][/compiled|/aot]: auto, fp32, int8, int8-a8 or "
                         "int4 / dense, specontext or specontext+ort (the head on ONNX Runtime) / kv8 for --kv-dtype "
-                        "int8 / compiled for --compile-decode on")
+                        "int8 / compiled for --compile-decode on, aot for --compile-decode aot")
     parser.add_argument("--budget", type=int, default=1024, help="token budget of the specontext configurations")
     parser.add_argument("--repeats", type=int, default=1, help="rounds of every run, interleaved; the table gives "
                         "each figure's median over them (this machine is shared)")
@@ -184,7 +190,7 @@ def main() -> None:
               "budget": args.budget,
               "note": "ours: WEIGHTS/SPARSITY[/kv8][/compiled] (fp32 dequantizes the GGUF; auto and int4 keep its "
                       "Q4_1 blocks as int4; int8-a8 is --weights int8 --activations int8; kv8 is --kv-dtype int8; "
-                      "compiled is --compile-decode on, timed after a warm-up run of the same shape); llama.cpp "
+                      "compiled is --compile-decode on, aot is --compile-decode aot, both timed after a warm-up run of the same shape); llama.cpp "
                       "computes on the Q4_1 weights, dense",
               "command": " ".join(["python", *sys.argv]),
               "rows": rows}
