@@ -115,7 +115,7 @@ class RuntimeSettings:
                                "or streaming): off; on (the first decode step compiles, 5 to 25 s for the default "
                                "model on a CPU, less once cached on disk, once per cache capacity in whole 256-token "
                                "buckets; each step is then 1.05 to 1.4x faster (int4 weights, 1k and 8k), but a dense "
-                               "step attends over the whole cache, and compiling adds 170 MiB of RSS at 1k, 500 MiB at 8k); "
+                               "step attends over the whole cache, and compiling adds about 170 MiB of RSS at 1k, 300 at 8k); "
                                "aot (CPU, dense steps of one row over float KV: the step compiled ahead of time by "
                                "AOTInductor in a child process, about 2 minutes once per model and settings, cached "
                                "under $SPECONTEXT_AOT_DIR or ~/.cache/specontext/aot; no torch.compile in this process, "

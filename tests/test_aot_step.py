@@ -26,20 +26,22 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("aot")
     make_hf_model("llama", str(root / "a"), seed=0, **SHAPE)
     make_hf_model("llama", str(root / "b"), seed=1, **SHAPE)  # the same shapes, other weights
+    threads = torch.get_num_threads()  # the tests load with threads=1 (a built step is keyed by it)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SPECONTEXT_AOT_DIR", str(root / "built"))
         yield root
+    torch.set_num_threads(threads)
 
 
 def _greedy(path: str, **opts) -> list[int]:
-    llm = specontext.load(path, device="cpu", weights="int4", **opts)
+    llm = specontext.load(path, device="cpu", threads=1, weights="int4", **opts)
     return llm.generate(PROMPT, chat=False, max_new_tokens=NEW_TOKENS, ignore_eos=True).token_ids
 
 
 _CHILD = """
 import json, sys
 import specontext
-llm = specontext.load(sys.argv[1], device="cpu", weights="int4", compile_decode="aot")
+llm = specontext.load(sys.argv[1], device="cpu", threads=1, weights="int4", compile_decode="aot")
 ids = llm.generate(json.loads(sys.argv[2]), chat=False, max_new_tokens=int(sys.argv[3]), ignore_eos=True).token_ids
 print(json.dumps({"ids": ids, "aot_used": llm.engine._aot is not None,
                   "torch_compile_imported": "torch._dynamo" in sys.modules or "torch._inductor" in sys.modules}))
@@ -67,7 +69,7 @@ def test_one_built_step_serves_every_model_of_the_same_shapes(models, capfd):
     if not os.path.isdir(models / "built"):
         pytest.skip("runs after the build above")
     capfd.readouterr()
-    llm = specontext.load(str(models / "b"), device="cpu", weights="int4", compile_decode="aot")
+    llm = specontext.load(str(models / "b"), device="cpu", threads=1, weights="int4", compile_decode="aot")
     ids = llm.generate(PROMPT, chat=False, max_new_tokens=NEW_TOKENS, ignore_eos=True).token_ids
     assert llm.engine._aot is not None
     assert "compiling" not in capfd.readouterr().err
@@ -87,7 +89,7 @@ def test_a_built_step_that_differs_from_the_eager_model_is_refused(models):
     if not os.path.isdir(models / "built"):
         pytest.skip("runs after the build above")
     (package,) = [os.path.join(d, "step.pt2") for d in (models / "built").iterdir()]
-    llm = specontext.load(str(models / "a"), device="cpu", weights="int4")
+    llm = specontext.load(str(models / "a"), device="cpu", threads=1, weights="int4")
     step = AOTStep(package, llm.model)
     assert step.check() <= 1e-3
     with torch.no_grad():

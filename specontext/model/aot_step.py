@@ -8,15 +8,16 @@ Why: on a CPU a small model's eager decode step is mostly framework overhead (th
 about 20 ms of a 45-55 ms step on this project's 2-core AVX2 machine; its int4 products and LM
 head take about 18 ms). torch.compile removes the overhead, but compiling in the serving process
 costs its imports and working memory (dynamo and inductor: 178 MiB of RSS for a one-line function;
-the default model compiled at 1k peaked at 663-743 MiB, 1.6-1.8x llama.cpp's). AOTInductor
+the default model compiled at 1k peaked at 633 MiB, 1.5x llama.cpp's). AOTInductor
 compiles the same step to a library in a child process; loading it adds about 1 MiB.
 
 The step's graph takes the model's weights as inputs rather than constants, so the library holds
 no copy of them and does not depend on their values: a library is keyed by what the graph depends
-on (:func:`step_key`: the config, every weight's name, shape and dtype, the module types, torch's
-version, this CPU's vector extensions and the thread count it was built for). Each layer's K and
-V buffers, [1, G, S, D], are inputs written in place at the step's position; S is dynamic, so one
-library serves every cache capacity. One row (B = 1), float KV; other steps run eagerly.
+on (:func:`step_key`: the config but its name and token ids, every weight's name, shape and dtype,
+the module types, torch's version, this CPU's vector extensions and the thread count it was built
+for). Each layer's K and V buffers, [1, G, S, D], are inputs written in place at the step's
+position; S is dynamic, so one library serves every cache capacity. One row (B = 1), float KV;
+other steps run eagerly.
 
 Each library is checked against the eager model on one step when it is loaded (:meth:`AOTStep.check`).
 Built libraries live in ``$SPECONTEXT_AOT_DIR`` or ``$XDG_CACHE_HOME/specontext/aot`` (default
@@ -96,7 +97,8 @@ def step_key(model: nn.Module, threads: int) -> str:
     except OSError:
         isa = []
     step = DecodeStep(model)
-    what = {"config": asdict(model.config), "torch": torch.__version__, "isa": isa, "threads": threads,
+    config = {k: v for k, v in asdict(model.config).items() if k not in ("name", "bos_token_id", "eos_token_ids")}
+    what = {"config": config, "torch": torch.__version__, "isa": isa, "threads": threads,
             "bf16_kernels": cpu_bf16_kernels(), "dtype": str(model.dtype),
             "weights": [(n, tuple(w.shape), str(w.dtype)) for n, w in zip(step.names, step.weights())],
             "modules": [type(m).__qualname__ for m in model.modules()]}
