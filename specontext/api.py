@@ -382,6 +382,8 @@ def _load(model: str | None, settings: RuntimeSettings, sparsity: dict) -> LLM:
     llm = LLM(net, tokenizer, settings, path, target)
     if settings.activations == "int8":
         _calibrate_int8_activations(llm)
+    if settings.compile_decode == "aot":
+        llm.engine.aot_step()
     return llm
 
 
