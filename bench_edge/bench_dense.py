@@ -55,7 +55,7 @@ def worker_ours(context: int, decode_tokens: int, threads: int, config: str = "f
     int8), ``compiled`` the decode step under torch.compile (--compile-decode on) and ``aot`` the
     step compiled ahead of time (--compile-decode aot). A compiled step is compiled for its cache's
     shape, so its warm-up is the same generation, run once before the timed one (``warmup_s``
-    records it: compiling, or for aot loading the built step or building it, plus one run)."""
+    records it: compiling plus one run; aot's step is built or loaded with the model, before it)."""
     import torch
 
     import specontext
