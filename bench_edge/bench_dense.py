@@ -188,7 +188,7 @@ def main() -> None:
     result = {"benchmark": "dense prefill/decode, default model (SmolLM2-135M-Instruct Q4_1 GGUF)",
               "machine": describe(), "decode_tokens": args.decode_tokens, "threads": args.threads,
               "budget": args.budget,
-              "note": "ours: WEIGHTS/SPARSITY[/kv8][/compiled] (fp32 dequantizes the GGUF; auto and int4 keep its "
+              "note": "ours: WEIGHTS/SPARSITY[/kv8][/compiled|/aot] (fp32 dequantizes the GGUF; auto and int4 keep its "
                       "Q4_1 blocks as int4; int8-a8 is --weights int8 --activations int8; kv8 is --kv-dtype int8; "
                       "compiled is --compile-decode on, aot is --compile-decode aot, both timed after a warm-up run of the same shape); llama.cpp "
                       "computes on the Q4_1 weights, dense",

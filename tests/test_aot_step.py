@@ -103,3 +103,29 @@ def test_aot_refuses_what_it_does_not_run(models):
     """At load, where the step would be built: int8 activations (the int8 x int8 kernel) are refused."""
     with pytest.raises(specontext.InputError, match="aot takes float activations"):
         specontext.load(str(models / "a"), device="cpu", weights="int8", activations="int8", compile_decode="aot")
+
+
+def test_the_load_check_reads_rotary_and_the_past(models):
+    """The check decodes after a prefilled past, so a built step whose rotary differs from the
+    eager model's (a change at position 0 would not show) is refused."""
+    from specontext.model.aot_step import AOTStep
+
+    if not os.path.isdir(models / "built"):
+        pytest.skip("runs after the build above")
+    (package,) = [os.path.join(d, "step.pt2") for d in (models / "built").iterdir()]
+    llm = specontext.load(str(models / "a"), device="cpu", threads=1, weights="int4")
+    step = AOTStep(package, llm.model)
+    llm.model.rotary.inv_freq *= 1.5
+    with pytest.raises(specontext.InputError, match="differs from the eager model"):
+        step.check()
+
+
+def test_a_cache_folder_others_can_write_is_refused(models, tmp_path, monkeypatch):
+    """A built step is native code this process runs: it is never loaded from a folder anyone else
+    can write."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setenv("SPECONTEXT_AOT_DIR", str(shared))
+    with pytest.raises(specontext.InputError, match="not yours alone.*SPECONTEXT_AOT_DIR"):
+        specontext.load(str(models / "a"), device="cpu", threads=1, weights="int4", compile_decode="aot")

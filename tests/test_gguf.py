@@ -242,3 +242,17 @@ def test_repeated_names_in_a_header_are_refused(tmp_path):
     path.write_bytes(_header(2, 1) + _kv_string("general.architecture", b"llama") + 2 * tensor + bytes(96))
     with pytest.raises(ModelFileError, match="appears twice"):
         GGUFFile(str(path))
+
+
+def test_text_that_is_not_utf8_is_left_undecoded(tmp_path):
+    """A string (or an array holding one) that is not UTF-8 reads as None, as the gguf package's
+    reader failed on it: undecodable tokens are never merged into one replacement string."""
+    import struct
+
+    bad = struct.pack("<Q", 8) + b"test.bad" + struct.pack("<IQ", 8, 2) + b"\xff\xfe"
+    arr = struct.pack("<Q", 10) + b"test.array" + struct.pack("<IIQ", 9, 8, 2) + struct.pack("<Q", 1) + b"a" \
+        + struct.pack("<Q", 1) + b"\xff"
+    path = tmp_path / "bad_text.gguf"
+    path.write_bytes(_header(0, 3) + _kv_string("general.architecture", b"llama") + bad + arr + bytes(32))
+    meta = GGUFFile(str(path)).meta
+    assert meta["test.bad"] is None and meta["test.array"] is None and meta["general.architecture"] == "llama"

@@ -6,8 +6,8 @@ hours, allocate what the header says, or fail deep inside numpy. Model files com
 so :func:`check_gguf_layout` reads the header itself first and checks every count and length
 against the bytes that are really there: each field must fit in what is left of the file before
 it is read, each tensor's data must lie inside the file, and nothing is allocated from a size
-field. A file that passes has a header the ``gguf`` package can read in time proportional to
-the file's size.
+field before the bytes it sizes are there. Reading a header takes time and memory proportional to
+the file's size (its arrays become Python objects: up to about 16 bytes of memory per byte).
 
 The header is read through the file, never memory-mapped: a file truncated by another program
 while it is read gives a short read and a clear error, where a mapping would fault (SIGBUS).
@@ -112,13 +112,27 @@ class _Reader:
 
 
 
+def _text(raw: bytes) -> str | None:
+    """UTF-8 text, or None where it is not: a field that cannot be decoded is reported only if the
+    loader needs it (a vocabulary whose undecodable tokens became one replacement string would
+    merge distinct tokens)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
 def _read_value(r: _Reader, vtype: int, key: str, depth: int = 0):
-    """Read one value of ``vtype``: an int, float or bool, a str (UTF-8; undecodable bytes
-    replaced), or a list of them for an array."""
+    """Read one value of ``vtype``: an int, float or bool, a str, or a list of them for an array;
+    None for text that is not UTF-8 (a string, or an array holding one).
+
+    Bounds are checked before anything is read, but an array the file does hold becomes Python
+    objects: about 16 bytes of memory per byte of a uint8 array (a vocabulary of 49,152 tokens:
+    a few MiB)."""
     if vtype in _SCALAR_SIZES:
         return r.unpack("<" + _FORMATS[vtype], f"the value of {key}")
     if vtype == _STRING:
-        return r.string(f"the value of {key}").decode("utf-8", "replace")
+        return _text(r.string(f"the value of {key}"))
     if vtype == _ARRAY:
         if depth > 0:
             raise r.fail(f"{key} is an array of arrays")
@@ -133,7 +147,8 @@ def _read_value(r: _Reader, vtype: int, key: str, depth: int = 0):
         if etype == _STRING:
             if count * 8 > r.size - r.pos:  # every string takes at least its 8-byte length
                 raise r.fail(f"{key} claims {count} strings, more than the file can hold")
-            return [r.string(f"a string of {key}").decode("utf-8", "replace") for _ in range(count)]
+            values = [_text(r.string(f"a string of {key}")) for _ in range(count)]
+            return None if None in values else values
         raise r.fail(f"{key} has an unknown element type {etype}")
     raise r.fail(f"{key} has an unknown value type {vtype}")
 
@@ -193,8 +208,8 @@ def _check(r: _Reader) -> tuple[int, dict, tuple[TensorEntry, ...]]:
             raise r.fail(f"metadata key {key} appears twice")
         value = metadata[key] = _read_value(r, vtype, key)
         if key == "general.alignment":
-            if type(value) is not int or value <= 0 or value & (value - 1) or value > 1 << 20:
-                raise r.fail(f"general.alignment is {value!r}, not a power of two")
+            if vtype != 4 or value <= 0 or value & (value - 1) or value > 1 << 20:
+                raise r.fail(f"general.alignment is {value!r}, not a uint32 power of two")
             alignment = value
     tensors, names = [], set()
     for _ in range(n_tensors):

@@ -27,9 +27,11 @@ Built libraries live in ``$SPECONTEXT_AOT_DIR`` or ``$XDG_CACHE_HOME/specontext/
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
+import stat
 import subprocess
 import sys
 from dataclasses import asdict
@@ -38,10 +40,13 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..kv.plan import StepPlan
+from ..kv.plan import StepPlan, make_plan
 from ..kv.rows import store_rows
 
 MIN_TOKENS = 16  # the smallest cache capacity the library takes (export specializes sizes 0 and 1)
+CHECK_TOKENS = 6  # the load's check: this many tokens prefilled eagerly, then one step compared
+BUILD_TIMEOUT_S = 3600
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class _BufferKV:
@@ -98,11 +103,37 @@ def step_key(model: nn.Module, threads: int) -> str:
         isa = []
     step = DecodeStep(model)
     config = {k: v for k, v in asdict(model.config).items() if k not in ("name", "bos_token_id", "eos_token_ids")}
-    what = {"config": config, "torch": torch.__version__, "isa": isa, "threads": threads,
+    what = {"config": config, "torch": torch.__version__, "isa": isa, "threads": threads, "code": _code_digest(),
             "bf16_kernels": cpu_bf16_kernels(), "dtype": str(model.dtype),
             "weights": [(n, tuple(w.shape), str(w.dtype)) for n, w in zip(step.names, step.weights())],
             "modules": [type(m).__qualname__ for m in model.modules()]}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _code_digest() -> str:
+    """This package's step code (the model, the KV layouts, this file): a library built from other
+    code is never used, whatever its version says."""
+    digest = hashlib.sha256()
+    for sub in ("model", "kv"):
+        folder = os.path.join(_PACKAGE, sub)
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".py"):
+                with open(os.path.join(folder, name), "rb") as f:
+                    digest.update(name.encode() + f.read())
+    with open(os.path.join(_PACKAGE, "config.py"), "rb") as f:
+        digest.update(f.read())
+    return digest.hexdigest()
+
+
+def _private_folder(path: str) -> None:
+    """Make ``path`` (mode 0700) or check it: a library found there is native code this process
+    loads, so the folder must be the user's own and writable by no one else."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    info = os.stat(path)
+    if info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise InputError(f"{path} holds compiled decode steps, which this process would load and run, but it is not "
+                         f"yours alone (owner uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):o}); set "
+                         f"SPECONTEXT_AOT_DIR to a folder only you can write")
 
 
 def cache_dir() -> str:
@@ -118,7 +149,7 @@ def build(model: nn.Module, package_path: str) -> str:
     (a ``.pt2``). Imports torch.compile's machinery: run it in a child process (:func:`main`)."""
     cfg = model.config
     step = DecodeStep(model).eval()
-    S = MIN_TOKENS * 4
+    S = min(MIN_TOKENS * 4, max(cfg.max_position_embeddings, MIN_TOKENS + 1))
     kv = [torch.zeros(1, cfg.num_kv_heads, S, cfg.head_dim, dtype=model.dtype) for _ in range(2 * cfg.num_layers)]
     args = (torch.zeros(1, 1, dtype=torch.int64), torch.zeros(1, 1, dtype=torch.int64),
             torch.ones(1, 1, 1, S, dtype=torch.bool), kv, step.weights())
@@ -145,18 +176,21 @@ class AOTStep:
         return self.run(ids, plan.positions, plan.attn_mask, kv)
 
     def check(self) -> float:
-        """The largest difference between this library's logits and the eager model's on one step
-        at position 0 (relative to the largest logit); raises InputError above 1e-3."""
+        """The largest difference between this library's logits and the eager model's on one decode
+        step after CHECK_TOKENS prefilled positions (so rotary, the mask and reads of the past all
+        count), relative to the largest logit; raises InputError above 1e-3."""
         from ..kv.cache import DenseKVCache
 
         cfg, model = self.model.config, self.model
-        cache = DenseKVCache(cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim, MIN_TOKENS, model.dtype, "cpu")
-        ids = torch.tensor([[cfg.bos_token_id or 0]])
+        cache = DenseKVCache(cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim, MIN_TOKENS, model.dtype, "cpu",
+                             sliding_window=cfg.sliding_window)
+        ids = (torch.arange(CHECK_TOKENS + 1) * 7919 % cfg.vocab_size)[None, :]  # any tokens, fixed
         with torch.inference_mode():
-            eager = model(ids, cache.plan_step([1]), cache)
-        kv = [torch.zeros_like(t) for layer in cache.layers for t in (layer.k, layer.v)]
-        mask = (torch.arange(MIN_TOKENS) == 0)[None, None, None, :]
-        got = self.run(ids, torch.zeros(1, 1, dtype=torch.int64), mask, kv)
+            model(ids[:, :CHECK_TOKENS], cache.plan_step([CHECK_TOKENS]), cache, logits_for="none")
+            kv = [t.clone() for layer in cache.layers for t in (layer.k, layer.v)]  # the past, before the step
+            eager = model(ids[:, CHECK_TOKENS:], cache.plan_step([1]), cache)
+        plan = make_plan([CHECK_TOKENS], [1], torch.device("cpu"), cfg.sliding_window, static_tokens=MIN_TOKENS)
+        got = self.run(ids[:, CHECK_TOKENS:], plan.positions, plan.attn_mask, kv)
         err = ((got - eager).abs().max() / eager.abs().max().clamp_min(1e-6)).item()
         if not err <= 1e-3:
             raise InputError(f"the ahead-of-time decode step differs from the eager model (relative error {err:.2g}); "
@@ -168,24 +202,37 @@ def load_or_build(model: nn.Module, model_path: str, settings, threads: int) -> 
     """The decode step for ``model`` (loaded from ``model_path`` with ``settings``), built in a child
     process the first time (a notice on stderr), then loaded from the cache and checked."""
     key = step_key(model, threads)
+    _private_folder(cache_dir())
     folder = os.path.join(cache_dir(), key)
+    _private_folder(folder)
     package = os.path.join(folder, "step.pt2")
-    if not os.path.exists(package):
-        os.makedirs(folder, exist_ok=True)
-        print(f"specontext: compiling the decode step ahead of time (once per model and settings; about 2 minutes "
-              f"for the default model on 2 cores) into {folder}", file=sys.stderr, flush=True)
-        cmd = [sys.executable, "-m", "specontext.model.aot_step", "--out", package, "--key", key,
-               "--threads", str(threads), "--weights", settings.weights, "--embeddings", settings.embeddings]
-        if model_path:
-            cmd += ["--model", model_path]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0 or not os.path.exists(package):
-            reason = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise InputError(f"the decode step did not compile ahead of time ({reason[:200]}); "
-                             f"use --compile-decode off or on")
+    with open(os.path.join(folder, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build per key at a time; a second process waits, then loads it
+        if not os.path.exists(package):
+            _build_in_child(package, key, model_path, settings, threads)
     step = AOTStep(package, model)
     step.check()
     return step
+
+
+def _build_in_child(package: str, key: str, model_path: str | None, settings, threads: int) -> None:
+    print(f"specontext: compiling the decode step ahead of time (once per model and settings; about 2 minutes "
+          f"for the default model on 2 cores, in a child process that loads the model again) into "
+          f"{os.path.dirname(package)}", file=sys.stderr, flush=True)
+    cmd = [sys.executable, "-m", "specontext.model.aot_step", f"--out={package}", f"--key={key}",
+           f"--threads={threads}", f"--weights={settings.weights}", f"--embeddings={settings.embeddings}"]
+    if model_path:
+        cmd.append(f"--model={model_path}")
+    try:  # run from the package's parent folder: the child imports this specontext, not one in the cwd
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S,
+                              cwd=os.path.dirname(_PACKAGE))
+    except subprocess.TimeoutExpired:
+        raise InputError(f"the decode step did not compile ahead of time within {BUILD_TIMEOUT_S} s; use "
+                         f"--compile-decode off or on") from None
+    if proc.returncode != 0 or not os.path.exists(package):
+        reason = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise InputError(f"the decode step did not compile ahead of time ({reason[:200]}); "
+                         f"use --compile-decode off or on")
 
 
 def main() -> None:

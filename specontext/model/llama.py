@@ -190,7 +190,9 @@ class LlamaForCausalLM(nn.Module):
         held_in = held_in or {}
         for name, held_dtype in held_in.items():
             if name in tensors:
-                tensors[name] = tensors.pop(name).to(held_dtype)
+                # a copy even where the dtype matches: a memory-mapped checkpoint's tensor would
+                # otherwise stay a view of the file (a truncated file then faults, SIGBUS)
+                tensors[name] = tensors.pop(name).to(held_dtype, copy=True)
         state = self._load_quantized(tensors, quantize_to, device)
         for name, param in self.named_parameters(remove_duplicate=False):
             if name == "lm_head.weight" and tied:
