@@ -256,10 +256,9 @@ class Engine:
         return partial(self._compiled[1], self.model, self._compile_key)
 
     def _aot_decode(self, cache: DenseKVCache, selector: Selector | None) -> Callable | None:
-        """The ahead-of-time decode step (``model/aot_step.py``) for a dense step of one row over
-        float KV of at least MIN_TOKENS positions; None (eager) for any other step."""
+        """The ahead-of-time step (``model/aot_step.py``) for a dense step of one row over float KV
+        of at least MIN_TOKENS positions; None (eager) for any other step."""
         from .model.aot_step import MIN_TOKENS
-
         step = self.aot_step()
         if (selector is not None and selector.method != "dense") or cache.batch_size != 1 \
                 or cache.kv_format != "float" or cache.row_pitch < MIN_TOKENS:
@@ -267,18 +266,10 @@ class Engine:
         return step
 
     def aot_step(self):
-        """The ahead-of-time decode step, built (in a child process, the first time for this model
-        and settings) and loaded now; the load calls it when ``compile_decode`` is ``aot``, so the
-        build happens before a generation, not inside its first decode step."""
+        """The ahead-of-time decode step, built (the first time) and loaded now; the load calls it
+        for ``compile_decode`` aot, so a build never happens inside a generation."""
         from .model.aot_step import load_or_build
-
-        if self.model.device.type != "cpu":
-            raise InputError("compile_decode aot runs on a CPU; on CUDA use on or cuda-graph")
-        if self.settings.activations != "float":
-            raise InputError("compile_decode aot takes float activations; drop --activations int8 or use "
-                             "--compile-decode on")
-        if self._aot is None:
-            self._aot = load_or_build(self.model, self.model_path, self.settings, torch.get_num_threads())
+        self._aot = self._aot or load_or_build(self.model, self.model_path, self.settings, torch.get_num_threads())
         return self._aot
 
     def new_selector(self, capacity_tokens: int, batch_size: int = 1,

@@ -201,6 +201,11 @@ class AOTStep:
 def load_or_build(model: nn.Module, model_path: str, settings, threads: int) -> AOTStep:
     """The decode step for ``model`` (loaded from ``model_path`` with ``settings``), built in a child
     process the first time (a notice on stderr), then loaded from the cache and checked."""
+    if model.device.type != "cpu":
+        raise InputError("compile_decode aot runs on a CPU; on CUDA use on or cuda-graph")
+    if settings.activations != "float":
+        raise InputError("compile_decode aot takes float activations; drop --activations int8 or use "
+                         "--compile-decode on")
     key = step_key(model, threads)
     _private_folder(cache_dir())
     folder = os.path.join(cache_dir(), key)
