@@ -38,21 +38,19 @@ VERSIONS = (2, 3)
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_KEY_BYTES = 1 << 16
 _CHUNK = 1 << 20
-# value type -> fixed size in bytes (None: string; "array": an array)
-_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_STRING, _ARRAY = 8, 9
-_INT_FORMATS = {4: "<I", 5: "<i", 10: "<Q", 11: "<q", 2: "<H", 3: "<h", 0: "<B", 1: "<b"}
+# scalar value type -> struct format and size in bytes (8 is a string, 9 an array)
 _FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_SCALAR_SIZES = {t: struct.calcsize("<" + c) for t, c in _FORMATS.items()}
+_STRING, _ARRAY = 8, 9
 
 
 @dataclass(frozen=True)
 class GGUFLayout:
-    """What the walk found: the file's size and identity when it was read, and its header's bytes
-    (everything before the data section), read through the file, never memory-mapped."""
+    """What the walk found: the file's size and identity when it was read, where the data section
+    starts, and the header's metadata and tensors, read through the file, never memory-mapped."""
 
     size: int
     data_start: int
-    header: bytes
     stat: os.stat_result
     metadata: dict = field(default_factory=dict)  # key -> int, float, bool, str or a list of them
     tensors: tuple[TensorEntry, ...] = ()
@@ -169,8 +167,7 @@ def check_gguf_layout(path: str, f=None) -> GGUFLayout:
                 raise ModelFileError(f"{path} is empty, not a GGUF file")
             r = _Reader(f, path, stat.st_size)
             data_start, metadata, tensors = _check(r)
-            r.load(min(data_start, r.size))
-            return GGUFLayout(stat.st_size, data_start, bytes(r.buf[:data_start]), stat, metadata, tensors)
+            return GGUFLayout(stat.st_size, data_start, stat, metadata, tensors)
     except ModelFileError:
         raise
     except FileNotFoundError:
