@@ -175,10 +175,19 @@ class AOTStep:
         kv = [t for layer in cache.layers for t in (layer.k, layer.v)]
         return self.run(ids, plan.positions, plan.attn_mask, kv)
 
+    def tolerance(self) -> float:
+        """The check's bound on the relative difference: 1e-3, or 2^-6 where any weight is held in
+        bfloat16 (bf16 kernels and head, ``model/quant.py``, ``model/bf16.py``). There the logits
+        outside the refined few are bf16 values, 0.125 apart between 16 and 32, and a graph that
+        fuses the float32 ops around the kernels differently flips some roundings: on the default
+        model a quarter of the logits moved by one step, 0.0039 of the largest (a rotary or norm
+        that differs moves them by far more, tests/test_aot_step.py)."""
+        return 2.0 ** -6 if any(w.dtype == torch.bfloat16 for w in self.weights) else 1e-3
+
     def check(self) -> float:
         """The largest difference between this library's logits and the eager model's on one decode
         step after CHECK_TOKENS prefilled positions (so rotary, the mask and reads of the past all
-        count), relative to the largest logit; raises InputError above 1e-3."""
+        count), relative to the largest logit; raises InputError above :meth:`tolerance`."""
         from ..kv.cache import DenseKVCache
 
         cfg, model = self.model.config, self.model
@@ -192,7 +201,7 @@ class AOTStep:
         plan = make_plan([CHECK_TOKENS], [1], torch.device("cpu"), cfg.sliding_window, static_tokens=MIN_TOKENS)
         got = self.run(ids[:, CHECK_TOKENS:], plan.positions, plan.attn_mask, kv)
         err = ((got - eager).abs().max() / eager.abs().max().clamp_min(1e-6)).item()
-        if not err <= 1e-3:
+        if not err <= self.tolerance():
             raise InputError(f"the ahead-of-time decode step differs from the eager model (relative error {err:.2g}); "
                              f"delete {cache_dir()} to rebuild it, or use --compile-decode off")
         return err
