@@ -80,6 +80,11 @@ def weight_format(settings: RuntimeSettings, device: torch.device, dtype: torch.
             raise InputError(f"--weights int4 on CUDA needs compute capability 8.0 or newer (torch's int4 kernel); "
                              f"this GPU is {major}.{minor}: use --weights bf16 or fp16")
         return "int4", torch.bfloat16
+    if fmt == "gguf":
+        if device.type != "cpu":
+            raise InputError(f"--weights gguf runs on ggml's CPU kernels; on {device.type} use --weights int4, bf16 or "
+                             f"fp16")
+        return "gguf", torch.float32
     if fmt in FLOAT_FORMATS:
         wanted = getattr(torch, FLOAT_FORMATS[fmt])
         if settings.dtype != "auto" and resolve_dtype(settings.dtype, device) != wanted:
@@ -109,6 +114,9 @@ def load_model_files(path: str | None, weights: str = "fp32") -> tuple[ModelConf
     if not os.path.exists(path):
         raise ModelFileError(f"model path not found: {path} (expected a .gguf file or a Hugging Face model folder)")
     if os.path.isdir(path):
+        if weights == "gguf":
+            raise InputError(f"--weights gguf keeps a GGUF file's blocks, but {path} is a Hugging Face folder; use "
+                             f"--weights auto, int4 or int8")
         cfg = load_hf_config(path)
         tensors = read_safetensors(path)
         extra_eos = read_generation_eos(path)
@@ -369,7 +377,8 @@ def _load(model: str | None, settings: RuntimeSettings, sparsity: dict) -> LLM:
     head_in_bf16 = dev.type == "cpu" and weights in QUANTIZED and kernel_dtype() == torch.bfloat16
     # the head (and a float table) load straight into bf16; an int8 table is made from the float one
     tables = ("lm_head.weight",) + (("model.embed_tokens.weight",) if settings.embeddings == "float" else ())
-    net.load_checkpoint(tensors, dtype=dt, device=dev, quantize_to=weights if weights in QUANTIZED else None,
+    net.load_checkpoint(tensors, dtype=dt, device=dev,
+                        quantize_to=weights if weights in QUANTIZED or weights == "gguf" else None,
                         held_in=dict.fromkeys(tables, torch.bfloat16) if head_in_bf16 else None)
     if hasattr(tensors, "check"):  # a GGUF read while loading: the file must not have changed meanwhile
         tensors.check()

@@ -16,7 +16,7 @@ from .retrieval.selection import SparsityOptions
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 COMPILE_MODES = ("off", "on", "aot", "cuda-graph")
-WEIGHT_FORMATS = ("auto", "fp32", "fp16", "bf16", "int8", "int4")
+WEIGHT_FORMATS = ("auto", "fp32", "fp16", "bf16", "int8", "int4", "gguf")
 ACTIVATIONS = ("float", "int8")
 # the float formats of --weights and --kv-dtype, as --dtype names them
 FLOAT_FORMATS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -51,7 +51,9 @@ class RuntimeSettings:
                         "output row), int4 (groups of 32; Q4_0/Q4_1 blocks are kept exactly). int8 and int4 run "
                         "on torch's CPU weight-only kernels in bfloat16 where the CPU has it, beside a bfloat16 "
                         "LM head and embeddings; int4 also on CUDA (bfloat16, compute capability 8.0+; not yet "
-                        "run on a GPU); norms stay float", choices=WEIGHT_FORMATS)
+                        "run on a GPU); gguf (a GGUF file's blocks as they are, layers, LM head and embeddings, multiplied "
+                        "by ggml's CPU kernels as llama.cpp does: needs the llamacpp extra); norms stay float",
+                        choices=WEIGHT_FORMATS)
     activations: str = _opt("float", "inputs of the int8 linear layers: float (weight-only int8), or int8 (with "
                             "--weights int8 on a CPU: q/k/v, o and gate/up multiply int8 by int8, smoothed per "
                             "input channel from a calibration pass over 64 tokens the model writes itself at load; "

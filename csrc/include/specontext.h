@@ -38,7 +38,7 @@ extern "C" {
 
 /* Bumped on any change to the declarations below; native.py refuses a library
  * whose spc_abi_version() differs from the header it parsed. */
-enum { SPC_ABI_VERSION = 3 };
+enum { SPC_ABI_VERSION = 4 };
 
 enum spc_status {
     SPC_OK = 0,
@@ -210,6 +210,51 @@ int spc_cuda_memcpy_rows_planes(
     int64_t num_planes,             /* in    >= 0 */
     int64_t row_bytes,              /* in    >= 0 */
     void *stream                    /* in    cudaStream_t of the current device */
+);
+
+/* ---- GGUF blocks through ggml's CPU kernels (csrc/ggml.c) ---------------
+ * ggml (from llama-cpp-python, the llamacpp extra) is loaded at run time;
+ * `type` is a ggml type number (GGUF's tensor type: Q4_0 2, Q4_1 3, Q8_0 8,
+ * Q4_K 12, ...). Products run on torch's OpenMP threads. */
+
+/* Loads ggml from its two libraries and registers the torch operators
+ * specontext::ggml_mm_ and specontext::ggml_rows_ through torch's stable C
+ * ABI, found in torch_cpu_path (libtorch_cpu, already loaded by this
+ * process). Once per process: later calls return SPC_OK and change nothing. */
+int spc_ggml_init(
+    const char *ggml_base_path,   /* in  libggml-base.so */
+    const char *ggml_cpu_path,    /* in  libggml-cpu.so */
+    const char *torch_cpu_path    /* in  libtorch_cpu.so */
+);
+
+/* 1 when loaded and splitting products over torch's OpenMP threads, else 0. */
+int spc_ggml_threaded(void);
+
+/* Bytes of a row of ne values of `type`; 0 when ggml is not loaded or has no
+ * CPU product for such rows (ne must be a whole number of blocks). */
+int64_t spc_ggml_row_bytes(int type /* in */, int64_t ne /* in */);
+
+/* y[i, j] = dot(w row j, x row i) for i < m, j < n, as llama.cpp computes it:
+ * each x row is quantized to the type's 8-bit partner first. */
+int spc_ggml_mm(
+    const void *w,                /* in  [n, spc_ggml_row_bytes(type, k)] blocks */
+    int type,                     /* in  ggml type of w */
+    int64_t n,                    /* in  rows of w, > 0 */
+    int64_t k,                    /* in  values per row */
+    const float *x,               /* in  [m, k] float32, contiguous */
+    int64_t m,                    /* in  > 0 */
+    float *y                      /* out [m, n] float32, contiguous */
+);
+
+/* dst row i = row indices[i] of w, dequantized to float32. */
+int spc_ggml_dequantize_rows(
+    const void *w,                /* in  [num_rows, spc_ggml_row_bytes(type, k)] blocks */
+    int type,                     /* in  ggml type of w */
+    int64_t k,                    /* in  values per row */
+    const int64_t *indices,       /* in  [num_indices] rows in [0, num_rows) */
+    int64_t num_indices,          /* in  >= 0 */
+    int64_t num_rows,             /* in  rows of w */
+    float *dst                    /* out [num_indices, k] float32 */
 );
 
 /* SPC_CDEF_END */

@@ -283,6 +283,21 @@ class GGUFFile:
                              f"cannot be int4; use --weights int8 or fp32")
         return quantize(torch.from_numpy(self._tensor_f32(tensor.name)), weights)
 
+    def _blocks(self, tensor, linear: bool):
+        """A weight's bytes as the GGUF stores them (``--weights gguf``, ``model/ggml_linear.py``), or
+        None for a table whose type ggml cannot multiply (it then loads float); a linear layer of
+        such a type is refused, naming what would load it."""
+        from ..model.ggml_linear import BlockWeight, row_bytes
+
+        type_name, rows, k = tensor.tensor_type.name, int(tensor.shape[1]), int(tensor.shape[0])
+        data = self._raw(tensor).view(np.uint8).reshape(rows, -1)
+        if row_bytes(int(tensor.tensor_type), k) != data.shape[1]:
+            if not linear:
+                return None
+            raise InputError(f"tensor {tensor.name} has GGUF type {type_name}, which ggml's CPU kernels do not "
+                             f"multiply in rows of {k}; use --weights int4 or fp32")
+        return BlockWeight(int(tensor.tensor_type), torch.from_numpy(data), k)  # owns its bytes (read, not mapped)
+
     @malformed("a GGUF tensor")
     def hf_tensors(self, cfg: ModelConfig, weights: str = "fp32") -> LazyTensors:
         """All weights under Hugging Face names, each read when taken (:class:`LazyTensors`):
@@ -291,6 +306,10 @@ class GGUFFile:
         (never dequantized whole where the GGUF type maps onto the format)."""
         if weights == "auto":
             weights = self.auto_weight_format()
+        if weights == "gguf":
+            from ..model.ggml_linear import ggml
+
+            ggml()  # ggml must be there before any tensor is read: a missing extra fails here, in one line
         out: dict = {}
         for tensor in self.tensors:
             name = tensor.name
@@ -317,6 +336,14 @@ class GGUFFile:
         permuted = self.arch == "llama" and hf_name.endswith(
             ("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias"))
         heads = cfg.num_heads if ".q_proj." in hf_name else cfg.num_kv_heads
+        if weights == "gguf" and kind == "weight" and (part_of(stem) in _LINEAR_PARTS or stem in ("token_embd", "output")):
+            quantized = self._blocks(tensor, linear=part_of(stem) in _LINEAR_PARTS)
+            if quantized is None:  # a table ggml cannot read: float, as the other formats hold it
+                return torch.from_numpy(np.require(self._tensor_f32(tensor.name), np.float32, ["C", "W"]))
+            if permuted:
+                order = _unpermute_rope_rows(np.arange(quantized.shape[0])[:, None], heads)[:, 0]
+                quantized = quantized.rows(torch.from_numpy(np.ascontiguousarray(order)))
+            return quantized
         if weights in ("int4", "int8") and kind == "weight" and part_of(stem) in _LINEAR_PARTS:
             quantized = self._quantized(tensor, weights)
             if permuted:  # the same rows as the float path, by index

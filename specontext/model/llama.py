@@ -25,6 +25,7 @@ from .norm import RMSNorm
 from .quant import Int4Linear, Int8Linear, QuantizedWeight, concat_rows, quantize, quantized_linear
 from .rope import RotaryEmbedding, apply_rotary
 
+BLOCK_TABLES = ("model.embed_tokens.blocks", "lm_head.blocks")  # --weights gguf's tables (model/ggml_linear.py)
 # our parameter name suffix -> the checkpoint suffixes concatenated (along dim 0) to make it
 FUSED_WEIGHTS = {
     "self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
@@ -188,12 +189,15 @@ class LlamaForCausalLM(nn.Module):
         device = torch.device(device)
         tied = self.config.tie_word_embeddings and "lm_head.weight" not in tensors
         held_in = held_in or {}
+        if quantize_to == "gguf" and self._load_tables_as_blocks(tensors, tied):
+            tied = False  # the head and table are loaded (as one module pair when tied)
         for name, held_dtype in held_in.items():
             if name in tensors:
                 # a copy even where the dtype matches: a memory-mapped checkpoint's tensor would
                 # otherwise stay a view of the file (a truncated file then faults, SIGBUS)
                 tensors[name] = tensors.pop(name).to(held_dtype, copy=True)
         state = self._load_quantized(tensors, quantize_to, device)
+        state.update({k: v for k, v in self.state_dict(keep_vars=True).items() if k in BLOCK_TABLES})
         for name, param in self.named_parameters(remove_duplicate=False):
             if name == "lm_head.weight" and tied:
                 continue
@@ -239,12 +243,8 @@ class LlamaForCausalLM(nn.Module):
                 if any(k not in tensors for k in keys):
                     continue  # named as missing by the float path
                 given = [tensors.pop(k) for k in keys]  # a lazy mapping reads each once, here
-                try:
-                    parts = [g if isinstance(g, QuantizedWeight) else quantize(g, quantize_to) for g in given]
-                    weight = concat_rows(parts) if len(parts) > 1 else parts[0]
-                except ValueError as exc:  # a shape the format cannot hold (int4: K in groups of 32)
-                    raise InputError(f"tensor {keys[0]!r} cannot be {quantize_to}: {exc}; use --weights "
-                                     f"{'int8 or ' if quantize_to == 'int4' else ''}fp32") from None
+                weight = (_blocks_weight(given, keys[0]) if quantize_to == "gguf" else
+                          _quantized_weight(given, keys[0], quantize_to))
                 if tuple(weight.shape) != tuple(linear.weight.shape):
                     raise ModelFileError(f"tensor {keys[0]!r} has shape {tuple(weight.shape)}, the config implies "
                                          f"{tuple(linear.weight.shape)}")
@@ -255,13 +255,40 @@ class LlamaForCausalLM(nn.Module):
                     if missing:
                         raise ModelFileError(f"checkpoint is missing tensor {missing[0]!r}")
                     bias = torch.cat([tensors.pop(k).float() for k in bias_keys])
-                try:
-                    module = quantized_linear(weight, bias, device)
-                except ValueError as exc:  # the CUDA int4 kernel's tiling
-                    raise InputError(f"tensor {keys[0]!r}: {exc}; use --weights bf16") from None
+                if quantize_to == "gguf":
+                    from .ggml_linear import GGMLLinear
+
+                    module = GGMLLinear(weight, bias)
+                else:
+                    try:
+                        module = quantized_linear(weight, bias, device)
+                    except ValueError as exc:  # the CUDA int4 kernel's tiling
+                        raise InputError(f"tensor {keys[0]!r}: {exc}; use --weights bf16") from None
                 setattr(owner, attr, module)
                 state.update({f"{prefix}{rest}.{k}": v for k, v in module.state_dict().items()})
         return state
+
+    def _load_tables_as_blocks(self, tensors: dict, tied: bool) -> bool:
+        """``--weights gguf``: an embedding table (and LM head) that came as GGUF blocks becomes
+        ggml modules, taken out of ``tensors``; float ones are left to the float path. Returns
+        whether a tied table was taken (it then serves as the head too)."""
+        from .ggml_linear import BlockWeight, GGMLEmbedding, GGMLLinear
+
+        took_tied = False
+        if "model.embed_tokens.weight" in tensors:
+            table = tensors["model.embed_tokens.weight"]
+            if isinstance(table, BlockWeight):
+                del tensors["model.embed_tokens.weight"]
+                self.model.embed_tokens = GGMLEmbedding(table.blocks, table.ggml_type, table.in_features)
+                if tied:
+                    self.lm_head = GGMLLinear(table)
+                    self.model.embed_tokens.blocks = self.lm_head.blocks  # one copy serves both
+                    took_tied = True
+        head = tensors.get("lm_head.weight")
+        if isinstance(head, BlockWeight):
+            del tensors["lm_head.weight"]
+            self.lm_head = GGMLLinear(head)
+        return took_tied
 
     def has_quantized_layers(self) -> bool:
         return any(isinstance(m, (Int4Linear, Int8Linear)) for m in self.modules())
@@ -312,3 +339,23 @@ class LlamaForCausalLM(nn.Module):
         elif logits_for != "all":
             raise ValueError(f"logits_for must be 'last', 'all' or 'none', got {logits_for!r}")
         return self.lm_head(self.model.norm(x)).float()
+
+
+def _quantized_weight(given: list, name: str, fmt: str) -> QuantizedWeight:
+    """A linear layer's weight (its fused parts' rows stacked) as int4 / int8: quantized parts as
+    they are, float ones quantized now."""
+    try:
+        parts = [g if isinstance(g, QuantizedWeight) else quantize(g, fmt) for g in given]
+        return concat_rows(parts) if len(parts) > 1 else parts[0]
+    except ValueError as exc:  # a shape the format cannot hold (int4: K in groups of 32)
+        raise InputError(f"tensor {name!r} cannot be {fmt}: {exc}; use --weights "
+                         f"{'int8 or ' if fmt == 'int4' else ''}fp32") from None
+
+
+def _blocks_weight(given: list, name: str):
+    """A linear layer's weight as GGUF blocks (``--weights gguf``, ``model/ggml_linear.py``)."""
+    from .ggml_linear import BlockWeight, concat_block_rows
+
+    if not all(isinstance(g, BlockWeight) for g in given):
+        raise InputError(f"--weights gguf keeps a GGUF's blocks, but {name!r} is not one; use --weights auto")
+    return concat_block_rows(given, name) if len(given) > 1 else given[0]

@@ -45,9 +45,12 @@ def target_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
     for name in FINGERPRINT_TENSORS:
         if name not in tensors:
             raise ModelFileError(f"cannot fingerprint the model: tensor {name!r} is missing")
-        t = tensors[name].detach()
+        t = tensors[name]
         digest.update(name.encode() + str(tuple(t.shape)).encode())
-        for rows in t.split(4096):  # by rows: no bf16 copy of a whole embedding table at once
+        # by rows: no bf16 copy of a whole embedding table at once; GGUF blocks (--weights gguf)
+        # are read as the float32 values the other formats load
+        chunks = t.float_chunks(4096) if hasattr(t, "float_chunks") else t.detach().split(4096)
+        for rows in chunks:
             digest.update(rows.to(device="cpu", dtype=torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
     return digest.hexdigest()[:32]
 
