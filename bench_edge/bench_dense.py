@@ -50,7 +50,7 @@ def gguf_tokenizer():
 def worker_ours(context: int, decode_tokens: int, threads: int, config: str = "fp32/dense",
                 budget: int = 1024) -> dict:
     """Our engine: ``config`` is WEIGHTS/SPARSITY[/kv8][/compiled|/aot], WEIGHTS one of auto, fp32, int8,
-    int8-a8 (--activations int8), int4, SPARSITY dense or specontext (the shipped head, ``budget``
+    int8-a8 (--activations int8), int4, gguf (the GGUF's blocks on ggml's kernels), SPARSITY dense or specontext (the shipped head, ``budget``
     tokens; specontext+ort runs the head on ONNX Runtime), ``kv8`` an 8-bit KV cache (--kv-dtype
     int8), ``compiled`` the decode step under torch.compile (--compile-decode on) and ``aot`` the
     step compiled ahead of time (--compile-decode aot). A compiled step is compiled for its cache's
@@ -140,8 +140,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--engines", nargs="+", default=["ours", "llamacpp"], choices=["ours", "llamacpp"])
     parser.add_argument("--ours", nargs="+", default=["fp32/dense"],
-                        help="our configurations, WEIGHTS/SPARSITY[/kv8][/compiled|/aot]: auto, fp32, int8, int8-a8 or "
-                        "int4 / dense, specontext or specontext+ort (the head on ONNX Runtime) / kv8 for --kv-dtype "
+                        help="our configurations, WEIGHTS/SPARSITY[/kv8][/compiled|/aot]: auto, fp32, int8, int8-a8, "
+                        "int4 or gguf / dense, specontext or specontext+ort (the head on ONNX Runtime) / kv8 for --kv-dtype "
                         "int8 / compiled for --compile-decode on, aot for --compile-decode aot")
     parser.add_argument("--budget", type=int, default=1024, help="token budget of the specontext configurations")
     parser.add_argument("--repeats", type=int, default=1, help="rounds of every run, interleaved; the table gives "
@@ -189,7 +189,7 @@ def main() -> None:
               "machine": describe(), "decode_tokens": args.decode_tokens, "threads": args.threads,
               "budget": args.budget,
               "note": "ours: WEIGHTS/SPARSITY[/kv8][/compiled|/aot] (fp32 dequantizes the GGUF; auto and int4 keep its "
-                      "Q4_1 blocks as int4; int8-a8 is --weights int8 --activations int8; kv8 is --kv-dtype int8; "
+                      "Q4_1 blocks as int4; gguf keeps its blocks as they are, on ggml's kernels; int8-a8 is --weights int8 --activations int8; kv8 is --kv-dtype int8; "
                       "compiled is --compile-decode on, aot is --compile-decode aot, both timed after a warm-up run of the same shape); llama.cpp "
                       "computes on the Q4_1 weights, dense",
               "command": " ".join(["python", *sys.argv]),

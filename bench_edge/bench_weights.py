@@ -82,7 +82,7 @@ def one(fmt: str, context: int, new_tokens: int, threads: int, logits_path: str)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--formats", default="fp32,int8,int8-a8,int4,llamacpp",
-                        help="weight formats (fp32, int8, int8-a8, int4, each optionally +emb8 for "
+                        help="weight formats (fp32, int8, int8-a8, int4, gguf, each optionally +emb8 for "
                         "--embeddings int8), and llamacpp (llama.cpp on the same GGUF; needs the llamacpp extra)")
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--new-tokens", type=int, default=48)

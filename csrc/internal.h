@@ -36,6 +36,39 @@ int spc_check_planes_args(const char *fn, const void *src, int64_t src_plane_str
 int spc_check_indices(const char *fn, const char *name, const int64_t *indices,
                       int64_t num_indices, int64_t num_rows);
 
+/* ---- torch operators from C (torch_abi.c) ---- */
+
+/* fn = the function `name` in the library `handle` (NULL if absent), in the form POSIX gives
+ * for dlsym's function pointers (ISO C has no object-to-function pointer conversion). */
+#define SPC_DLSYM(fn, handle, name) (*(void **)(&(fn)) = dlsym((handle), (name)))
+enum { SPC_MAX_DIM = 8 };
+
+/* A tensor argument as an operator receives it. */
+struct spc_tensor {
+    void *data;
+    int64_t dim, numel;
+    int64_t sizes[SPC_MAX_DIM], strides[SPC_MAX_DIM]; /* strides in elements */
+};
+
+/* Resolves torch's stable C ABI and OpenMP in the already loaded libtorch_cpu (once). */
+int spc_torch_load(const char *torch_cpu_path);
+
+/* Defines specontext::<schema> and registers `kernel` (a boxed kernel: the stack holds each
+ * argument, tensors as owned handles the kernel releases) for CPU tensors. */
+int spc_torch_register(const char *name, const char *schema, void (*kernel)(uint64_t *, uint64_t, uint64_t));
+
+/* Fills `out` from a tensor handle; 0 if torch refused or the tensor has too many dims. */
+int spc_torch_tensor(void *handle, struct spc_tensor *out);
+
+/* Releases a tensor handle an operator received. */
+void spc_torch_release(void *handle);
+
+/* Runs fn(data) on each of torch's OpenMP threads (once, on this thread, when work_items <= 1 or
+ * no OpenMP was found); inside, spc_thread_index() / spc_thread_count() split the work. */
+void spc_parallel(void (*fn)(void *), void *data, int64_t work_items);
+int spc_thread_index(void);
+int spc_thread_count(void);
+
 #ifdef __cplusplus
 }
 #endif

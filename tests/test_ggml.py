@@ -146,6 +146,19 @@ def test_the_aot_step_calls_the_ggml_operators(tmp_path):
     assert got["aot_used"]
     eager = specontext.load(path, device="cpu", threads=1, weights="gguf")
     assert got["ids"] == eager.generate(list(range(3, 23)), chat=False, max_new_tokens=12, ignore_eos=True).token_ids
+    # the load's check is looser on ggml's 8-bit activations (AOTStep.tolerance), and still refuses a
+    # step whose norms differ from the eager model's (this random model's attention is so flat that
+    # a rotary 1.5x faster moves its logits by under 1%)
+    from specontext.model.aot_step import AOTStep
+
+    (package,) = [os.path.join(d, "step.pt2") for d in (tmp_path / "built").iterdir()]
+    step = AOTStep(package, eager.model)
+    assert step.check() <= step.tolerance() == 2.0 ** -5
+    with torch.no_grad():
+        for layer in eager.model.model.layers:
+            layer.input_layernorm.eps = 0.5
+    with pytest.raises(specontext.InputError, match="differs from the eager model"):
+        step.check()
 
 
 def test_gguf_weights_are_refused_where_they_cannot_run(tmp_path, monkeypatch):
@@ -170,3 +183,20 @@ def test_gguf_weights_are_refused_where_they_cannot_run(tmp_path, monkeypatch):
              BlockWeight(14, torch.zeros(4, 26, dtype=torch.uint8), 32)]
     with pytest.raises(specontext.InputError, match="mix GGUF types .*Q4_1, Q6_K.*--weights int4 or fp32"):
         concat_block_rows(parts, "q_proj")
+
+
+def test_the_planner_counts_gguf_as_the_format_its_blocks_map_to():
+    """``--plan --weights gguf``: on a CPU profile the default model's Q4_1 blocks are counted as
+    int4 (the same bytes); a GPU profile is refused, naming what would plan."""
+    from specontext.assets import default_model_path
+    from specontext.errors import ModelFileError
+    from specontext.planner.plan import make_plan
+
+    try:
+        default_model_path()
+    except ModelFileError as exc:
+        pytest.skip(str(exc))
+    planned = make_plan(None, "cpu", context_tokens=1024, weights="gguf")
+    assert planned.table() == make_plan(None, "cpu", context_tokens=1024, weights="int4").table()
+    with pytest.raises(specontext.InputError, match="on a CPU; plan it with a .gguf model on a CPU profile"):
+        make_plan(None, "jetson-orin-nano-8gb", context_tokens=1024, weights="gguf")

@@ -38,7 +38,7 @@ extern "C" {
 
 /* Bumped on any change to the declarations below; native.py refuses a library
  * whose spc_abi_version() differs from the header it parsed. */
-enum { SPC_ABI_VERSION = 4 };
+enum { SPC_ABI_VERSION = 5 };
 
 enum spc_status {
     SPC_OK = 0,
@@ -227,8 +227,9 @@ int spc_ggml_init(
     const char *torch_cpu_path    /* in  libtorch_cpu.so */
 );
 
-/* 1 when loaded and splitting products over torch's OpenMP threads, else 0. */
-int spc_ggml_threaded(void);
+/* 1 when torch's C ABI is loaded (spc_ggml_init or spc_attention_init) and
+ * its OpenMP threads were found (work is split over them), else 0. */
+int spc_torch_threaded(void);
 
 /* Bytes of a row of ne values of `type`; 0 when ggml is not loaded or has no
  * CPU product for such rows (ne must be a whole number of blocks). */
@@ -255,6 +256,38 @@ int spc_ggml_dequantize_rows(
     int64_t num_indices,          /* in  >= 0 */
     int64_t num_rows,             /* in  rows of w */
     float *dst                    /* out [num_indices, k] float32 */
+);
+
+/* ---- Decode attention on a CPU (csrc/attention.c) ---------------------------------------- */
+
+/* Registers the torch operator specontext::decode_attention_ through torch's
+ * stable C ABI, found in torch_cpu_path (libtorch_cpu, already loaded). */
+int spc_attention_init(const char *torch_cpu_path /* in */);
+
+/* One query token's attention over float32 K and V rows, on torch's OpenMP
+ * threads: query head h reads KV head h / (num_heads / num_kv_heads), and
+ * out[h] = sum_s softmax_s(scale q[h] . k[g, s]) v[g, s] over the positions
+ * whose mask byte is nonzero (all when mask is NULL; KV head g reads the
+ * bytes from g * mask_head_stride on, 0: one row for all); a head with no such
+ * position gets zeros. Strides are in floats; each row's head_dim floats are
+ * contiguous. */
+int spc_decode_attention(
+    const float *q,               /* in  [num_heads, head_dim], head stride q_head_stride */
+    int64_t q_head_stride,        /* in  */
+    const float *k,               /* in  [num_kv_heads, positions, head_dim] */
+    int64_t k_head_stride,        /* in  */
+    int64_t k_row_stride,         /* in  */
+    const float *v,               /* in  [num_kv_heads, positions, head_dim] */
+    int64_t v_head_stride,        /* in  */
+    int64_t v_row_stride,         /* in  */
+    const uint8_t *mask,          /* in  [positions] or [num_kv_heads, positions], or NULL */
+    int64_t mask_head_stride,     /* in  0 (one row) or positions */
+    float *out,                   /* out [num_heads, head_dim], contiguous */
+    int64_t num_heads,            /* in  a multiple of num_kv_heads, at most 16 per KV head */
+    int64_t num_kv_heads,         /* in  > 0 */
+    int64_t positions,            /* in  > 0 */
+    int64_t head_dim,             /* in  1..256 */
+    float scale                   /* in  the scores' factor, usually 1 / sqrt(head_dim) */
 );
 
 /* SPC_CDEF_END */

@@ -21,6 +21,7 @@ from ..config import ModelConfig
 from ..errors import InputError
 from ..kv.cache import KVCache
 from ..kv.plan import StepPlan, to_device
+from .decode_attention import decode_attention, usable
 from .norm import RMSNorm
 from .quant import Int4Linear, Int8Linear, QuantizedWeight, concat_rows, quantize, quantized_linear
 from .rope import RotaryEmbedding, apply_rotary
@@ -62,6 +63,8 @@ class Attention(nn.Module):
         keys, values, mask = self._attended(k, v.transpose(1, 2), q, plan, cache)  # [B, G, S, D]
         if plan.focus is not None:  # a prefill chunk holding the prompt's focus window
             plan.focus.observe(self.layer_idx, q, keys, mask)
+        if T == 1 and usable(q, keys, mask):  # the native kernel (model/decode_attention.py)
+            return self.o_proj(decode_attention(q, keys, values, mask).reshape(B, 1, H * D))
         if T == 1 and q.device.type == "cpu" and R > 1:
             # A CPU decode step: torch's flash kernel for CPU splits its work by (batch, head), so
             # H heads of one query keep both cores busy where G folded heads of R queries do not

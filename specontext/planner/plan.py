@@ -211,8 +211,15 @@ def make_plan(model: str | ModelConfig | None = None, device_profile: str | Devi
     profile = device_profile if isinstance(device_profile, DeviceProfile) else load_profile(device_profile)
     if weights == "auto" and profile.kind == "cpu" and dtype in ("auto", "float32"):
         weights = auto_weights()  # as the runtime loads it: a GGUF keeps its quantization on a CPU
+    if weights == "gguf":  # the GGUF's own blocks on ggml's CPU kernels
+        if profile.kind != "cpu" or not str(path).endswith(".gguf"):
+            raise InputError("--weights gguf runs a GGUF file's blocks on a CPU; plan it with a .gguf model on a CPU "
+                             "profile, or plan --weights int4")
+        # planned as the int4 / int8 it maps to: Q4_0/Q4_1 blocks take the same bytes as int4's values
+        # with bf16 scales and zeros; the Q8_0 table is counted as the bf16 head (0.94 B an element over)
+        weights = auto_weights()
     if weights not in WEIGHT_FORMATS:
-        raise InputError(f"weights must be auto, fp32, fp16, bf16, int8 or int4; got {weights!r}")
+        raise InputError(f"weights must be auto, fp32, fp16, bf16, int8, int4 or gguf; got {weights!r}")
     if weights in FLOAT_FORMATS:
         if dtype not in ("auto", FLOAT_FORMATS[weights]):
             raise InputError(f"weights {weights} and dtype {dtype} disagree; give one of them")

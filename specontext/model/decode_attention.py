@@ -1,0 +1,64 @@
+"""One query token's attention on a CPU by the native library (``csrc/attention.c``), a torch
+operator (``specontext::decode_attention_``) that eager steps and ahead-of-time graphs both call.
+
+Shape letters: H query heads, G KV heads, S positions, D head dim.
+
+Why: with the linear layers on ggml's kernels (``model/ggml_linear.py``), torch's CPU flash
+attention was the largest remaining part of a decode step at 1k positions on the 2-core AVX2
+machine. It runs each query head over its KV head separately and in small matrix products; this
+kernel reads each KV head's K and V rows once for all of its query heads, eight floats at a time,
+split over (KV head, 256 positions) items on torch's own threads
+(``bench_edge/results/edge_cpu_avx2_gguf.json``). Float32 KV, one row (B = 1); a mask shared by
+every head or one per KV head (a sparse step's).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the operator is registered: the native library loads and this torch has the stable
+    C ABI it registers through (else attention stays torch's)."""
+    from .. import native
+
+    try:
+        lib = native.library()
+    except native.NativeLibraryError:
+        return False
+    torch_cpu = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+    if lib.lib.spc_attention_init(torch_cpu.encode()) != 0:
+        return False
+
+    @torch.library.register_fake("specontext::decode_attention_")
+    def _shapes(out, q, k, v, mask, scale):  # writes `out` only
+        return None
+
+    return True
+
+
+def usable(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether a decode step's attention can run here: one row and one token, float32, at most 16
+    query heads per KV head and 256 dims, a mask of [1, 1, 1, S] or [1, G, 1, S]."""
+    B, H, T, D = q.shape
+    G = keys.shape[1]
+    return (B == 1 and T == 1 and q.device.type == "cpu" and q.dtype == keys.dtype == torch.float32
+            and H % G == 0 and H // G <= 16 and D <= 256 and keys.stride(-1) == 1
+            and (mask is None or (mask.dtype == torch.bool and mask.shape[1] in (1, G) and mask.shape[2] == 1))
+            and available())
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v over the positions ``mask`` allows (all when None): q [1, H, 1, D],
+    keys and values [1, G, S, D] -> [1, H, 1, D] (query head h reads KV head h // (H / G))."""
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    flat = (mask.reshape(-1).contiguous() if mask is not None
+            else torch.empty(0, dtype=torch.bool, device=q.device))
+    torch.ops.specontext.decode_attention_(out, q, keys, values.contiguous() if values.stride(-1) != 1 else values,
+                                           flat, q.shape[-1] ** -0.5)
+    return out

@@ -1,0 +1,74 @@
+"""The native decode attention (csrc/attention.c, the torch operator specontext::decode_attention_)
+against float64 attention in plain torch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specontext.model.decode_attention import available, decode_attention, usable
+
+pytestmark = pytest.mark.skipif(not available(), reason="the native library or torch's stable C ABI is missing")
+
+
+def _reference(q, k, v, mask):
+    """float64 softmax(q k^T / sqrt(D)) v, query head h on KV head h // (H / G), masked positions
+    excluded (a [1, G, 1, S] mask is per KV head)."""
+    H, G = q.shape[1], k.shape[1]
+    k, v = (t.double().repeat_interleave(H // G, dim=1) for t in (k, v))
+    scores = (q.double() @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask.repeat_interleave(H // mask.shape[1], dim=1), float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("H,G,S,D", [(9, 3, 1024, 64), (9, 3, 1000, 64), (4, 2, 37, 16), (8, 8, 300, 12),
+                                     (32, 8, 5000, 128)])
+@pytest.mark.parametrize("mask_kind", ["none", "shared", "per_kv_head"])
+def test_equals_float64_attention(H, G, S, D, mask_kind):
+    """Every shape the kernel takes (several 256-position chunks and a partial one, head dims that
+    are and are not multiples of 8, one or many query heads per KV head), over K and V that are
+    views of longer buffers (a cache's capacity), with no mask, one for all heads, or one per KV
+    head (a sparse step's)."""
+    g = torch.Generator().manual_seed(S)
+    q = torch.randn(1, H, 1, D, generator=g)
+    k = torch.randn(1, G, S + 7, D, generator=g)[:, :, :S]
+    v = torch.randn(1, G, S + 7, D, generator=g)[:, :, :S]
+    mask = {"none": None, "shared": torch.rand(1, 1, 1, S, generator=g) > 0.3,
+            "per_kv_head": torch.rand(1, G, 1, S, generator=g) > 0.5}[mask_kind]
+    assert usable(q, k, mask)
+    got = decode_attention(q, k, v, mask)
+    assert (got.double() - _reference(q, k, v, mask)).abs().max().item() < 1e-5
+
+
+def test_a_head_with_no_position_gets_zeros_and_other_steps_are_not_taken():
+    q, k, v = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 20, 8), torch.randn(1, 2, 20, 8)
+    mask = torch.ones(1, 2, 1, 20, dtype=torch.bool)
+    mask[0, 1] = False
+    got = decode_attention(q, k, v, mask)
+    assert torch.equal(got[0, 2:], torch.zeros(2, 1, 8))
+    assert torch.allclose(got[0, :2].double(), _reference(q[:, :2], k[:, :1], v[:, :1], None)[0], atol=1e-6)
+    assert not usable(torch.randn(2, 4, 1, 8), torch.randn(2, 2, 20, 8), None)  # batched
+    assert not usable(torch.randn(1, 4, 3, 8), k, None)  # a prefill chunk
+    assert not usable(q.bfloat16(), k.bfloat16(), None)
+    assert not usable(q, k, torch.zeros(1, 1, 1, 20))  # an additive float mask
+
+
+def test_a_model_decodes_as_with_torch_attention(monkeypatch, tmp_path):
+    """A float32 model's decode steps through the kernel give torch's attention's logits."""
+    import specontext
+    import specontext.model.llama as llama
+    from conftest import make_hf_model
+
+    make_hf_model("llama", str(tmp_path / "m"), vocab_size=96, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    llm = specontext.load(str(tmp_path / "m"), device="cpu", weights="fp32")
+    prompt = list(range(1, 40))
+    calls = []
+    kernel = llama.decode_attention
+    monkeypatch.setattr(llama, "decode_attention", lambda *a: calls.append(1) or kernel(*a))
+    with_kernel = llm.generate(prompt, chat=False, max_new_tokens=12, ignore_eos=True)
+    assert len(calls) == 2 * 11  # two layers, every decode step after the prefill's token
+    monkeypatch.setattr(llama, "usable", lambda *a: False)
+    torch_attention = llm.generate(prompt, chat=False, max_new_tokens=12, ignore_eos=True)
+    assert with_kernel.token_ids == torch_attention.token_ids
