@@ -26,6 +26,7 @@ from .generation import BatchGeneration, Generation
 from .stats import GenerationResult
 from .errors import InputError, ModelFileError
 from .loaders.release import returning_freed_memory
+from .model import decode_attention
 from .model.bf16 import hold_head_in_bf16
 from .model.int8_embedding import hold_embeddings_in_int8
 from .model.llama import LlamaForCausalLM
@@ -388,6 +389,8 @@ def _load(model: str | None, settings: RuntimeSettings, sparsity: dict) -> LLM:
                       "the float table, so the int8 one adds memory; it saves memory on untied models", stacklevel=3)
     if head_in_bf16:
         hold_head_in_bf16(net)
+    if dev.type == "cpu":
+        decode_attention.available()  # registered before any step is traced or compiled
     llm = LLM(net, tokenizer, settings, path, target)
     if settings.activations == "int8":
         _calibrate_int8_activations(llm)

@@ -240,7 +240,7 @@ def test_a_plan_takes_the_weight_format(tiny_q4):
     float32, int4 = (make_plan(tiny_q4, "cpu", context_tokens=64, weights=w) for w in ("fp32", "int4"))
     assert int4.to_dict()["settings"]["weight_format"] == "int4" and weights(int4) < weights(float32)
     assert "linear layers int4" in int4.table()
-    with pytest.raises(InputError, match="weights must be auto, fp32, fp16, bf16, int8 or int4"):
+    with pytest.raises(InputError, match="weights must be auto, fp32, fp16, bf16, int8, int4 or gguf"):
         make_plan(tiny_q4, "cpu", weights="q4")
 
 

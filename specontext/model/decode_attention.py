@@ -14,16 +14,24 @@ every head or one per KV head (a sparse step's).
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 
 
-@functools.cache
+_READY: list[bool] = []  # [whether the operator is registered], once asked
+
+
 def available() -> bool:
     """Whether the operator is registered: the native library loads and this torch has the stable
-    C ABI it registers through (else attention stays torch's)."""
+    C ABI it registers through (else attention stays torch's). Loading a model asks, so that a
+    step torch.compile traces only reads the answer."""
+    if not _READY:
+        _READY.append(_register())
+    return _READY[0]
+
+
+def _register() -> bool:
     from .. import native
 
     try:
@@ -49,7 +57,7 @@ def usable(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None) -> bo
     return (B == 1 and T == 1 and q.device.type == "cpu" and q.dtype == keys.dtype == torch.float32
             and H % G == 0 and H // G <= 16 and D <= 256 and keys.stride(-1) == 1
             and (mask is None or (mask.dtype == torch.bool and mask.shape[1] in (1, G) and mask.shape[2] == 1))
-            and available())
+            and (_READY[0] if _READY else not torch.compiler.is_compiling() and available()))
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
