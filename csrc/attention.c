@@ -228,14 +228,17 @@ static void op_attention(uint64_t *stack, uint64_t num_args, uint64_t num_output
     struct spc_tensor out, q, k, v, mask;
     double scale;
     memcpy(&scale, &stack[5], sizeof scale);
-    if (!spc_torch_tensor((void *)(uintptr_t)stack[0], &out)) goto release;
-    int ok = spc_torch_tensor((void *)(uintptr_t)stack[1], &q) && spc_torch_tensor((void *)(uintptr_t)stack[2], &k) &&
-             spc_torch_tensor((void *)(uintptr_t)stack[3], &v) && spc_torch_tensor((void *)(uintptr_t)stack[4], &mask) &&
+    if (!spc_torch_tensor((void *)(uintptr_t)stack[0], SPC_FLOAT32, &out)) goto release;
+    int ok = spc_torch_tensor((void *)(uintptr_t)stack[1], SPC_FLOAT32, &q) &&
+             spc_torch_tensor((void *)(uintptr_t)stack[2], SPC_FLOAT32, &k) &&
+             spc_torch_tensor((void *)(uintptr_t)stack[3], SPC_FLOAT32, &v) &&
+             spc_torch_tensor((void *)(uintptr_t)stack[4], SPC_BOOL, &mask) &&
              q.dim == 4 && k.dim == 4 && v.dim == 4 && out.numel == q.numel && q.sizes[0] == 1 && q.sizes[2] == 1 &&
              k.sizes[0] == 1 && q.strides[3] == 1 && k.strides[3] == 1 && v.strides[3] == 1 &&
              k.sizes[3] == q.sizes[3] && v.sizes[1] == k.sizes[1] && v.sizes[2] == k.sizes[2] && v.sizes[3] == k.sizes[3] &&
              out.strides[3] == 1 && out.strides[1] == out.sizes[3] &&
              (mask.numel == 0 || mask.numel == k.sizes[2] || mask.numel == k.sizes[1] * k.sizes[2]) &&
+             (mask.numel == 0 || mask.strides[mask.dim - 1] == 1) &&
              spc_decode_attention(q.data, q.strides[1], k.data, k.strides[1], k.strides[2], v.data, v.strides[1],
                                   v.strides[2], mask.numel ? mask.data : NULL,
                                   mask.numel == k.sizes[2] ? 0 : k.sizes[2], out.data, q.sizes[1], k.sizes[1],

@@ -132,6 +132,15 @@ static void poison(const struct spc_tensor *out) {
     for (int64_t i = 0; i < out->numel; i++) ((float *)out->data)[i] = NAN;
 }
 
+static int contiguous(const struct spc_tensor *t) {
+    int64_t expected = 1;
+    for (int64_t i = t->dim - 1; i >= 0; i--) {
+        if (t->sizes[i] != 1 && t->strides[i] != expected) return 0;
+        expected *= t->sizes[i];
+    }
+    return 1;
+}
+
 static int64_t rows_of(const struct spc_tensor *t) { return t->dim ? t->numel / t->sizes[t->dim - 1] : 0; }
 
 /* ggml_mm_(Tensor(a!) out, Tensor x, Tensor w, int type): out [.., N] float32 = x [.., K] float32 @ w^T,
@@ -140,11 +149,12 @@ static void op_mm(uint64_t *stack, uint64_t num_args, uint64_t num_outputs) {
     (void)num_args; (void)num_outputs;
     struct spc_tensor out, x, w;
     int type = (int)(int64_t)stack[3];
-    int got = spc_torch_tensor((void *)(uintptr_t)stack[0], &out);
+    int got = spc_torch_tensor((void *)(uintptr_t)stack[0], SPC_FLOAT32, &out);
     if (!got) goto release;
-    int ok = spc_torch_tensor((void *)(uintptr_t)stack[1], &x) && spc_torch_tensor((void *)(uintptr_t)stack[2], &w) &&
+    int ok = spc_torch_tensor((void *)(uintptr_t)stack[1], SPC_FLOAT32, &x) &&
+             spc_torch_tensor((void *)(uintptr_t)stack[2], SPC_UINT8, &w) &&
              x.dim >= 1 && out.dim >= 1 && w.dim == 2 && rows_of(&x) == rows_of(&out) &&
-             w.sizes[0] == out.sizes[out.dim - 1] &&
+             w.sizes[0] == out.sizes[out.dim - 1] && contiguous(&x) && contiguous(&out) && contiguous(&w) &&
              spc_ggml_row_bytes(type, x.sizes[x.dim - 1]) == w.sizes[1] &&
              spc_ggml_mm(w.data, type, w.sizes[0], x.sizes[x.dim - 1], x.data, rows_of(&x), out.data) == SPC_OK;
     if (!ok) poison(&out);
@@ -157,10 +167,12 @@ static void op_rows(uint64_t *stack, uint64_t num_args, uint64_t num_outputs) {
     (void)num_args; (void)num_outputs;
     struct spc_tensor out, w, ids;
     int type = (int)(int64_t)stack[3];
-    int got = spc_torch_tensor((void *)(uintptr_t)stack[0], &out);
+    int got = spc_torch_tensor((void *)(uintptr_t)stack[0], SPC_FLOAT32, &out);
     if (!got) goto release;
-    int ok = spc_torch_tensor((void *)(uintptr_t)stack[1], &w) && spc_torch_tensor((void *)(uintptr_t)stack[2], &ids) &&
-             out.dim == 2 && w.dim == 2 && ids.numel == out.sizes[0] &&
+    int ok = spc_torch_tensor((void *)(uintptr_t)stack[1], SPC_UINT8, &w) &&
+             spc_torch_tensor((void *)(uintptr_t)stack[2], SPC_INT64, &ids) &&
+             out.dim == 2 && w.dim == 2 && ids.numel == out.sizes[0] && contiguous(&out) && contiguous(&w) &&
+             contiguous(&ids) &&
              spc_ggml_row_bytes(type, out.sizes[1]) == w.sizes[1] &&
              spc_ggml_dequantize_rows(w.data, type, out.sizes[1], ids.data, ids.numel, w.sizes[0], out.data) == SPC_OK;
     if (!ok) poison(&out);

@@ -42,6 +42,7 @@ int spc_check_indices(const char *fn, const char *name, const int64_t *indices,
  * for dlsym's function pointers (ISO C has no object-to-function pointer conversion). */
 #define SPC_DLSYM(fn, handle, name) (*(void **)(&(fn)) = dlsym((handle), (name)))
 enum { SPC_MAX_DIM = 8 };
+enum { SPC_FLOAT32, SPC_INT64, SPC_UINT8, SPC_BOOL, SPC_DTYPES }; /* the dtypes operators check for */
 
 /* A tensor argument as an operator receives it. */
 struct spc_tensor {
@@ -57,8 +58,9 @@ int spc_torch_load(const char *torch_cpu_path);
  * argument, tensors as owned handles the kernel releases) for CPU tensors. */
 int spc_torch_register(const char *name, const char *schema, void (*kernel)(uint64_t *, uint64_t, uint64_t));
 
-/* Fills `out` from a tensor handle; 0 if torch refused or the tensor has too many dims. */
-int spc_torch_tensor(void *handle, struct spc_tensor *out);
+/* Fills `out` from a tensor handle; 0 if torch refused, the tensor has too many dims or its
+ * dtype is not `dtype` (an SPC_FLOAT32 ... value). */
+int spc_torch_tensor(void *handle, int dtype, struct spc_tensor *out);
 
 /* Releases a tensor handle an operator received. */
 void spc_torch_release(void *handle);

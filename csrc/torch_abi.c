@@ -21,6 +21,10 @@ static int32_t (*get_data)(void *, void **);
 static int32_t (*get_sizes)(void *, int64_t **);
 static int32_t (*get_strides)(void *, int64_t **);
 static int32_t (*get_dim)(void *, int64_t *);
+static int32_t (*get_dtype)(void *, int32_t *);
+static int32_t (*dtype_code[SPC_DTYPES])(void);
+static const char *const dtype_names[SPC_DTYPES] = {"aoti_torch_dtype_float32", "aoti_torch_dtype_int64",
+                                                   "aoti_torch_dtype_uint8", "aoti_torch_dtype_bool"};
 static int32_t (*free_tensor)(void *);
 static void (*gomp_parallel)(void (*)(void *), void *, unsigned, unsigned);
 static int (*omp_thread)(void);
@@ -47,8 +51,11 @@ int spc_torch_load(const char *torch_cpu_path) {
     SPC_DLSYM(get_strides, torch, "aoti_torch_get_strides");
     SPC_DLSYM(get_dim, torch, "aoti_torch_get_dim");
     SPC_DLSYM(free_tensor, torch, "aoti_torch_delete_tensor_object");
+    SPC_DLSYM(get_dtype, torch, "aoti_torch_get_dtype");
+    int dtypes_found = 1;
+    for (int i = 0; i < SPC_DTYPES; i++) dtypes_found &= SPC_DLSYM(dtype_code[i], torch, dtype_names[i]) != NULL;
     if (!lib_init_def || !lib_init_impl || !lib_def || !lib_impl || !get_data || !get_sizes || !get_strides ||
-        !get_dim || !free_tensor) {
+        !get_dim || !free_tensor || !get_dtype || !dtypes_found) {
         status = spc_fail(SPC_ERR_INVALID_ARGUMENT, "this torch lacks the stable C ABI (aoti_torch_library_*)");
         goto done;
     }
@@ -75,10 +82,12 @@ int spc_torch_register(const char *name, const char *schema, void (*kernel)(uint
     return SPC_OK;
 }
 
-int spc_torch_tensor(void *handle, struct spc_tensor *out) {
+int spc_torch_tensor(void *handle, int dtype, struct spc_tensor *out) {
     int64_t *sizes, *strides;
+    int32_t code;
     if (get_dim(handle, &out->dim) || get_sizes(handle, &sizes) || get_strides(handle, &strides) ||
-        get_data(handle, &out->data) || out->dim > SPC_MAX_DIM)
+        get_data(handle, &out->data) || get_dtype(handle, &code) || out->dim > SPC_MAX_DIM || dtype < 0 ||
+        dtype >= SPC_DTYPES || code != dtype_code[dtype]())
         return 0;
     out->numel = 1;
     for (int64_t i = 0; i < out->dim; i++) {

@@ -72,3 +72,16 @@ def test_a_model_decodes_as_with_torch_attention(monkeypatch, tmp_path):
     monkeypatch.setattr(llama, "usable", lambda *a: False)
     torch_attention = llm.generate(prompt, chat=False, max_new_tokens=12, ignore_eos=True)
     assert with_kernel.token_ids == torch_attention.token_ids
+
+
+def test_a_call_the_kernel_cannot_take_writes_nan_rather_than_reading_out_of_bounds():
+    """The operator checks what it is given (dtypes, shapes, unit strides) before touching memory:
+    a call that bypassed the Python checks gets NaN, never a read past a buffer."""
+    q, k, v = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 20, 8), torch.randn(1, 2, 20, 8)
+    for args in [(q.double(), k, v, torch.empty(0, dtype=torch.bool)),  # float64 query
+                 (q, k, v, torch.ones(20, dtype=torch.uint8)),  # a mask that is not bool
+                 (q, k, v[:, :, :10], torch.empty(0, dtype=torch.bool)),  # V shorter than K
+                 (q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v, torch.empty(0, dtype=torch.bool))]:
+        out = torch.zeros(1, 4, 1, 8)
+        torch.ops.specontext.decode_attention_(out, *args, 0.35)
+        assert out.isnan().all()

@@ -200,3 +200,21 @@ def test_the_planner_counts_gguf_as_the_format_its_blocks_map_to():
     assert planned.table() == make_plan(None, "cpu", context_tokens=1024, weights="int4").table()
     with pytest.raises(specontext.InputError, match="on a CPU; plan it with a .gguf model on a CPU profile"):
         make_plan(None, "jetson-orin-nano-8gb", context_tokens=1024, weights="gguf")
+
+
+@needs_ggml
+def test_a_call_the_products_cannot_take_writes_nan_rather_than_reading_out_of_bounds():
+    """The operators check dtypes, shapes and contiguity before reading the blocks or the ids."""
+    from specontext.model.ggml_linear import ggml
+
+    ggml()
+    blocks, _ = _blocks(np.random.default_rng(3).standard_normal((8, 64)).astype(np.float32), "Q8_0")
+    w = torch.from_numpy(blocks)
+    for ids in (torch.tensor([0.0, 1.0]), torch.tensor([0, 8])):  # float ids; a row past the table
+        out = torch.zeros(2, 64)
+        torch.ops.specontext.ggml_rows_(out, w, ids, int(Q8_0))
+        assert out.isnan().all()
+    for x in (torch.randn(3, 64).double(), torch.randn(64, 3).t(), torch.randn(3, 32)):
+        out = torch.zeros(3, 8)
+        torch.ops.specontext.ggml_mm_(out, x, w, int(Q8_0))
+        assert out.isnan().all()
