@@ -27,10 +27,12 @@ from functools import partial
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def one_llamacpp(context: int, new_tokens: int, threads: int, logits_path: str) -> dict:
+def one_llamacpp(context: int, new_tokens: int, threads: int, logits_path: str, kv_f32: bool = False) -> dict:
     """llama.cpp on the same GGUF, prompt and span (its Q8 activations on the Q4_1 weights): the
     logits of the scored span and the greedy tokens. Speed and memory: ``bench_dense.py``, whose
-    llama.cpp keeps no logits for every position."""
+    llama.cpp keeps no logits for every position. ``kv_f32``: its KV cache in float32 instead of
+    its default float16 (``llamacpp-kvf32``: how far llama.cpp moves from itself, the scale of the
+    KL figures)."""
     import llama_cpp
     import numpy as np
     import torch
@@ -41,7 +43,8 @@ def one_llamacpp(context: int, new_tokens: int, threads: int, logits_path: str) 
 
     ids = TokenSource(gguf_tokenizer(), read_text(None)[0]).ids(context)
     m = llama_cpp.Llama(model_path=assets.default_model_path(), n_ctx=max(context + new_tokens, 1024),
-                        n_threads=threads, n_threads_batch=threads, n_batch=512, logits_all=True, verbose=False)
+                        n_threads=threads, n_threads_batch=threads, n_batch=512, logits_all=True, verbose=False,
+                        **({"type_k": 0, "type_v": 0} if kv_f32 else {}))  # 0: GGML_TYPE_F32
     m.eval(ids[:812])
     torch.save({"logits": torch.tensor(np.asarray(m.scores[511:811]), dtype=torch.float32),
                 "targets": torch.tensor(ids[512:812])}, logits_path)
@@ -51,7 +54,7 @@ def one_llamacpp(context: int, new_tokens: int, threads: int, logits_path: str) 
     for _ in range(new_tokens - 1):
         m.eval([out[-1]])
         out.append(int(np.argmax(m.scores[m.n_tokens - 1])))
-    return {"weights": "llamacpp", "token_ids": out}
+    return {"weights": "llamacpp-kvf32" if kv_f32 else "llamacpp", "token_ids": out}
 
 
 def one(fmt: str, context: int, new_tokens: int, threads: int, logits_path: str) -> dict:
@@ -83,7 +86,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--formats", default="fp32,int8,int8-a8,int4,llamacpp",
                         help="weight formats (fp32, int8, int8-a8, int4, gguf, each optionally +emb8 for "
-                        "--embeddings int8), and llamacpp (llama.cpp on the same GGUF; needs the llamacpp extra)")
+                        "--embeddings int8), and llamacpp (llama.cpp on the same GGUF; needs the llamacpp extra; "
+                        "llamacpp-kvf32 with its KV cache in float32)")
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=2)
@@ -93,7 +97,8 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, HERE)
     if args.one:
-        run = one_llamacpp if args.one == "llamacpp" else partial(one, args.one)
+        run = (partial(one_llamacpp, kv_f32=args.one == "llamacpp-kvf32") if args.one.startswith("llamacpp")
+               else partial(one, args.one))
         print(json.dumps(run(args.context, args.new_tokens, args.threads, args.logits)))
         return
     from machine import describe
