@@ -233,17 +233,18 @@ static void op_attention(uint64_t *stack, uint64_t num_args, uint64_t num_output
              spc_torch_tensor((void *)(uintptr_t)stack[2], SPC_FLOAT32, &k) &&
              spc_torch_tensor((void *)(uintptr_t)stack[3], SPC_FLOAT32, &v) &&
              spc_torch_tensor((void *)(uintptr_t)stack[4], SPC_BOOL, &mask) &&
-             q.dim == 4 && k.dim == 4 && v.dim == 4 && out.numel == q.numel && q.sizes[0] == 1 && q.sizes[2] == 1 &&
-             k.sizes[0] == 1 && q.strides[3] == 1 && k.strides[3] == 1 && v.strides[3] == 1 &&
+             q.dim == 4 && k.dim == 4 && v.dim == 4 && out.dim == 4 && spc_contiguous(&out) &&
+             q.sizes[0] == 1 && q.sizes[2] == 1 && k.sizes[0] == 1 && v.sizes[0] == 1 &&
+             out.sizes[0] == 1 && out.sizes[1] == q.sizes[1] && out.sizes[2] == 1 && out.sizes[3] == q.sizes[3] &&
+             q.strides[3] == 1 && k.strides[3] == 1 && v.strides[3] == 1 &&
              k.sizes[3] == q.sizes[3] && v.sizes[1] == k.sizes[1] && v.sizes[2] == k.sizes[2] && v.sizes[3] == k.sizes[3] &&
-             out.strides[3] == 1 && out.strides[1] == out.sizes[3] &&
-             (mask.numel == 0 || mask.numel == k.sizes[2] || mask.numel == k.sizes[1] * k.sizes[2]) &&
-             (mask.numel == 0 || mask.strides[mask.dim - 1] == 1) &&
+             (mask.numel == 0 || ((mask.numel == k.sizes[2] || mask.numel == k.sizes[1] * k.sizes[2]) &&
+                                  spc_contiguous(&mask))) &&
              spc_decode_attention(q.data, q.strides[1], k.data, k.strides[1], k.strides[2], v.data, v.strides[1],
                                   v.strides[2], mask.numel ? mask.data : NULL,
                                   mask.numel == k.sizes[2] ? 0 : k.sizes[2], out.data, q.sizes[1], k.sizes[1],
                                   k.sizes[2], k.sizes[3], (float)scale) == SPC_OK;
-    if (!ok)
+    if (!ok && spc_contiguous(&out)) /* else its elements are not numel floats in a row: leave it */
         for (int64_t i = 0; i < out.numel; i++) ((float *)out.data)[i] = NAN;
 release:
     for (int i = 0; i < 5; i++) spc_torch_release((void *)(uintptr_t)stack[i]);

@@ -33,7 +33,12 @@ struct ggml_traits {
     _Bool is_quantized; to_float_fn to_float; from_float_fn from_float_ref;
 };
 
-enum { GGML_Q8_0 = 8, MAX_TYPE = 64, CHUNK_ROWS = 16 };
+enum { GGML_Q8_0 = 8, CHUNK_ROWS = 16 };
+
+/* The weight types taken: F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K, BF16. Every ggml
+ * build has them; ggml's trait tables are not bounds-checked (a number past its type count reads
+ * outside them or asserts), so no other number ever reaches ggml. */
+static const int weight_types[] = {0, 1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 30};
 
 static const struct ggml_cpu_traits *(*cpu_traits)(int type);
 static const struct ggml_traits *(*base_traits)(int type);
@@ -46,7 +51,9 @@ static size_t row_bytes(int type, int64_t ne) {
 }
 
 static int type_usable(int type, int64_t k) {
-    if (type < 0 || type >= MAX_TYPE) return 0;
+    int known = 0;
+    for (size_t i = 0; i < sizeof weight_types / sizeof weight_types[0]; i++) known |= weight_types[i] == type;
+    if (!known) return 0;
     const struct ggml_cpu_traits *c = cpu_traits(type);
     const struct ggml_traits *t = base_traits(type);
     const struct ggml_traits *a = c && c->vec_dot ? base_traits(c->vec_dot_type) : NULL;
@@ -129,19 +136,13 @@ int spc_ggml_dequantize_rows(const void *w, int type, int64_t k, const int64_t *
 /* A bad call cannot raise through the C ABI; the Python wrappers check every argument first, and
  * this fills the output with NaN so a call that bypassed them cannot pass unnoticed. */
 static void poison(const struct spc_tensor *out) {
-    for (int64_t i = 0; i < out->numel; i++) ((float *)out->data)[i] = NAN;
+    if (spc_contiguous(out))  /* else its elements are not numel floats in a row: leave it */
+        for (int64_t i = 0; i < out->numel; i++) ((float *)out->data)[i] = NAN;
 }
 
-static int contiguous(const struct spc_tensor *t) {
-    int64_t expected = 1;
-    for (int64_t i = t->dim - 1; i >= 0; i--) {
-        if (t->sizes[i] != 1 && t->strides[i] != expected) return 0;
-        expected *= t->sizes[i];
-    }
-    return 1;
+static int64_t rows_of(const struct spc_tensor *t) {
+    return t->dim && t->sizes[t->dim - 1] ? t->numel / t->sizes[t->dim - 1] : -1; /* -1: no rows to match */
 }
-
-static int64_t rows_of(const struct spc_tensor *t) { return t->dim ? t->numel / t->sizes[t->dim - 1] : 0; }
 
 /* ggml_mm_(Tensor(a!) out, Tensor x, Tensor w, int type): out [.., N] float32 = x [.., K] float32 @ w^T,
  * w uint8 [N, row bytes]; all contiguous. */
@@ -153,8 +154,8 @@ static void op_mm(uint64_t *stack, uint64_t num_args, uint64_t num_outputs) {
     if (!got) goto release;
     int ok = spc_torch_tensor((void *)(uintptr_t)stack[1], SPC_FLOAT32, &x) &&
              spc_torch_tensor((void *)(uintptr_t)stack[2], SPC_UINT8, &w) &&
-             x.dim >= 1 && out.dim >= 1 && w.dim == 2 && rows_of(&x) == rows_of(&out) &&
-             w.sizes[0] == out.sizes[out.dim - 1] && contiguous(&x) && contiguous(&out) && contiguous(&w) &&
+             x.dim >= 1 && out.dim >= 1 && w.dim == 2 && rows_of(&x) > 0 && rows_of(&x) == rows_of(&out) &&
+             w.sizes[0] == out.sizes[out.dim - 1] && spc_contiguous(&x) && spc_contiguous(&out) && spc_contiguous(&w) &&
              spc_ggml_row_bytes(type, x.sizes[x.dim - 1]) == w.sizes[1] &&
              spc_ggml_mm(w.data, type, w.sizes[0], x.sizes[x.dim - 1], x.data, rows_of(&x), out.data) == SPC_OK;
     if (!ok) poison(&out);
@@ -171,8 +172,8 @@ static void op_rows(uint64_t *stack, uint64_t num_args, uint64_t num_outputs) {
     if (!got) goto release;
     int ok = spc_torch_tensor((void *)(uintptr_t)stack[1], SPC_UINT8, &w) &&
              spc_torch_tensor((void *)(uintptr_t)stack[2], SPC_INT64, &ids) &&
-             out.dim == 2 && w.dim == 2 && ids.numel == out.sizes[0] && contiguous(&out) && contiguous(&w) &&
-             contiguous(&ids) &&
+             out.dim == 2 && w.dim == 2 && ids.numel == out.sizes[0] && spc_contiguous(&out) && spc_contiguous(&w) &&
+             spc_contiguous(&ids) &&
              spc_ggml_row_bytes(type, out.sizes[1]) == w.sizes[1] &&
              spc_ggml_dequantize_rows(w.data, type, out.sizes[1], ids.data, ids.numel, w.sizes[0], out.data) == SPC_OK;
     if (!ok) poison(&out);

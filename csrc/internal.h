@@ -62,6 +62,9 @@ int spc_torch_register(const char *name, const char *schema, void (*kernel)(uint
  * dtype is not `dtype` (an SPC_FLOAT32 ... value). */
 int spc_torch_tensor(void *handle, int dtype, struct spc_tensor *out);
 
+/* Whether the tensor's elements are numel consecutive elements in row-major order. */
+int spc_contiguous(const struct spc_tensor *t);
+
 /* Releases a tensor handle an operator received. */
 void spc_torch_release(void *handle);
 

@@ -100,6 +100,15 @@ int spc_torch_tensor(void *handle, int dtype, struct spc_tensor *out) {
 
 void spc_torch_release(void *handle) { free_tensor(handle); }
 
+int spc_contiguous(const struct spc_tensor *t) {
+    int64_t expected = 1;
+    for (int64_t i = t->dim - 1; i >= 0; i--) {
+        if (t->sizes[i] != 1 && t->strides[i] != expected) return 0;
+        expected *= t->sizes[i];
+    }
+    return 1;
+}
+
 void spc_parallel(void (*fn)(void *), void *data, int64_t work_items) {
     if (gomp_parallel && work_items > 1) gomp_parallel(fn, data, 0, 0); /* 0: torch's thread count */
     else fn(data);

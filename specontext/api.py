@@ -368,6 +368,9 @@ def _load(model: str | None, settings: RuntimeSettings, sparsity: dict) -> LLM:
             raise InputError(f"unknown load option {unknown[0]!r}; valid: {', '.join(sorted(allowed))}")
         settings = replace(settings, **sparsity)
     weights, dt = weight_format(settings, dev, dt)
+    if weights == "gguf" and settings.embeddings != "float":
+        raise InputError("--embeddings int8 with --weights gguf: the table stays as the GGUF's own blocks (Q8_0 and "
+                         "smaller types are already 8-bit or less); drop --embeddings int8")
     if settings.activations == "int8" and (weights != "int8" or dev.type != "cpu"):
         raise InputError(f"--activations int8 runs on a CPU's int8 x int8 kernel and needs --weights int8 (got "
                          f"--weights {settings.weights} on {dev.type}); add --weights int8 on a CPU, or drop it")

@@ -55,7 +55,8 @@ def test_a_head_with_no_position_gets_zeros_and_other_steps_are_not_taken():
 
 
 def test_a_model_decodes_as_with_torch_attention(monkeypatch, tmp_path):
-    """A float32 model's decode steps through the kernel give torch's attention's logits."""
+    """A float32 model's decode steps go through the kernel (every layer, every step) and give the
+    greedy tokens torch's attention gives."""
     import specontext
     import specontext.model.llama as llama
     from conftest import make_hf_model
@@ -81,7 +82,14 @@ def test_a_call_the_kernel_cannot_take_writes_nan_rather_than_reading_out_of_bou
     for args in [(q.double(), k, v, torch.empty(0, dtype=torch.bool)),  # float64 query
                  (q, k, v, torch.ones(20, dtype=torch.uint8)),  # a mask that is not bool
                  (q, k, v[:, :, :10], torch.empty(0, dtype=torch.bool)),  # V shorter than K
-                 (q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v, torch.empty(0, dtype=torch.bool))]:
+                 (q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v, torch.empty(0, dtype=torch.bool)),
+                 (q, k, v, torch.ones(2, 64, dtype=torch.bool)[:, :20]),  # a sliced [G, S] mask
+                 (q, k, v, torch.ones(1, dtype=torch.bool).expand(40))]:  # an expanded one
         out = torch.zeros(1, 4, 1, 8)
         torch.ops.specontext.decode_attention_(out, *args, 0.35)
         assert out.isnan().all()
+    base = torch.zeros(8)  # an output that is not its own memory (a stride-0 view) is left as it is
+    torch.ops.specontext.decode_attention_(base.view(1, 1, 1, 8).expand(1, 4, 1, 8), q, k, v,
+                                           torch.empty(0, dtype=torch.bool), 0.35)
+    assert torch.equal(base, torch.zeros(8))
+    assert not usable(q, k, torch.ones(1, 1, 1, 19, dtype=torch.bool))  # a mask of another length

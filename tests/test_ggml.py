@@ -93,30 +93,44 @@ def test_embedding_rows_are_the_table_values_exactly():
     assert torch.equal(table(ids), torch.from_numpy(values)[ids])
 
 
-def _tiny_gguf(tmp_path, tensor_type) -> str:
+def _tiny_gguf(tmp_path, tensor_type, tied: bool = True) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+                      num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tied)
     model = LlamaForCausalLM(cfg)
-    path = str(tmp_path / f"tiny-{tensor_type.name}.gguf")
+    path = str(tmp_path / f"tiny-{tensor_type.name}-{'tied' if tied else 'untied'}.gguf")
     write_tiny_gguf(model, path, tensor_type=tensor_type)
     return path
 
 
+def _values(layer) -> torch.Tensor:
+    """A ggml layer's weight as float32, read back through ggml's own dequantization."""
+    out = torch.empty(layer.out_features, layer.in_features)
+    torch.ops.specontext.ggml_rows_(out, layer.blocks, torch.arange(layer.out_features), layer.ggml_type)
+    return out
+
+
 @needs_ggml
-@pytest.mark.parametrize("type_name", ["Q4_1", "Q8_0"])
-def test_a_gguf_model_runs_on_its_blocks_near_its_float_values(tmp_path, type_name):
+@pytest.mark.parametrize("type_name,tied", [("Q4_1", True), ("Q8_0", True), ("Q4_1", False)])
+def test_a_gguf_model_runs_on_its_blocks_near_its_float_values(tmp_path, type_name, tied):
     """The whole model on ggml's kernels (fused q/k/v with RoPE rows reordered, gate/up, a tied
-    Q8_0 or Q4_1 table as head and embeddings) against the same file dequantized to float32:
-    what differs is only the activations' 8-bit rounding. Same retrieval-head fingerprint."""
-    path = _tiny_gguf(tmp_path, getattr(gguf.GGMLQuantizationType, type_name))
+    table as head and embeddings, or an untied head of its own) against the same file
+    dequantized to float32: every layer holds exactly the float path's values, row for row (so a
+    q/k row order that differs shows), and the logits differ only by the activations' 8-bit
+    rounding. Same retrieval-head fingerprint."""
+    path = _tiny_gguf(tmp_path, getattr(gguf.GGMLQuantizationType, type_name), tied=tied)
     ids = list(range(3, 43))
     blocks = specontext.load(path, device="cpu", weights="gguf")
     floats = specontext.load(path, device="cpu", weights="fp32")
+    for ours, theirs in zip(blocks.model.model.layers, floats.model.model.layers):
+        assert torch.equal(_values(ours.self_attn.qkv_proj), theirs.self_attn.qkv_proj.weight)
+        assert torch.equal(_values(ours.mlp.gate_up_proj), theirs.mlp.gate_up_proj.weight)
+    assert torch.equal(_values(blocks.model.lm_head), floats.model.lm_head.weight)
     assert type(blocks.model.lm_head).__name__ == "GGMLLinear"
-    assert blocks.model.model.embed_tokens.blocks.data_ptr() == blocks.model.lm_head.blocks.data_ptr()  # one table
+    shared = blocks.model.model.embed_tokens.blocks.data_ptr() == blocks.model.lm_head.blocks.data_ptr()
+    assert shared == tied  # a tied table is one copy
     got, _ = blocks.engine.teacher_forced(ids[:20], ids[20:])
     ref, _ = floats.engine.teacher_forced(ids[:20], ids[20:])
     assert ((got - ref).abs().max() / ref.abs().max()).item() < 0.05
@@ -179,6 +193,9 @@ def test_gguf_weights_are_refused_where_they_cannot_run(tmp_path, monkeypatch):
     monkeypatch.setattr(ggml_linear, "ggml_paths", lambda: None)
     with pytest.raises(specontext.InputError, match=r"pip install 'specontext\[llamacpp\]'.*--weights auto or int4"):
         ggml_linear.ggml.__wrapped__()
+    with pytest.raises(specontext.InputError, match="drop --embeddings int8"):
+        specontext.load(_tiny_gguf(tmp_path, gguf.GGMLQuantizationType.Q8_0), device="cpu", weights="gguf",
+                        embeddings="int8")
     parts = [BlockWeight(3, torch.zeros(4, 20, dtype=torch.uint8), 32),
              BlockWeight(14, torch.zeros(4, 26, dtype=torch.uint8), 32)]
     with pytest.raises(specontext.InputError, match="mix GGUF types .*Q4_1, Q6_K.*--weights int4 or fp32"):
@@ -214,7 +231,14 @@ def test_a_call_the_products_cannot_take_writes_nan_rather_than_reading_out_of_b
         out = torch.zeros(2, 64)
         torch.ops.specontext.ggml_rows_(out, w, ids, int(Q8_0))
         assert out.isnan().all()
-    for x in (torch.randn(3, 64).double(), torch.randn(64, 3).t(), torch.randn(3, 32)):
+    for x in (torch.randn(3, 64).double(), torch.randn(64, 3).t(), torch.randn(3, 32), torch.randn(3, 0)):
         out = torch.zeros(3, 8)
         torch.ops.specontext.ggml_mm_(out, x, w, int(Q8_0))
+        assert out.isnan().all()
+    base = torch.zeros(8)  # an output that is not its own memory (a stride-0 view) is left as it is
+    torch.ops.specontext.ggml_mm_(base.expand(3, 8), torch.randn(3, 32), w, int(Q8_0))
+    assert torch.equal(base, torch.zeros(8))
+    for bad_type in (45, 63, -1, 4):  # numbers ggml's tables do not have (or no longer use)
+        out = torch.zeros(3, 8)
+        torch.ops.specontext.ggml_mm_(out, torch.randn(3, 64), w, bad_type)
         assert out.isnan().all()

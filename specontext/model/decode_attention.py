@@ -55,15 +55,17 @@ def usable(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None) -> bo
     B, H, T, D = q.shape
     G = keys.shape[1]
     return (B == 1 and T == 1 and q.device.type == "cpu" and q.dtype == keys.dtype == torch.float32
-            and H % G == 0 and H // G <= 16 and D <= 256 and keys.stride(-1) == 1
-            and (mask is None or (mask.dtype == torch.bool and mask.shape[1] in (1, G) and mask.shape[2] == 1))
+            and H % G == 0 and H // G <= 16 and D <= 256 and keys.stride(-1) == 1 and q.stride(-1) == 1
+            and (mask is None or (mask.dtype == torch.bool and mask.shape[1] in (1, G) and mask.shape[2] == 1
+                                  and mask.shape[-1] == keys.shape[2]))
             and (_READY[0] if _READY else not torch.compiler.is_compiling() and available()))
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                      mask: torch.Tensor | None) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v over the positions ``mask`` allows (all when None): q [1, H, 1, D],
-    keys and values [1, G, S, D] -> [1, H, 1, D] (query head h reads KV head h // (H / G))."""
+    keys and values [1, G, S, D] -> [1, H, 1, D] (query head h reads KV head h // (H / G)); for
+    what :func:`usable` accepts (values in the keys' dtype and shape)."""
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     flat = (mask.reshape(-1).contiguous() if mask is not None
             else torch.empty(0, dtype=torch.bool, device=q.device))

@@ -156,11 +156,3 @@ class GGMLEmbedding(nn.Module):
         out = torch.empty(flat.shape[0], self.embedding_dim, dtype=torch.float32, device=ids.device)
         torch.ops.specontext.ggml_rows_(out, self.blocks, flat, self.ggml_type)
         return out.view(*ids.shape, self.embedding_dim)
-
-
-def hold_table_as_blocks(model: nn.Module, table: BlockWeight, head: BlockWeight | None) -> None:
-    """Give a LlamaForCausalLM ggml embeddings and LM head, in place: ``head`` None means tied
-    (one set of blocks serves both)."""
-    model.lm_head = GGMLLinear(head if head is not None else table)
-    blocks = model.lm_head.blocks if head is None else table.blocks.contiguous()
-    model.model.embed_tokens = GGMLEmbedding(blocks, table.ggml_type, table.in_features)
