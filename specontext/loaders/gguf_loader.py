@@ -336,16 +336,12 @@ class GGUFFile:
         permuted = self.arch == "llama" and hf_name.endswith(
             ("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias"))
         heads = cfg.num_heads if ".q_proj." in hf_name else cfg.num_kv_heads
+        quantized = None  # a weight kept in blocks (gguf) or int4 / int8
         if weights == "gguf" and kind == "weight" and (part_of(stem) in _LINEAR_PARTS or stem in ("token_embd", "output")):
-            quantized = self._blocks(tensor, linear=part_of(stem) in _LINEAR_PARTS)
-            if quantized is None:  # a table ggml cannot read: float, as the other formats hold it
-                return torch.from_numpy(np.require(self._tensor_f32(tensor.name), np.float32, ["C", "W"]))
-            if permuted:
-                order = _unpermute_rope_rows(np.arange(quantized.shape[0])[:, None], heads)[:, 0]
-                quantized = quantized.rows(torch.from_numpy(np.ascontiguousarray(order)))
-            return quantized
-        if weights in ("int4", "int8") and kind == "weight" and part_of(stem) in _LINEAR_PARTS:
+            quantized = self._blocks(tensor, linear=part_of(stem) in _LINEAR_PARTS)  # None: a float table
+        elif weights in ("int4", "int8") and kind == "weight" and part_of(stem) in _LINEAR_PARTS:
             quantized = self._quantized(tensor, weights)
+        if quantized is not None:
             if permuted:  # the same rows as the float path, by index
                 order = _unpermute_rope_rows(np.arange(quantized.shape[0])[:, None], heads)[:, 0]
                 quantized = quantized.rows(torch.from_numpy(np.ascontiguousarray(order)))

@@ -14,8 +14,6 @@ every head or one per KV head (a sparse step's).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 
@@ -38,8 +36,7 @@ def _register() -> bool:
         lib = native.library()
     except native.NativeLibraryError:
         return False
-    torch_cpu = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
-    if lib.lib.spc_attention_init(torch_cpu.encode()) != 0:
+    if lib.lib.spc_attention_init(native.torch_cpu_library().encode()) != 0:
         return False
 
     @torch.library.register_fake("specontext::decode_attention_")

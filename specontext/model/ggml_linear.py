@@ -30,14 +30,10 @@ import os
 from dataclasses import dataclass
 
 import torch
+from gguf import GGMLQuantizationType
 from torch import nn
 
 from ..errors import InputError
-
-# GGUF / ggml tensor type numbers (gguf.GGMLQuantizationType)
-GGML_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q2_K": 10, "Q3_K": 11,
-              "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "BF16": 30}
-
 
 def ggml_paths() -> tuple[str, str] | None:
     """(libggml-base, libggml-cpu) from the installed llama-cpp-python, found without importing it
@@ -62,8 +58,7 @@ def ggml() -> object:
                          "pip install 'specontext[llamacpp]' (it compiles for about 11 minutes), or use "
                          "--weights auto or int4")
     lib = native.library()
-    torch_cpu = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
-    status = lib.lib.spc_ggml_init(paths[0].encode(), paths[1].encode(), torch_cpu.encode())
+    status = lib.lib.spc_ggml_init(paths[0].encode(), paths[1].encode(), native.torch_cpu_library().encode())
     if status != 0:
         detail = lib.ffi.string(lib.lib.spc_last_error()).decode(errors="replace")
         raise InputError(f"--weights gguf: ggml's CPU kernels did not load ({detail}); use --weights auto or int4")
@@ -105,18 +100,31 @@ class BlockWeight:
     def float_chunks(self, rows: int):
         """The values as float32, ``rows`` rows at a time (ggml's dequantization)."""
         for start in range(0, self.blocks.shape[0], rows):
-            ids = torch.arange(start, min(start + rows, self.blocks.shape[0]))
-            out = torch.empty(len(ids), self.in_features)
-            torch.ops.specontext.ggml_rows_(out, self.blocks, ids, self.ggml_type)
-            yield out
+            yield read_rows(self.blocks, self.ggml_type, self.in_features,
+                            torch.arange(start, min(start + rows, self.blocks.shape[0])))
+
+
+def read_rows(blocks: torch.Tensor, ggml_type: int, k: int, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` (int64, any shape) of a table of blocks, dequantized by ggml: [*ids.shape, k] float32."""
+    flat = ids.reshape(-1).contiguous()
+    out = torch.empty(flat.shape[0], k, dtype=torch.float32, device=ids.device)
+    torch.ops.specontext.ggml_rows_(out, blocks, flat, ggml_type)
+    return out.view(*ids.shape, k)
+
+
+def _type_name(ggml_type: int) -> str:
+    try:
+        return GGMLQuantizationType(ggml_type).name
+    except ValueError:
+        return str(ggml_type)
 
 
 def concat_block_rows(parts: list[BlockWeight], name: str) -> BlockWeight:
     """q/k/v or gate/up as one weight: their rows stacked, which needs one block type."""
     types = {p.ggml_type for p in parts}
     if len(types) > 1:
-        named = sorted(k for k, v in GGML_TYPES.items() if v in types)
-        raise InputError(f"{name} and the tensors fused with it mix GGUF types ({', '.join(named) or types}), which "
+        named = sorted(_type_name(t) for t in types)
+        raise InputError(f"{name} and the tensors fused with it mix GGUF types ({', '.join(named)}), which "
                          f"--weights gguf cannot run as one layer; use --weights int4 or fp32")
     return BlockWeight(parts[0].ggml_type, torch.cat([p.blocks for p in parts]), parts[0].in_features)
 
@@ -152,7 +160,4 @@ class GGMLEmbedding(nn.Module):
         self.register_buffer("blocks", blocks)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        flat = ids.reshape(-1).contiguous()
-        out = torch.empty(flat.shape[0], self.embedding_dim, dtype=torch.float32, device=ids.device)
-        torch.ops.specontext.ggml_rows_(out, self.blocks, flat, self.ggml_type)
-        return out.view(*ids.shape, self.embedding_dim)
+        return read_rows(self.blocks, self.ggml_type, self.embedding_dim, ids)

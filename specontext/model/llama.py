@@ -282,11 +282,11 @@ class LlamaForCausalLM(nn.Module):
             table = tensors["model.embed_tokens.weight"]
             if isinstance(table, BlockWeight):
                 del tensors["model.embed_tokens.weight"]
-                self.model.embed_tokens = GGMLEmbedding(table.blocks, table.ggml_type, table.in_features)
+                blocks = table.blocks
                 if tied:
                     self.lm_head = GGMLLinear(table)
-                    self.model.embed_tokens.blocks = self.lm_head.blocks  # one copy serves both
-                    took_tied = True
+                    blocks, took_tied = self.lm_head.blocks, True  # one copy serves both
+                self.model.embed_tokens = GGMLEmbedding(blocks, table.ggml_type, table.in_features)
         head = tensors.get("lm_head.weight")
         if isinstance(head, BlockWeight):
             del tensors["lm_head.weight"]

@@ -182,3 +182,11 @@ def raise_for(status: int) -> None:
         native = library()
         raise NativeError(status, native.ffi.string(native.lib.spc_status_string(status)).decode(),
                           native.ffi.string(native.lib.spc_last_error()).decode())
+
+
+def torch_cpu_library() -> str:
+    """The path of the libtorch_cpu this process loaded with torch, in which the native library
+    finds torch's stable C ABI and OpenMP runtime (its operators register there)."""
+    import torch
+
+    return os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
