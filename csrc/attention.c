@@ -55,13 +55,6 @@ __attribute__((target("avx2,fma"))) static __m256 exp8(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-__attribute__((target("avx2,fma"))) static float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-}
-
 /* scores[r][j] = scale q_r . k_j for the chunk's positions */
 __attribute__((target("avx2,fma"))) static void scores_avx2(const struct attn_job *j, int64_t g, int64_t p0,
                                                             int64_t n, float *scores) {
@@ -71,7 +64,7 @@ __attribute__((target("avx2,fma"))) static void scores_avx2(const struct attn_jo
             const float *q = j->q + (g * j->R + r) * j->q_head_stride;
             __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(k));
             for (int64_t d = 8; d < j->D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), acc);
-            scores[r * CHUNK + i] = hsum8(acc) * j->scale;
+            scores[r * CHUNK + i] = spc_hsum8(acc) * j->scale;
         }
 }
 
@@ -86,7 +79,7 @@ __attribute__((target("avx2,fma"))) static float exp_sum_avx2(float *s, int64_t 
         _mm256_storeu_ps(s + i, p);
         sum = _mm256_add_ps(sum, p);
     }
-    float total = hsum8(sum);
+    float total = spc_hsum8(sum);
     for (; i < n; i++) total += (s[i] = s[i] == -INFINITY ? 0.0f : expf(s[i] - m));
     return total;
 }

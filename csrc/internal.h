@@ -42,7 +42,7 @@ int spc_check_indices(const char *fn, const char *name, const int64_t *indices,
  * for dlsym's function pointers (ISO C has no object-to-function pointer conversion). */
 #define SPC_DLSYM(fn, handle, name) (*(void **)(&(fn)) = dlsym((handle), (name)))
 enum { SPC_MAX_DIM = 8 };
-enum { SPC_FLOAT32, SPC_INT64, SPC_UINT8, SPC_BOOL, SPC_DTYPES }; /* the dtypes operators check for */
+enum { SPC_FLOAT32, SPC_INT64, SPC_UINT8, SPC_BOOL, SPC_INT8, SPC_DTYPES }; /* the dtypes operators check for */
 
 /* A tensor argument as an operator receives it. */
 struct spc_tensor {
@@ -73,6 +73,17 @@ void spc_torch_release(void *handle);
 void spc_parallel(void (*fn)(void *), void *data, int64_t work_items);
 int spc_thread_index(void);
 int spc_thread_count(void);
+
+/* The sum of an AVX2 register's eight floats (attention.c, qmatmul.c). */
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(__CUDACC__)
+#include <immintrin.h>
+__attribute__((target("avx2,fma"))) static inline float spc_hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+#endif
 
 #ifdef __cplusplus
 }

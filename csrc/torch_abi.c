@@ -24,7 +24,8 @@ static int32_t (*get_dim)(void *, int64_t *);
 static int32_t (*get_dtype)(void *, int32_t *);
 static int32_t (*dtype_code[SPC_DTYPES])(void);
 static const char *const dtype_names[SPC_DTYPES] = {"aoti_torch_dtype_float32", "aoti_torch_dtype_int64",
-                                                   "aoti_torch_dtype_uint8", "aoti_torch_dtype_bool"};
+                                                   "aoti_torch_dtype_uint8", "aoti_torch_dtype_bool",
+                                                   "aoti_torch_dtype_int8"};
 static int32_t (*free_tensor)(void *);
 static void (*gomp_parallel)(void (*)(void *), void *, unsigned, unsigned);
 static int (*omp_thread)(void);

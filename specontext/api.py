@@ -26,7 +26,7 @@ from .generation import BatchGeneration, Generation
 from .stats import GenerationResult
 from .errors import InputError, ModelFileError
 from .loaders.release import returning_freed_memory
-from .model import decode_attention
+from .model import decode_attention, qmatmul
 from .model.bf16 import hold_head_in_bf16
 from .model.int8_embedding import hold_embeddings_in_int8
 from .model.llama import LlamaForCausalLM
@@ -383,7 +383,9 @@ def _load(model: str | None, settings: RuntimeSettings, sparsity: dict) -> LLM:
     tables = ("lm_head.weight",) + (("model.embed_tokens.weight",) if settings.embeddings == "float" else ())
     net.load_checkpoint(tensors, dtype=dt, device=dev,
                         quantize_to=weights if weights in QUANTIZED or weights == "gguf" else None,
-                        held_in=dict.fromkeys(tables, torch.bfloat16) if head_in_bf16 else None)
+                        held_in=dict.fromkeys(tables, torch.bfloat16) if head_in_bf16 else None,
+                        int8_tables=(dev.type == "cpu" and weights in QUANTIZED and settings.embeddings == "float"
+                                     and qmatmul.available()))
     if hasattr(tensors, "check"):  # a GGUF read while loading: the file must not have changed meanwhile
         tensors.check()
     del tensors

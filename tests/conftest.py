@@ -186,11 +186,12 @@ def _byte_symbols() -> list[str]:
 
 
 def write_tiny_gguf(hf_model, path: str, arch: str = "llama", tensor_type=None, chat_template: str | None = None,
-                    extra: dict | None = None):
+                    extra: dict | None = None, table_type=None):
     """Convert a tiny transformers model to GGUF the way llama.cpp's converter lays it out.
 
     Vocabulary: 3 control tokens, 256 byte symbols, then merged pieces up to the model's vocab.
-    ``tensor_type``: a GGMLQuantizationType for the 2-D weight matrices (default F32).
+    ``tensor_type``: a GGMLQuantizationType for the 2-D weight matrices (default F32);
+    ``table_type``: another for the embedding table and LM head (default ``tensor_type``).
     """
     gguf = pytest.importorskip("gguf", reason="the gguf package is not installed")
     import numpy as np
@@ -252,8 +253,9 @@ def write_tiny_gguf(hf_model, path: str, arch: str = "llama", tensor_type=None, 
         else:
             gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                      "lm_head.weight": "output.weight"}[name]
-        if tensor_type is not None and arr.ndim == 2:
-            w.add_tensor(gname, gguf.quants.quantize(arr, tensor_type), raw_dtype=tensor_type)
+        qtype = (table_type or tensor_type) if gname in ("token_embd.weight", "output.weight") else tensor_type
+        if qtype is not None and arr.ndim == 2:
+            w.add_tensor(gname, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(gname, np.ascontiguousarray(arr, dtype=np.float32))
     w.write_header_to_file()

@@ -222,13 +222,12 @@ def test_a_plan_reads_a_gguf_s_format_from_its_header_for_auto(tiny_q4, monkeypa
 
 @pytest.mark.parametrize("weights", ["fp32", "int8", "int4"])
 def test_the_planner_counts_each_format_as_the_runtime_holds_it(tiny_q4, weights):
-    from specontext.model.quant import kernel_dtype
     from specontext.planner.memory import model_weight_bytes
+    from specontext.planner.plan import quantized_bytes
 
     llm = specontext.load(tiny_q4, device="cpu", weights=weights)
     fmt = "float" if weights == "fp32" else weights
-    scale = kernel_dtype().itemsize
-    head = 2 if weights != "fp32" and scale == 2 else None
+    scale, head = quantized_bytes(weights, "cpu")
     assert model_weight_bytes(llm.config, 4, fmt, scale, head) == llm.model.weight_bytes()
 
 

@@ -38,7 +38,7 @@ extern "C" {
 
 /* Bumped on any change to the declarations below; native.py refuses a library
  * whose spc_abi_version() differs from the header it parsed. */
-enum { SPC_ABI_VERSION = 5 };
+enum { SPC_ABI_VERSION = 6 };
 
 enum spc_status {
     SPC_OK = 0,
@@ -289,6 +289,54 @@ int spc_decode_attention(
     int64_t head_dim,             /* in  1..256 */
     float scale                   /* in  the scores' factor, usually 1 / sqrt(head_dim) */
 );
+
+/* ---- Products with weights kept quantized, on a CPU (csrc/qmatmul.c) -------------------- */
+
+/* Registers the torch operators specontext::q4_mm_, q8_mm_ and q4_dequantize_
+ * through torch's stable C ABI, found in torch_cpu_path (libtorch_cpu, already
+ * loaded). */
+int spc_qmm_init(const char *torch_cpu_path /* in */);
+
+/* y[i, j] = sum_k x[i, k] W[j, k] in float32, W int4 in groups of 32 along k:
+ * W[j, k] = (q - 8) scale[j, k / 32] + zero[j, k / 32], q in 0..15; byte b of a
+ * group's 16 holds value b in its low nibble and value b + 16 in its high one.
+ * Rows of W are split over torch's OpenMP threads. */
+int spc_q4_mm(
+    const uint8_t *w,             /* in  [n, k / 2] */
+    const float *scale,           /* in  [n, k / 32] */
+    const float *zero,            /* in  [n, k / 32] */
+    int64_t n,                    /* in  > 0 */
+    int64_t k,                    /* in  a positive multiple of 32 */
+    const float *x,               /* in  [m, k] contiguous */
+    int64_t m,                    /* in  > 0 */
+    float *y                      /* out [m, n] contiguous */
+);
+
+/* The same with W int8 in groups of 32: W[j, k] = q scale[j, k / 32] (GGUF's Q8_0). */
+int spc_q8_mm(
+    const int8_t *w,              /* in  [n, k] */
+    const float *scale,           /* in  [n, k / 32] */
+    int64_t n,                    /* in  > 0 */
+    int64_t k,                    /* in  a positive multiple of 32 */
+    const float *x,               /* in  [m, k] contiguous */
+    int64_t m,                    /* in  > 0 */
+    float *y                      /* out [m, n] contiguous */
+);
+
+/* out = the int4 W of spc_q4_mm in float32, each value (q - 8) scale + zero
+ * rounded as two float32 operations. */
+int spc_q4_dequantize(
+    const uint8_t *w,             /* in  [n, k / 2] */
+    const float *scale,           /* in  [n, k / 32] */
+    const float *zero,            /* in  [n, k / 32] */
+    int64_t n,                    /* in  > 0 */
+    int64_t k,                    /* in  a positive multiple of 32 */
+    float *out                    /* out [n, k] */
+);
+
+/* 1: the products above run their portable loops even where AVX2 is there
+ * (for tests of those loops); 0: the default. */
+void spc_qmm_force_plain(int plain /* in */);
 
 /* SPC_CDEF_END */
 

@@ -75,7 +75,8 @@ def hold_head_in_bf16(model: nn.Module) -> None:
     """Replace a LlamaForCausalLM's float32 LM head and embeddings (unless held in int8) by
     bfloat16 ones, in place; a tied pair shares one table (one copy is freed)."""
     head, embed = model.lm_head, model.model.embed_tokens
-    tied = head.weight is getattr(embed, "weight", None)
-    model.lm_head = BF16Head(head.weight, getattr(head, "bias", None))
+    tied = isinstance(head, nn.Linear) and head.weight is getattr(embed, "weight", None)
+    if isinstance(head, nn.Linear):  # not held in int8 groups (model/qmatmul.py)
+        model.lm_head = BF16Head(head.weight, getattr(head, "bias", None))
     if isinstance(embed, nn.Embedding):  # not an int8 table (model/int8_embedding.py)
         model.model.embed_tokens = BF16Embedding(model.lm_head.weight if tied else embed.weight)

@@ -32,11 +32,7 @@ def available() -> bool:
 def _register() -> bool:
     from .. import native
 
-    try:
-        lib = native.library()
-    except native.NativeLibraryError:
-        return False
-    if lib.lib.spc_attention_init(native.torch_cpu_library().encode()) != 0:
+    if not native.init_operators("spc_attention_init"):
         return False
 
     @torch.library.register_fake("specontext::decode_attention_")

@@ -23,10 +23,13 @@ from ..kv.cache import KVCache
 from ..kv.plan import StepPlan, to_device
 from .decode_attention import decode_attention, usable
 from .norm import RMSNorm
+from .qmatmul import take_int8_tables
 from .quant import Int4Linear, Int8Linear, QuantizedWeight, concat_rows, quantize, quantized_linear
 from .rope import RotaryEmbedding, apply_rotary
 
-BLOCK_TABLES = ("model.embed_tokens.blocks", "lm_head.blocks")  # --weights gguf's tables (model/ggml_linear.py)
+# tables kept quantized: GGUF blocks (--weights gguf, model/ggml_linear.py) or int8 groups (model/qmatmul.py)
+KEPT_TABLES = ("model.embed_tokens.blocks", "lm_head.blocks", "model.embed_tokens.q", "model.embed_tokens.scale",
+               "lm_head.q", "lm_head.scale")
 # our parameter name suffix -> the checkpoint suffixes concatenated (along dim 0) to make it
 FUSED_WEIGHTS = {
     "self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
@@ -170,7 +173,7 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm.weight.dtype
 
     def load_checkpoint(self, tensors: dict, dtype: torch.dtype, device, quantize_to: str | None = None,
-                        held_in: dict[str, torch.dtype] | None = None) -> None:
+                        held_in: dict[str, torch.dtype] | None = None, int8_tables: bool = False) -> None:
         """Load Hugging Face-named tensors, fusing projections per FUSED_WEIGHTS.
 
         Every parameter must be provided (missing ones are named in the error); extra
@@ -185,7 +188,9 @@ class LlamaForCausalLM(nn.Module):
         ``held_in``: tensors that load in another dtype than ``dtype`` (the bf16 LM head and table
         beside quantized layers on a CPU, ``model/bf16.py``), converted first, before the quantized
         layers are made, so a float32 table is never held beside its copy and those layers (the
-        default model's: 113 MiB beside 56 MiB and 66 MiB of int4 layers).
+        default model's: 113 MiB beside 56 MiB and 66 MiB of int4 layers). ``int8_tables``: an LM head
+        (and its tied table) whose values are exact int8 groups (a GGUF's Q8_0) is held so instead
+        (:func:`~specontext.model.qmatmul.take_int8_tables`), before that.
         """
         from ..errors import ModelFileError
 
@@ -194,13 +199,15 @@ class LlamaForCausalLM(nn.Module):
         held_in = held_in or {}
         if quantize_to == "gguf" and self._load_tables_as_blocks(tensors, tied):
             tied = False  # the head and table are loaded (as one module pair when tied)
+        if int8_tables and take_int8_tables(self, tensors, tied):
+            tied = False
         for name, held_dtype in held_in.items():
             if name in tensors:
                 # a copy even where the dtype matches: a memory-mapped checkpoint's tensor would
                 # otherwise stay a view of the file (a truncated file then faults, SIGBUS)
                 tensors[name] = tensors.pop(name).to(held_dtype, copy=True)
         state = self._load_quantized(tensors, quantize_to, device)
-        state.update({k: v for k, v in self.state_dict(keep_vars=True).items() if k in BLOCK_TABLES})
+        state.update({k: v for k, v in self.state_dict(keep_vars=True).items() if k in KEPT_TABLES})
         for name, param in self.named_parameters(remove_duplicate=False):
             if name == "lm_head.weight" and tied:
                 continue

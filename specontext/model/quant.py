@@ -128,42 +128,59 @@ def quantize(weight: torch.Tensor, fmt: str) -> QuantizedWeight:
 
 
 class Int4Linear(nn.Module):
-    """y = x W^T (+ b) with W int4 groupwise, on torch's weight-only int4 matmul.
+    """y = x W^T (+ b) with W int4 groupwise.
 
-    On a CPU: float32 in and out; the product runs in :func:`kernel_dtype` (bfloat16 activations,
-    scales and zeros where the CPU has bf16), accumulating in float32. On CUDA (``device``): the
+    On a CPU: float32 in and out. Where the native library's operators are there
+    (``model/qmatmul.py``, ``native``): W packed with float32 scales and zeros, a step of up to
+    ``DIRECT_ROWS`` rows on its product, a longer one on torch's float32 matmul of the layer
+    dequantized; both compute the float32 product of the dequantized weight. Else torch's
+    weight-only int4 matmul (``aten._weight_int4pack_mm_for_cpu``) in :func:`kernel_dtype`
+    (bfloat16 activations, scales and zeros where the CPU has bf16). On CUDA (``device``): the
     tensor-core kernel (``aten._weight_int4pack_mm``, sm80 and newer), bfloat16 in and out; its
     packing takes two values a byte, the even one in the high nibble, and tiles of
     ``inner_k_tiles`` x 16 along K.
     """
 
     def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None, bf16: bool | None = None,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", native: bool | None = None):
         super().__init__()
+        from . import qmatmul
+
         n, k = weight.shape
         self.in_features, self.out_features = k, n
         self.on_cuda = torch.device(device).type == "cuda"
-        self.compute_dtype = torch.bfloat16 if self.on_cuda else kernel_dtype(bf16)
-        if self.on_cuda:
-            if k % INT4_GROUP or n % 8:
-                raise ValueError(f"int4 on CUDA needs input features in multiples of {INT4_GROUP} and outputs in multiples of "
-                                 f"8; this weight is [{n}, {k}]")
-            q = weight.q.to(device=device, dtype=torch.uint8)
-            pairs = (q[:, ::2] << 4 | q[:, 1::2]).contiguous()  # [N, K / 2]
-            tiles = next(t for t in (8, 4, 2) if k % (t * 16) == 0)
-            packed = torch.ops.aten._convert_weight_to_int4pack(pairs, tiles)
-        else:  # the kernel's layout: two values a byte
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.q.to(torch.int32), 1)
-        self.register_buffer("packed", packed)
-        # [K / G, N, 2] (scale, zero) pairs
-        self.register_buffer("scale_zeros", torch.stack([weight.scale.t(), weight.zero.t()], dim=-1)
-                             .to(device=device, dtype=self.compute_dtype).contiguous())
+        self.native = not self.on_cuda and (qmatmul.available() if native is None else native)
+        self.compute_dtype = torch.bfloat16 if self.on_cuda else torch.float32 if self.native else kernel_dtype(bf16)
+        if self.native:
+            self.register_buffer("packed", qmatmul.pack_int4(weight.q))
+            self.register_buffer("scale", weight.scale.float().contiguous())
+            self.register_buffer("zero", weight.zero.float().contiguous())
+        else:
+            if self.on_cuda:
+                if k % INT4_GROUP or n % 8:
+                    raise ValueError(f"int4 on CUDA needs input features in multiples of {INT4_GROUP} and outputs in "
+                                     f"multiples of 8; this weight is [{n}, {k}]")
+                q = weight.q.to(device=device, dtype=torch.uint8)
+                pairs = (q[:, ::2] << 4 | q[:, 1::2]).contiguous()  # [N, K / 2]
+                tiles = next(t for t in (8, 4, 2) if k % (t * 16) == 0)
+                packed = torch.ops.aten._convert_weight_to_int4pack(pairs, tiles)
+            else:  # the kernel's layout: two values a byte
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.q.to(torch.int32), 1)
+            self.register_buffer("packed", packed)
+            # [K / G, N, 2] (scale, zero) pairs
+            self.register_buffer("scale_zeros", torch.stack([weight.scale.t(), weight.zero.t()], dim=-1)
+                                 .to(device=device, dtype=self.compute_dtype).contiguous())
         self.bias = None if bias is None else nn.Parameter(
             bias.to(device=device, dtype=torch.bfloat16 if self.on_cuda else torch.float32), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(self.compute_dtype).contiguous()
-        if self.on_cuda:
+        if self.native:
+            from .qmatmul import DIRECT_ROWS, q4_dequantize, q4_mm
+
+            y = (q4_mm(x2, self.packed, self.scale, self.zero) if x2.shape[0] <= DIRECT_ROWS else
+                 nn.functional.linear(x2, q4_dequantize(self.packed, self.scale, self.zero)))
+        elif self.on_cuda:
             y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, INT4_GROUP, self.scale_zeros)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, INT4_GROUP, self.scale_zeros)

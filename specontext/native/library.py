@@ -190,3 +190,13 @@ def torch_cpu_library() -> str:
     import torch
 
     return os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+
+
+def init_operators(init: str) -> bool:
+    """Whether the native library loads and its ``init`` entry point (``spc_attention_init``,
+    ``spc_qmm_init``) registered its torch operators in this process's torch."""
+    try:
+        lib = library()
+    except NativeLibraryError:
+        return False
+    return getattr(lib.lib, init)(torch_cpu_library().encode()) == 0

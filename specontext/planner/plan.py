@@ -53,6 +53,17 @@ def _read_model(path: str | ModelConfig | None) -> tuple[ModelConfig, str, Calla
     raise InputError(f"cannot plan for {path}: give a .gguf file, a Hugging Face folder or a config.json")
 
 
+def quantized_bytes(weights: str, kind: str) -> tuple[int, int | None]:
+    """(bytes of a quantization scale, bytes of an LM head element or None for the compute dtype's)
+    as the runtime holds ``weights`` on a ``kind`` device: int4 on a CPU keeps float32 scales and
+    zeros (``model/qmatmul.py``), int8 a copy of its row scales in the kernels' dtype; CUDA bf16.
+    The head is bf16 beside quantized layers where the kernels run in bf16; a GGUF's Q8_0 head,
+    held in int8 groups on a CPU (1.125 B an element), is counted so too, an over-count."""
+    bf16 = kind != "cpu" or kernel_dtype().itemsize == 2
+    scale = 4 if kind == "cpu" and weights == "int4" else 2 if bf16 else 4
+    return scale, 2 if weights in ("int8", "int4") and bf16 else None
+
+
 def head_shape_for(model: ModelConfig, spec: str) -> tuple[HeadShape, str]:
     """The retrieval head the plan counts: a named artefact, a shipped or trained one made for a
     model of this shape (``auto``; the weights' fingerprint is not checked, since none are
@@ -215,8 +226,8 @@ def make_plan(model: str | ModelConfig | None = None, device_profile: str | Devi
         if profile.kind != "cpu" or not str(path).endswith(".gguf"):
             raise InputError("--weights gguf runs a GGUF file's blocks on a CPU; plan it with a .gguf model on a CPU "
                              "profile, or plan --weights int4")
-        # planned as the int4 / int8 it maps to: Q4_0/Q4_1 blocks take the same bytes as int4's values
-        # with bf16 scales and zeros; the Q8_0 table is counted as the bf16 head (0.94 B an element over)
+        # planned as the int4 / int8 it maps to: Q4_0/Q4_1 blocks take 0.125 B a value less than int4's values
+        # with float32 scales and zeros; the Q8_0 table is counted as the bf16 head (0.94 B an element over)
         weights = auto_weights()
     if weights not in WEIGHT_FORMATS:
         raise InputError(f"weights must be auto, fp32, fp16, bf16, int8, int4 or gguf; got {weights!r}")
@@ -238,7 +249,7 @@ def make_plan(model: str | ModelConfig | None = None, device_profile: str | Devi
     if not 1 <= S <= limit:
         raise InputError(f"context_tokens must be in 1..{limit} (the model's context limit), got {S}")
     head, head_source = (head_shape_for(cfg, retrieval_head) if sparsity == "specontext" else (None, "none"))
-    kernel_bytes = kernel_dtype().itemsize if profile.kind == "cpu" else 2  # quantized kernels' dtype
+    kernel_bytes, head_bytes = quantized_bytes(weights, profile.kind)
     inputs = MemoryInputs(model=cfg, weight_bytes=DTYPE_BYTES[dtype], kv_bytes=DTYPE_BYTES[dtype], requests=requests,
                           sparsity=sparsity, budget_tokens=budget_tokens, head=head, slot_pool=slot_pool,
                           block_tokens=block_tokens, prefill_chunk_tokens=prefill_chunk_tokens,
@@ -249,7 +260,7 @@ def make_plan(model: str | ModelConfig | None = None, device_profile: str | Devi
                           weight_format=weights if weights in ("int8", "int4") else "float",
                           kv_format=kv_dtype if kv_dtype in ("int8", "fp8") else "float",
                           quant_scale_bytes=kernel_bytes,
-                          head_bytes=2 if weights in ("int8", "int4") and kernel_bytes == 2 else None,
+                          head_bytes=head_bytes,
                           embedding_format=embeddings)
     placement = plan_placement(inputs, profile.device_budget_bytes, profile.host_budget_bytes, profile.unified_memory,
                                target_seq_tokens=S, max_seq_tokens=limit)

@@ -1,0 +1,170 @@
+"""Products with int4 and int8 weights on float32 activations, by the native library
+(``csrc/qmatmul.c``): the torch operators ``specontext::q4_mm_``, ``q8_mm_`` and ``q4_dequantize_``,
+which eager steps and ahead-of-time graphs both call.
+
+Shape letters: N output features, K input features, M rows of input, V vocabulary, E hidden size.
+
+Why: torch's CPU weight-only kernels are fast only on bfloat16 activations (on float32 ones they
+took 8-10x longer on the 2-core AVX2 machine, ``model/quant.py``), and bf16 moved the default
+model's int4 logits away from float32's: over 300 held-out essay tokens, mean KL from llama.cpp
+0.00335 against float32's 0.00296 (bf16 activations, scales and outputs added 0.00006, 0.00011
+and 0.00010 each, the bf16 head 0.0001). These kernels keep float32 throughout: an int4 layer on
+them computes what the float32 layer of its dequantized weight computes, in another order.
+
+* :class:`~specontext.model.quant.Int4Linear` runs a step of up to :data:`DIRECT_ROWS` rows
+  (decode) here; a longer one (prefill) dequantizes the layer (:func:`q4_dequantize`, one layer at
+  a time) and multiplies on torch's float32 matmul.
+* :class:`Q8Table`: an LM head and embedding table whose values are int8 in groups of 32 with one
+  scale each, held so where that is exact (a GGUF's Q8_0 table, the default model's, is), in
+  place of the bf16 copy (``model/bf16.py``): 32 MiB instead of 57 for the default model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+GROUP = 32
+DIRECT_ROWS = 8  # rows a product takes directly; more dequantize the layer for torch's matmul
+
+_READY: list[bool] = []  # [whether the operators are registered], once asked
+
+
+def available() -> bool:
+    """Whether the operators are registered (the native library loads and this torch has the
+    stable C ABI). Loading a model asks, so that a traced step only reads the answer."""
+    if not _READY:
+        _READY.append(_register())
+    return _READY[0]
+
+
+def _register() -> bool:
+    from .. import native
+
+    if not native.init_operators("spc_qmm_init"):
+        return False
+
+    @torch.library.register_fake("specontext::q4_mm_")
+    def _q4(out, x, w, scale, zero):  # each writes its first argument only
+        return None
+
+    @torch.library.register_fake("specontext::q8_mm_")
+    def _q8(out, x, w, scale):
+        return None
+
+    @torch.library.register_fake("specontext::q4_dequantize_")
+    def _deq(out, w, scale, zero):
+        return None
+
+    return True
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K] values in 0..15 -> [N, K / 2] bytes: in each group of 32, byte b holds value b
+    (low nibble) and value b + 16 (high nibble)."""
+    n, k = q.shape
+    g = q.to(torch.uint8).view(n, k // GROUP, 2, GROUP // 2)
+    return (g[:, :, 0] | (g[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
+def q4_mm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """x [M, K] float32 contiguous @ W^T -> [M, N], W int4 as :func:`pack_int4` and [N, K / 32]
+    float32 scales and zeros (value (q - 8) scale + zero)."""
+    out = x.new_empty(x.shape[0], packed.shape[0])
+    torch.ops.specontext.q4_mm_(out, x, packed, scale, zero)
+    return out
+
+
+def q4_dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The float32 [N, K] weight of :func:`q4_mm`'s arguments."""
+    out = scale.new_empty(packed.shape[0], packed.shape[1] * 2)
+    torch.ops.specontext.q4_dequantize_(out, packed, scale, zero)
+    return out
+
+
+def q8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] float32 contiguous @ W^T -> [M, N], W = int8 q [N, K] times [N, K / 32] scales."""
+    out = x.new_empty(x.shape[0], q.shape[0])
+    torch.ops.specontext.q8_mm_(out, x, q, scale)
+    return out
+
+
+def exact_int8_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(int8 [N, K], float32 scales [N, K / 32]) whose products equal ``weight`` (float32 [N, K])
+    exactly, or None where they do not (or K is not a multiple of 32). Each group's scale is its
+    largest magnitude / 127, as GGUF's Q8_0 makes them, so a Q8_0 tensor read as float32 comes back
+    exactly; weights of any other origin almost never do."""
+    n, k = weight.shape
+    if k % GROUP or weight.dtype != torch.float32:
+        return None
+    q, scale = torch.empty(n, k, dtype=torch.int8), torch.empty(n, k // GROUP)
+    for i in range(0, n, 4096):  # a few MiB of temporaries at a time: loading peaks near one table, not five
+        g = weight[i:i + 4096].reshape(-1, k // GROUP, GROUP)
+        s = g.abs().amax(dim=2) / 127
+        qi = torch.round(g / s.clamp_min(torch.finfo(torch.float32).tiny)[:, :, None]).clamp_(-127, 127)
+        if not torch.equal(qi * s[:, :, None], g):
+            return None
+        q[i:i + 4096], scale[i:i + 4096] = qi.view(-1, k), s
+    return q, scale
+
+
+class Q8Table(nn.Module):
+    """An LM head (``forward``: x [.., E] -> logits [.., V] float32) and, for a tied model, its
+    embedding table (:meth:`rows`), as int8 groups of 32 with float32 scales (see
+    :func:`exact_int8_groups`); products on :func:`q8_mm`."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("q", q.contiguous())
+        self.register_buffer("scale", scale.float().contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).float().contiguous()
+        y = q8_mm(x2, self.q, self.scale).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` of the table, float32 [*ids.shape, E]."""
+        return (self.q[ids].float().unflatten(-1, (-1, GROUP)) * self.scale[ids][..., None]).flatten(-2)
+
+
+class Q8Embedding(nn.Module):
+    """Token embeddings read from a :class:`Q8Table` (the head's, when tied)."""
+
+    def __init__(self, table: Q8Table):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = table.q.shape
+        self.register_buffer("q", table.q)
+        self.register_buffer("scale", table.scale)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return Q8Table.rows(self, ids)  # the same buffers, read the same way
+
+
+def take_int8_tables(model: nn.Module, tensors: dict, tied: bool) -> bool:
+    """Make ``model``'s LM head (and its embeddings, tied or not) :class:`Q8Table` modules where
+    their float32 values in ``tensors`` are exact int8 groups, taking them out of ``tensors``;
+    others are left there, read. Returns whether a tied table was taken."""
+    took_tied = False
+    for name in ("lm_head.weight", "model.embed_tokens.weight"):
+        key = "model.embed_tokens.weight" if tied else name
+        value = tensors[key] if key in tensors else None  # a lazy mapping reads it here, once
+        groups = exact_int8_groups(value) if isinstance(value, torch.Tensor) and value.dim() == 2 else None
+        if groups is None:
+            if value is not None:
+                tensors[key] = value
+            if tied:
+                return False
+            continue
+        del tensors[key], value
+        table = Q8Table(*groups)
+        if name == "lm_head.weight":
+            model.lm_head = table
+        if name != "lm_head.weight" or tied:
+            model.model.embed_tokens = Q8Embedding(table)
+            took_tied = tied
+        if tied:
+            break
+    return took_tied
