@@ -48,9 +48,10 @@ class RuntimeSettings:
     weights: str = _opt("auto", "weight format of the linear layers: auto (on a CPU with native bf16 or AVX2 a GGUF keeps its "
                         "quantization: Q4_0/Q4_1/Q4_K as int4, Q8_0 as int8, else float with a notice; a float checkpoint, "
                         "or any model on CUDA, loads float as --dtype), fp32, fp16 or bf16 (CUDA), int8 (per "
-                        "output row), int4 (groups of 32; Q4_0/Q4_1 blocks are kept exactly). int8 and int4 run "
-                        "on torch's CPU weight-only kernels in bfloat16 where the CPU has it, beside a bfloat16 "
-                        "LM head and embeddings; int4 also on CUDA (bfloat16, compute capability 8.0+; not yet "
+                        "output row), int4 (groups of 32; Q4_0/Q4_1 blocks are kept exactly). int4 runs on a CPU "
+                        "in float32 products (the float32 model's values), int8 on torch's CPU weight-only kernel "
+                        "in bfloat16 where the CPU has it; beside them the LM head and embeddings are int8 groups "
+                        "where that is exact (a GGUF's Q8_0 table), else bfloat16; int4 also on CUDA (bfloat16, compute capability 8.0+; not yet "
                         "run on a GPU); gguf (a GGUF file's blocks as they are, layers, LM head and embeddings, multiplied "
                         "by ggml's CPU kernels as llama.cpp does: needs the llamacpp extra); norms stay float",
                         choices=WEIGHT_FORMATS)

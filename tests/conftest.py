@@ -253,7 +253,7 @@ def write_tiny_gguf(hf_model, path: str, arch: str = "llama", tensor_type=None, 
         else:
             gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                      "lm_head.weight": "output.weight"}[name]
-        qtype = (table_type or tensor_type) if gname in ("token_embd.weight", "output.weight") else tensor_type
+        qtype = (tensor_type if table_type is None else table_type) if gname in ("token_embd.weight", "output.weight") else tensor_type
         if qtype is not None and arr.ndim == 2:
             w.add_tensor(gname, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
         else:

@@ -67,12 +67,15 @@ def test_q8_product_is_the_float_product(loops, m):
     assert _rel(qmatmul.q8_mm(x, q, scale), ref) < 2e-6
 
 
-def test_int4_linear_on_the_native_product_matches_float32_for_decode_and_prefill_rows():
+@pytest.mark.parametrize("tile_rows", [None, 7])  # the whole layer at once, or tiles of 7 rows
+def test_int4_linear_on_the_native_product_matches_float32_for_decode_and_prefill_rows(monkeypatch, tile_rows):
     torch.manual_seed(2)
     w, bias = quantize(torch.randn(64, 96), "int4"), torch.randn(64)
     lin = Int4Linear(w, bias)
     assert lin.native and lin.compute_dtype == torch.float32
-    for rows in (1, qmatmul.DIRECT_ROWS, qmatmul.DIRECT_ROWS + 1, 40):  # the direct product, then dequantized
+    if tile_rows:
+        monkeypatch.setattr(qmatmul, "TILE_BYTES", tile_rows * 96 * 4)
+    for rows in (1, qmatmul.DIRECT_ROWS // 2, qmatmul.DIRECT_ROWS // 2 + 1, 60):  # direct, then dequantized
         x = torch.randn(2, rows, 96)
         ref = torch.nn.functional.linear(x.double(), w.dequantize().double(), bias.double())
         assert _rel(lin(x), ref) < 2e-6
@@ -118,8 +121,11 @@ def test_exact_int8_groups_take_q8_0_values_back_and_refuse_others():
     table = qmatmul.Q8Table(q, scale)
     ids = torch.tensor([[5, 3, 39]])
     assert torch.equal(table.rows(ids), values[ids])
-    x = torch.randn(2, 128)
-    assert _rel(table(x), x.double() @ values.double().T) < 2e-6
+    with pytest.raises(IndexError):
+        table.rows(torch.tensor([-1]))  # not the last row
+    for rows in (2, qmatmul.DIRECT_ROWS + 3):  # direct, then a float32 tile of the table
+        x = torch.randn(rows, 128)
+        assert _rel(table(x), x.double() @ values.double().T) < 2e-6
     assert qmatmul.exact_int8_groups(torch.from_numpy(w)) is None  # float values are not int8 groups
     assert qmatmul.exact_int8_groups(values[:, :100].contiguous()) is None  # K not a multiple of 32
 

@@ -83,9 +83,10 @@ def auto_format(linear_types: list[str], warn: bool = False) -> str:
     :meth:`GGUFFile.auto_weight_format`); ``warn``: note a fall-back from quantized types.
 
     Where the CPU has neither native bfloat16 nor AVX2 (``model/quant.py``, ``cpu_bf16_kernels``)
-    the int4 and int8 kernels take float32 activations and are slower than float32 weights (int4
-    decoded the default model at 9.9 tok/s against 24 with float32 activations), so
-    ``auto`` loads float32 there, with a notice."""
+    torch's int4 and int8 kernels took float32 activations and were slower than float32 weights
+    (int4 decoded the default model at 9.9 tok/s against 24 with float32 activations); int4 now
+    runs on the native products there too (``model/qmatmul.py``), on their plain loops, which were
+    not measured on such a CPU, so ``auto`` still loads float32 there, with a notice."""
     fmt = None
     if linear_types and all(t in INT4_TYPES for t in linear_types):
         fmt = "int4"
@@ -95,7 +96,7 @@ def auto_format(linear_types: list[str], warn: bool = False) -> str:
         return fmt
     if fmt is not None:
         if warn:
-            warnings.warn(f"this CPU has neither native bfloat16 nor AVX2, where torch's {fmt} kernel is slower than float32, so "
+            warnings.warn(f"this CPU has neither native bfloat16 nor AVX2, where the {fmt} kernels are slower than float32, so "
                           f"--weights auto loads the GGUF's {', '.join(linear_types)} layers as float32; "
                           f"--weights {fmt} keeps them {fmt}", stacklevel=3)
         return "fp32"

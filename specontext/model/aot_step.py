@@ -6,7 +6,7 @@ Shape letters: L layers, G KV heads, S positions per row, D head dim, V vocabula
 
 Why: on a CPU a small model's eager decode step is mostly framework overhead (the default model:
 about 20 ms of a 45-55 ms step on this project's 2-core AVX2 machine; its int4 products and LM
-head take about 18 ms). torch.compile removes the overhead, but compiling in the serving process
+head took about 18 ms on torch's bf16 kernels). torch.compile removes the overhead, but compiling in the serving process
 costs its imports and working memory (dynamo and inductor: 178 MiB of RSS for a one-line function;
 the default model compiled at 1k peaked at 633 MiB, 1.5x llama.cpp's). AOTInductor
 compiles the same step to a library in a child process; loading it adds about 1 MiB.
@@ -167,7 +167,8 @@ class AOTStep:
         from .decode_attention import available
 
         self.model = model
-        available()  # the graph may call specontext::decode_attention_ (ggml's operators come with the model)
+        available()  # the graph may call specontext::decode_attention_ (ggml's and the int4 / int8 operators
+        # are registered when the model loads its layers)
         self.loader = torch._C._aoti.AOTIModelPackageLoader(package_path, "model", False, 1, -1)
         self.weights = DecodeStep(model).weights()
 

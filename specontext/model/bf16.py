@@ -1,5 +1,6 @@
 """The LM head and token embeddings held in bfloat16 beside quantized linear layers (on a CPU
-where the kernels run in bf16: native bf16 or AVX2, ``model/quant.py``).
+with native bf16 or AVX2, ``model/quant.py``), where they are not exact int8 groups (a GGUF's
+Q8_0 table is held so instead, in float32 products: ``model/qmatmul.py``).
 
 With the linear layers int4 or int8, the float32 LM head is the largest read of a decode step on
 the default model (49152 x 576: 113 MB, 7.0 ms of a [1, 576] product on this project's CPU,

@@ -3,8 +3,9 @@
 
 Shape letters: N output features, K input features, M rows of input, V vocabulary, E hidden size.
 
-Why: torch's int4 kernel (``model/quant.py``) is the slow part of a CPU decode step. On this
-project's 2-core AVX2 machine its products took 8.6 ms of a 20 ms step at 1k positions, while
+Why: torch's int4 kernel (``model/quant.py``; int4 now runs on ``model/qmatmul.py``'s float32
+products) was the slow part of a CPU decode step. On this project's 2-core AVX2 machine its
+products took 8.6 ms of a 20 ms step at 1k positions, while
 llama.cpp's whole step took 10.8 ms (``bench_edge/results/edge_cpu_avx2_gguf.json``). ggml
 multiplies Q4_1 blocks by activations quantized to Q8_1 with integer SIMD, reading each weight's
 5 bits once. Its CPU library exports those dot products (``ggml_get_type_traits_cpu``), so

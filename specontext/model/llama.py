@@ -183,14 +183,15 @@ class LlamaForCausalLM(nn.Module):
         ``quantize_to`` (``int4`` or ``int8``): the linear layers become int4 or int8 modules; a
         weight given as a :class:`~specontext.model.quant.QuantizedWeight` stays as it is, float
         ones are quantized as they load. None: every weight must be float. Embeddings, norms and the LM head stay
-        float (an int8 LM head cost top-1 agreement 1.0 -> 0.97 on the default model).
+        float (an int8 LM head, one scale a row, cost top-1 agreement 1.0 -> 0.97 on the default model),
+        except as ``held_in`` and ``int8_tables`` say.
 
         ``held_in``: tensors that load in another dtype than ``dtype`` (the bf16 LM head and table
         beside quantized layers on a CPU, ``model/bf16.py``), converted first, before the quantized
         layers are made, so a float32 table is never held beside its copy and those layers (the
         default model's: 113 MiB beside 56 MiB and 66 MiB of int4 layers). ``int8_tables``: an LM head
-        (and its tied table) whose values are exact int8 groups (a GGUF's Q8_0) is held so instead
-        (:func:`~specontext.model.qmatmul.take_int8_tables`), before that.
+        and embedding table (one when tied) whose values are exact int8 groups (a GGUF's Q8_0) are
+        held so instead (:func:`~specontext.model.qmatmul.take_int8_tables`), before that.
         """
         from ..errors import ModelFileError
 

@@ -1,5 +1,6 @@
-"""Weights that stay quantized: int4 groupwise and int8 per output row, run by torch's own kernels
-(int4 on a CPU or, with the tensor-core kernel, on CUDA; int8 on a CPU).
+"""Weights that stay quantized: int4 groupwise and int8 per output row. int4 runs on a CPU on the
+native library's float32 products (``model/qmatmul.py``; torch's own int4 kernel where the library
+is missing) and on CUDA on torch's tensor-core kernel; int8 on torch's CPU kernel.
 
 Shape letters: N output features, K input features, G group size (values sharing a scale and a
 zero, along K), M rows of input.
@@ -9,8 +10,9 @@ zero, along K), M rows of input.
   (``aten._weight_int4pack_mm_for_cpu``), and a GGUF Q4_1 block (``d * q + m`` per 32 values)
   maps onto it exactly: scale = d, zero = m + 8 d (Q4_0: ``d * (q - 8)``, zero = 0). Every
   intermediate of ``(q - 8) d + (m + 8 d)`` and of ``d q + m`` is exact in float32, so both round
-  the same real number once: the conversion to these values is lossless (tested). The kernels
-  then round scales and zeros to bfloat16 where they run in bf16 (:func:`kernel_dtype`, CUDA).
+  the same real number once: the conversion to these values is lossless (tested). The native
+  CPU products keep them float32; torch's kernels round them to bfloat16 where they run in bf16
+  (:func:`kernel_dtype`, CUDA).
 * **int8**: each value q in -127..127 stands for ``q * scale`` with one scale per output row, the
   layout of ``aten._weight_int8pack_mm``. A GGUF Q8_0 tensor (one scale per 32 values) is
   requantized to it, which rounds.
@@ -53,7 +55,8 @@ def cpu_bf16_kernels() -> bool:
 
 
 def kernel_dtype(bf16: bool | None = None) -> torch.dtype:
-    """The activation dtype the CPU weight-only kernels run in: bfloat16 where it pays
+    """The activation dtype torch's CPU weight-only kernels run in (int8; int4 where the native
+    products are missing, ``model/qmatmul.py``): bfloat16 where it pays
     (:func:`cpu_bf16_kernels`; ``bf16`` None: detect), else float32.
 
     torch's CPU int4 and int8 weight-only matmuls take float32 activations on a generic path: on
@@ -133,7 +136,8 @@ class Int4Linear(nn.Module):
     On a CPU: float32 in and out. Where the native library's operators are there
     (``model/qmatmul.py``, ``native``): W packed with float32 scales and zeros, a step of up to
     ``DIRECT_ROWS`` rows on its product, a longer one on torch's float32 matmul of the layer
-    dequantized; both compute the float32 product of the dequantized weight. Else torch's
+    dequantized a tile at a time; both compute the float32 product of the dequantized weight
+    (``bf16`` is then unused). Else (or ``native=False``) torch's
     weight-only int4 matmul (``aten._weight_int4pack_mm_for_cpu``) in :func:`kernel_dtype`
     (bfloat16 activations, scales and zeros where the CPU has bf16). On CUDA (``device``): the
     tensor-core kernel (``aten._weight_int4pack_mm``, sm80 and newer), bfloat16 in and out; its
@@ -176,10 +180,11 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(self.compute_dtype).contiguous()
         if self.native:
-            from .qmatmul import DIRECT_ROWS, q4_dequantize, q4_mm
+            from .qmatmul import DIRECT_ROWS, q4_dequantize, q4_mm, tiled_product
 
             y = (q4_mm(x2, self.packed, self.scale, self.zero) if x2.shape[0] <= DIRECT_ROWS else
-                 nn.functional.linear(x2, q4_dequantize(self.packed, self.scale, self.zero)))
+                 tiled_product(x2, self.out_features, lambda r0, r1: q4_dequantize(
+                     self.packed[r0:r1], self.scale[r0:r1], self.zero[r0:r1])))
         elif self.on_cuda:
             y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, INT4_GROUP, self.scale_zeros)
         else:

@@ -69,8 +69,8 @@ def use_int8_activations(model: nn.Module, maxima: list[dict[str, torch.Tensor]]
     """Switch an int8 ``model`` (a LlamaForCausalLM) to the ``--activations int8`` layout, in place:
     the SMOOTHED layers smoothed and int8 x int8, UNSMOOTHED_INT8 int8 x int8, down_proj float
     from its int8 values (bfloat16 where the kernels run in bf16; ``bf16`` None: detect). Each
-    weight is rebuilt one at a time. (The LM head is bfloat16 for every quantized format on such
-    a CPU: ``model/bf16.py``.)"""
+    weight is rebuilt one at a time. (The LM head is bfloat16 beside quantized layers on such a
+    CPU, or int8 groups where that is exact: ``model/bf16.py``, ``model/qmatmul.py``.)"""
     bf16 = cpu_bf16_kernels() if bf16 is None else bf16
     for i, layer in enumerate(model.model.layers):
         for norm_name, owner_name, linear_name in SMOOTHED:

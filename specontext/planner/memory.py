@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from ..config import ModelConfig
 from ..errors import InputError
 from ..kv.slots import pool_tokens
+from ..model.qmatmul import DIRECT_ROWS, TILE_BYTES
 from ..model.quant import INT4_GROUP
 from ..methods import GLOBAL_METHODS, SPARSE_METHODS
 from .host_memory import check_host_memory, pinned_block_bytes
@@ -137,9 +138,11 @@ class MemoryInputs:
             element; the rows a sparse step gathers are upcast to ``kv_bytes``). Offloaded layers
             hold it 8-bit in host memory, slots and staging, a row's values and scale packed.
         quant_scale_bytes: bytes of an int4 scale or zero (and of int8's kernel copy of its row
-            scales): 2 where the kernels run in bfloat16 (CUDA, CPUs with native bf16 or AVX2), else 4.
+            scales): 2 where the kernels run in bfloat16 (CUDA; int8 on CPUs with native bf16 or
+            AVX2), else 4 (int4 on a CPU's native products, ``plan.quantized_bytes``).
         head_bytes: bytes per element of the embeddings and LM head (None: ``weight_bytes``); 2
-            where quantized layers run beside a bfloat16 head (``model/bf16.py``).
+            where quantized layers run beside a bfloat16 head (``model/bf16.py``; a GGUF's Q8_0
+            head held in int8 groups, 1.125, is counted so too).
         embedding_format: ``float`` (at ``head_bytes``) or ``int8`` (``--embeddings int8``: the
             table in int8 with a float32 scale per row; the LM head keeps a float table).
     """
@@ -219,7 +222,7 @@ KV_FORMATS = ("float", "int8", "fp8")
 def linear_weight_bytes(rows: int, cols: int, weight_format: str, float_bytes: int, scale_bytes: int = 2) -> int:
     """Bytes of a [rows, cols] linear weight as the runtime holds it: int4 packs two values a
     byte plus a scale and a zero per group of 32, in the kernel's dtype (``scale_bytes``: 2 for
-    bfloat16, so 0.625 bytes a weight; 4 for float32); int8 one byte a value plus a float32 scale
+    bfloat16, so 0.625 bytes a weight, CUDA; 4 for float32, 0.75, a CPU); int8 one byte a value plus a float32 scale
     per row, and a copy of it in the kernel's dtype where that is not float32; float
     ``float_bytes`` a value."""
     if weight_format == "int4":
@@ -408,9 +411,16 @@ def prefill_workspace(inputs: MemoryInputs, seq_tokens: int) -> tuple[int, str]:
                + (f" + R (H/G) C ceil{SDPA_BIAS_ALIGN}(S) w (its padded copy)" if x.fused_attention else "")
                + " + R V (w + 8) (logits)"
                + ("" if x.fused_attention else " + threads (q_blk kv_blk + q_blk (D + 2)) 4 (CPU flash scratch)"))
+    tile = 0
+    if x.weight_format == "int4" and not x.fused_attention and R * C > DIRECT_ROWS:
+        # int4 on a CPU: a chunk's products dequantize each layer a tile of rows at a time (model/qmatmul.py)
+        for n, k in (((H + 2 * G) * D, E), (E, H * D), (2 * I, E), (E, I)):
+            rows = min(max(1, TILE_BYTES // (4 * k)), n)
+            tile = max(tile, rows * k * 4 + (R * C * rows * 4 if rows < n else 0))
+        formula += " + an int4 layer's float32 tile (at most 16 MiB) and its product"
     upcast = upcast_bytes(x, S)
     formula += upcast_formula(x, "S")
-    return activations + masks + bias + padded + logits + scratch + upcast, formula
+    return activations + masks + bias + padded + logits + scratch + tile + upcast, formula
 
 
 def upcast_bytes(inputs: MemoryInputs, attended_tokens: int) -> int:

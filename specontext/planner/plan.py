@@ -59,8 +59,10 @@ def quantized_bytes(weights: str, kind: str) -> tuple[int, int | None]:
     zeros (``model/qmatmul.py``), int8 a copy of its row scales in the kernels' dtype; CUDA bf16.
     The head is bf16 beside quantized layers where the kernels run in bf16; a GGUF's Q8_0 head,
     held in int8 groups on a CPU (1.125 B an element), is counted so too, an over-count."""
+    from ..model import qmatmul
+
     bf16 = kind != "cpu" or kernel_dtype().itemsize == 2
-    scale = 4 if kind == "cpu" and weights == "int4" else 2 if bf16 else 4
+    scale = 4 if kind == "cpu" and weights == "int4" and qmatmul.available() else 2 if bf16 else 4
     return scale, 2 if weights in ("int8", "int4") and bf16 else None
 
 
@@ -226,8 +228,8 @@ def make_plan(model: str | ModelConfig | None = None, device_profile: str | Devi
         if profile.kind != "cpu" or not str(path).endswith(".gguf"):
             raise InputError("--weights gguf runs a GGUF file's blocks on a CPU; plan it with a .gguf model on a CPU "
                              "profile, or plan --weights int4")
-        # planned as the int4 / int8 it maps to: Q4_0/Q4_1 blocks take 0.125 B a value less than int4's values
-        # with float32 scales and zeros; the Q8_0 table is counted as the bf16 head (0.94 B an element over)
+        # planned as the int4 / int8 it maps to: Q4_1 blocks take 0.125 B a value less than int4's values with
+        # float32 scales and zeros (Q4_0 0.1875); the Q8_0 table is counted as the bf16 head (0.94 B an element over)
         weights = auto_weights()
     if weights not in WEIGHT_FORMATS:
         raise InputError(f"weights must be auto, fp32, fp16, bf16, int8, int4 or gguf; got {weights!r}")
