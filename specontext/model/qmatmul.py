@@ -14,8 +14,8 @@ them computes what the float32 layer of its dequantized weight computes, in anot
 * :class:`~specontext.model.quant.Int4Linear` runs a step of up to :data:`DIRECT_ROWS` rows
   (decode, batched decode) here; a longer one (prefill) dequantizes the layer a tile of rows at a
   time (:func:`tiled_product`, at most :data:`TILE_BYTES` of float32) for torch's float32 matmul.
-  On the 2-core AVX2 machine the direct product of [M, 576] x [576, 3072] took 0.37 ms at M = 4,
-  2.8 at 32 and 6.1 at 64, dequantizing and multiplying 3.0, 4.5 and 5.1 ms.
+  On the 2-core AVX2 machine the direct products were the faster at 48 rows, the tiled ones at 64
+  for two of the three layer shapes (``bench_edge/results/cpu_kernels_avx2_native.json``).
 * :class:`Q8Table`: an LM head and embedding table whose values are int8 in groups of 32 with one
   scale each, held so where that is exact (a GGUF's Q8_0 table, the default model's, is), in
   place of the bf16 copy (``model/bf16.py``): 32 MiB instead of 57 for the default model.
