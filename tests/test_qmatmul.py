@@ -32,13 +32,12 @@ def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got.double() - ref).abs().max() / ref.abs().max()).item()
 
 
-def test_packing_puts_value_b_low_and_b_plus_16_high():
-    q = torch.arange(64, dtype=torch.uint8).remainder(16).view(1, 64)
+def test_packing_puts_values_8b_plus_a_and_8b_plus_a_plus_4_in_byte_4a_plus_b():
+    q = (torch.arange(64) * 7 % 16).to(torch.uint8).view(1, 64)  # value i is 7 i mod 16
     packed = qmatmul.pack_int4(q)
     assert packed.shape == (1, 32)
-    assert [int(packed[0, 0]) & 15, int(packed[0, 0]) >> 4] == [0, 0]  # values 0 and 16
-    assert [int(packed[0, 3]) & 15, int(packed[0, 3]) >> 4] == [3, 3]  # values 3 and 19
-    assert [int(packed[0, 16]) & 15, int(packed[0, 16]) >> 4] == [0, 0]  # the second group: 32 and 48
+    for byte, (lo, hi) in ((0, (0, 4)), (1, (8, 12)), (4, (1, 5)), (7, (25, 29)), (15, (27, 31)), (16, (32, 36))):
+        assert [int(packed[0, byte]) & 15, int(packed[0, byte]) >> 4] == [int(q[0, lo]), int(q[0, hi])]
 
 
 @pytest.mark.parametrize("n,k", [(37, 64), (8, 96), (130, 32)])

@@ -298,8 +298,9 @@ int spc_decode_attention(
 int spc_qmm_init(const char *torch_cpu_path /* in */);
 
 /* y[i, j] = sum_k x[i, k] W[j, k] in float32, W int4 in groups of 32 along k:
- * W[j, k] = (q - 8) scale[j, k / 32] + zero[j, k / 32], q in 0..15; byte b of a
- * group's 16 holds value b in its low nibble and value b + 16 in its high one.
+ * W[j, k] = (q - 8) scale[j, k / 32] + zero[j, k / 32], q in 0..15; byte 4 a + b
+ * (a, b in 0..3) of a group's 16 holds value 8 b + a in its low nibble and
+ * value 8 b + a + 4 in its high one.
  * Rows of W are split over torch's OpenMP threads. */
 int spc_q4_mm(
     const uint8_t *w,             /* in  [n, k / 2] */

@@ -65,11 +65,12 @@ def _register() -> bool:
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, K] values in 0..15 -> [N, K / 2] bytes: in each group of 32, byte b holds value b
-    (low nibble) and value b + 16 (high nibble)."""
+    """uint8 [N, K] values in 0..15 -> [N, K / 2] bytes: in each group of 32, byte 4 a + b (a, b in
+    0..3) holds value 8 b + a (low nibble) and value 8 b + a + 4 (high nibble), the order the
+    AVX2 product unpacks by shifts alone (``csrc/qmatmul.c``)."""
     n, k = q.shape
-    g = q.to(torch.uint8).reshape(n, k // GROUP, 2, GROUP // 2)
-    return (g[:, :, 0] | (g[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+    g = q.to(torch.uint8).reshape(n, k // GROUP, 4, 2, 4)  # value 8 b + 4 h + a at [b, h, a]
+    return (g[:, :, :, 0] | (g[:, :, :, 1] << 4)).transpose(2, 3).reshape(n, k // 2).contiguous()
 
 
 def q4_mm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
