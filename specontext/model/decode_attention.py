@@ -32,14 +32,7 @@ def available() -> bool:
 def _register() -> bool:
     from .. import native
 
-    if not native.init_operators("spc_attention_init"):
-        return False
-
-    @torch.library.register_fake("specontext::decode_attention_")
-    def _shapes(out, q, k, v, mask, scale):  # writes `out` only
-        return None
-
-    return True
+    return native.init_operators("spc_attention_init", ("decode_attention_",))
 
 
 def usable(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None) -> bool:

@@ -63,19 +63,8 @@ def ggml() -> object:
     if status != 0:
         detail = lib.ffi.string(lib.lib.spc_last_error()).decode(errors="replace")
         raise InputError(f"--weights gguf: ggml's CPU kernels did not load ({detail}); use --weights auto or int4")
-    _register_fakes()
+    native.register_fakes(("ggml_mm_", "ggml_rows_"))
     return lib.lib
-
-
-def _register_fakes() -> None:
-    """Shapes for tracing (torch.export, torch.compile): both operators write their first argument only."""
-    @torch.library.register_fake("specontext::ggml_mm_")
-    def _mm(out, x, w, type):  # noqa: A002 - the schema's name
-        return None
-
-    @torch.library.register_fake("specontext::ggml_rows_")
-    def _rows(out, w, ids, type):  # noqa: A002
-        return None
 
 
 def row_bytes(ggml_type: int, k: int) -> int:

@@ -46,22 +46,7 @@ def available() -> bool:
 def _register() -> bool:
     from .. import native
 
-    if not native.init_operators("spc_qmm_init"):
-        return False
-
-    @torch.library.register_fake("specontext::q4_mm_")
-    def _q4(out, x, w, scale, zero):  # each writes its first argument only
-        return None
-
-    @torch.library.register_fake("specontext::q8_mm_")
-    def _q8(out, x, w, scale):
-        return None
-
-    @torch.library.register_fake("specontext::q4_dequantize_")
-    def _deq(out, w, scale, zero):
-        return None
-
-    return True
+    return native.init_operators("spc_qmm_init", ("q4_mm_", "q8_mm_", "q4_dequantize_"))
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -142,15 +127,13 @@ class Q8Table(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).float().contiguous()
         y = (q8_mm(x2, self.q, self.scale) if x2.shape[0] <= DIRECT_ROWS else
-             tiled_product(x2, self.out_features, lambda r0, r1: self.rows(torch.arange(r0, r1))))
+             tiled_product(x2, self.out_features, lambda r0, r1: _int8_values(self.q[r0:r1], self.scale[r0:r1])))
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` of the table, float32 [*ids.shape, E] (an id outside the table raises)."""
-        flat = ids.reshape(-1)
-        q, s = self.q.index_select(0, flat), self.scale.index_select(0, flat)
-        return (q.float().unflatten(-1, (-1, GROUP)) * s[..., None]).flatten(-2).view(*ids.shape, -1)
+        return _table_rows(self.q, self.scale, ids)
 
 
 class Q8Embedding(nn.Module):
@@ -163,31 +146,37 @@ class Q8Embedding(nn.Module):
         self.register_buffer("scale", table.scale)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return Q8Table.rows(self, ids)  # the same buffers, read the same way
+        return _table_rows(self.q, self.scale, ids)
+
+
+def _int8_values(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 [R, K] of int8 rows q [R, K] and their group scales [R, K / 32]."""
+    return (q.float().unflatten(-1, (-1, GROUP)) * scale[..., None]).flatten(-2)
+
+
+def _table_rows(q: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    flat = ids.reshape(-1)  # index_select: an id outside the table raises
+    return _int8_values(q.index_select(0, flat), scale.index_select(0, flat)).view(*ids.shape, -1)
 
 
 def take_int8_tables(model: nn.Module, tensors: dict, tied: bool) -> bool:
     """Make ``model``'s LM head (and its embeddings, tied or not) :class:`Q8Table` modules where
     their float32 values in ``tensors`` are exact int8 groups, taking them out of ``tensors``;
     others are left there, read. Returns whether a tied table was taken."""
-    took_tied = False
-    for name in ("lm_head.weight", "model.embed_tokens.weight"):
-        key = "model.embed_tokens.weight" if tied else name
+    def take(key: str) -> Q8Table | None:
         value = tensors[key] if key in tensors else None  # a lazy mapping reads it here, once
         groups = exact_int8_groups(value) if isinstance(value, torch.Tensor) and value.dim() == 2 else None
         if groups is None:
             if value is not None:
                 tensors[key] = value
-            if tied:
-                return False
-            continue
-        del tensors[key], value
-        table = Q8Table(*groups)
-        if name == "lm_head.weight":
-            model.lm_head = table
-        if name != "lm_head.weight" or tied:
-            model.model.embed_tokens = Q8Embedding(table)
-            took_tied = tied
-        if tied:
-            break
-    return took_tied
+            return None
+        del tensors[key]
+        return Q8Table(*groups)
+
+    head = take("model.embed_tokens.weight" if tied else "lm_head.weight")
+    if head is not None:
+        model.lm_head = head
+    table = head if tied else take("model.embed_tokens.weight")
+    if table is not None:
+        model.model.embed_tokens = Q8Embedding(table)
+    return tied and head is not None

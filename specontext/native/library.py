@@ -192,11 +192,28 @@ def torch_cpu_library() -> str:
     return os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
 
 
-def init_operators(init: str) -> bool:
+def init_operators(init: str, operators: tuple[str, ...]) -> bool:
     """Whether the native library loads and its ``init`` entry point (``spc_attention_init``,
-    ``spc_qmm_init``) registered its torch operators in this process's torch."""
+    ``spc_qmm_init``) registered its torch ``operators`` in this process's torch (they are then
+    traceable: :func:`register_fakes`)."""
     try:
         lib = library()
     except NativeLibraryError:
         return False
-    return getattr(lib.lib, init)(torch_cpu_library().encode()) == 0
+    if getattr(lib.lib, init)(torch_cpu_library().encode()) != 0:
+        return False
+    register_fakes(operators)
+    return True
+
+
+def register_fakes(operators: tuple[str, ...]) -> None:
+    """Shapes for tracing (torch.export, torch.compile) of native ``specontext::`` operators, each of
+    which writes its first argument only and returns nothing."""
+    import torch
+
+    for name in operators:
+        torch.library.register_fake(f"specontext::{name}")(_writes_its_first_argument)
+
+
+def _writes_its_first_argument(*args, **kwargs) -> None:
+    return None
